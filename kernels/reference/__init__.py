@@ -45,6 +45,8 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
         raise ValueError(f"quantize {f.name}: input must have at least one axis")
     row_bytes = f.row_bytes(x.shape[-1])
     blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, f.block_size)
+    if f.is_quantized and not np.isfinite(blocks).all():
+        raise ValueError(f"quantize {f.name}: input contains inf or nan (only plain float formats can store them)")
     with np.errstate(all="ignore"):  # all-zero blocks divide by zero on paths whose result is then discarded
         raw = _codec(f, "quantize")(blocks)
     return raw.reshape(*x.shape[:-1], row_bytes)

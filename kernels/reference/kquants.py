@@ -273,6 +273,12 @@ def _from_sub_blocks(columns: np.ndarray, nb: int) -> np.ndarray:
     return columns.T.reshape(nb, QK_K)
 
 
+def _positive_max(values: np.ndarray) -> np.ndarray:
+    """ggml's running `if (v > max) max = v` from +0.0: never negative, never -0.0."""
+    top = values.max(axis=-1, keepdims=True)
+    return np.where(top > 0, top, F32(0))
+
+
 def _requantize(x, d, offset, qmin, qmax, keep):
     """ggml's final pass: codes for the stored (fp16-rounded) sub-block scales `d`, `(nb, n_sub, 1)`; sub-blocks
     whose scale is 0 keep the codes `keep` found by the search."""
@@ -289,8 +295,7 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     L, scales, mins = make_qkx2_quants(cols, np.abs(cols), 3, -0.5, 0.1, 15, True)
     L = _from_sub_blocks(L, nb)
     scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
-    max_scale = np.maximum(scales.max(axis=-1, keepdims=True), F32(0))
-    max_min = np.maximum(mins.max(axis=-1, keepdims=True), F32(0))
+    max_scale, max_min = _positive_max(scales), _positive_max(mins)
     q_scale = np.where(max_scale > 0, nearest_int(F32(15) / max_scale * scales), 0)
     q_min = np.where(max_min > 0, nearest_int(F32(15) / max_min * mins), 0)
     d = np.where(max_scale > 0, max_scale / F32(15), F32(0))
@@ -328,8 +333,7 @@ def _quantize_q45_k(x, nmax, rmin, nstep):
     L, scales, mins = make_qkx2_quants(cols, av_x + np.abs(cols), nmax, rmin, 0.1, nstep, False)
     L = _from_sub_blocks(L, nb)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-    max_scale = np.maximum(scales.max(axis=-1, keepdims=True), F32(0))
-    max_min = np.maximum(mins.max(axis=-1, keepdims=True), F32(0))
+    max_scale, max_min = _positive_max(scales), _positive_max(mins)
     inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
     inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
     ls = np.minimum(nearest_int(inv_scale * scales) & 0xFF, 63)  # ggml stores into uint8_t before capping

@@ -36,9 +36,20 @@ def _signed_absmax(x: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, np.abs(x).argmax(axis=-1)[:, None], axis=-1)
 
 
+def _c_byte_cast(v: np.ndarray) -> np.ndarray:
+    """C's `(int8_t)v` / `(uint8_t)v` as compiled for x86 and ARM64 alike: truncate to int32, keep the low byte.
+
+    Only differs from a plain cast when a block's scale is so small (float32 subnormal inputs) that `1/d` is inf:
+    the hardware conversion then yields INT32_MIN, whose low byte is 0, and so do ggml and gguf.
+    """
+    t = np.trunc(v)
+    in_range = np.isfinite(t) & (np.abs(t) < 2.0**31)
+    return (np.where(in_range, t, -(2.0**31)).astype(np.int64) & 0xFF).astype(np.uint8)
+
+
 def _codes(scaled: np.ndarray, offset: float, qmax: int) -> np.ndarray:
-    """ggml's `MIN(qmax, (int8_t)(v + offset))`: truncation toward zero, then a cap."""
-    return np.minimum(np.trunc(scaled + F32(offset)), qmax).astype(np.uint8)
+    """ggml's `MIN(qmax, (int8_t)(v + offset))`."""
+    return np.minimum(_c_byte_cast(scaled + F32(offset)).view(np.int8), qmax).view(np.uint8)
 
 
 def dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
@@ -88,7 +99,7 @@ def quantize_q5_1(x: np.ndarray) -> np.ndarray:
     lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
     d = (hi - lo) / F32(31)
     # ggml casts to uint8 without a cap: (max - min) * (1/d) + 0.5 never reaches 32.
-    q = np.trunc((x - lo) * _inverse(d) + F32(0.5)).astype(np.uint8)
+    q = _c_byte_cast((x - lo) * _inverse(d) + F32(0.5))
     return np.concatenate([f16_bytes(d), f16_bytes(lo), _pack_high_bits(q), pack_nibbles(q & 0x0F)], axis=-1)
 
 

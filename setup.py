@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="flux-quant-engine",
+    version="0.1.0",
+    description="Quantized inference engine for Flux.1: GGUF / NF4 / FP8 weights, fused Triton dequant-matmul kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine*", "kernels*", "flux_model*", "bench*"]),
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "gguf>=0.17",
+        "safetensors",
+        "transformers",
+        "tokenizers",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45"],
+    },
+)
