@@ -36,10 +36,14 @@ def nearest_int(values: np.ndarray) -> np.ndarray:
 def sequential_sum(terms: np.ndarray) -> np.ndarray:
     """Sum over axis 0 one term after the other in float32, like ggml's `for (i...) sum += term[i]`.
 
-    numpy adds the rows of a C-contiguous array in order; its pairwise summation (used along a contiguous last axis)
-    rounds differently and would change which candidate scale the searches pick.
+    Written out because numpy's `sum` picks its order by layout (pairwise along a contiguous axis, and for short
+    rows even down axis 0), which rounds differently and would change which candidate scale the searches pick.
     """
-    return np.ascontiguousarray(terms, dtype=np.float32).sum(axis=0)
+    terms = np.asarray(terms, dtype=np.float32)
+    total = terms[0].copy()
+    for term in terms[1:]:
+        total += term
+    return total
 
 
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

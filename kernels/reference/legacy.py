@@ -31,6 +31,13 @@ def _inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d == 0, F32(0), F32(1) / d).astype(np.float32)
 
 
+def _first_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The block's min and max as ggml's `if (v < min)` / `if (v > max)` scans find them: the first extreme
+    element, which fixes the signs stored for zero extremes in a block mixing +0.0 and -0.0. `(nblocks, 1)` each."""
+    return (np.take_along_axis(x, x.argmin(axis=-1)[:, None], axis=-1),
+            np.take_along_axis(x, x.argmax(axis=-1)[:, None], axis=-1))
+
+
 def _signed_absmax(x: np.ndarray) -> np.ndarray:
     """The value with the largest magnitude (first one on ties), `(nblocks, 1)`."""
     return np.take_along_axis(x, np.abs(x).argmax(axis=-1)[:, None], axis=-1)
@@ -71,7 +78,7 @@ def dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
 
 
 def quantize_q4_1(x: np.ndarray) -> np.ndarray:
-    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    lo, hi = _first_min_max(x)
     d = (hi - lo) / F32(15)
     q = _codes((x - lo) * _inverse(d), 0.5, 15)
     return np.concatenate([f16_bytes(d), f16_bytes(lo), pack_nibbles(q)], axis=-1)
@@ -96,7 +103,7 @@ def dequantize_q5_1(blocks: np.ndarray) -> np.ndarray:
 
 
 def quantize_q5_1(x: np.ndarray) -> np.ndarray:
-    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    lo, hi = _first_min_max(x)
     d = (hi - lo) / F32(31)
     # ggml casts to uint8 without a cap: (max - min) * (1/d) + 0.5 never reaches 32.
     q = _c_byte_cast((x - lo) * _inverse(d) + F32(0.5))
@@ -112,4 +119,4 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     d = np.abs(x).max(axis=-1, keepdims=True) / F32(127)
     scaled = x * _inverse(d)
     q = np.copysign(np.floor(np.abs(scaled) + F32(0.5)), scaled)  # C roundf: halves away from zero
-    return np.concatenate([f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=-1)
+    return np.concatenate([f16_bytes(d), _c_byte_cast(q)], axis=-1)

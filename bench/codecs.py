@@ -1,0 +1,121 @@
+"""Throughput of the numpy reference codecs and the torch codecs on one Flux-like weight matrix.
+
+    python -m bench.codecs [--formats Q4_0,Q8_0] [--rows 3072] [--cols 3072] [--device cpu|cuda] [--threads N]
+
+Prints a markdown table: quantize and dequantize speed of each backend in M weights/s and the torch/numpy ratio, all
+measured in the same run; "—" where a backend has no codec for the format (yet). numpy always runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from kernels import reference, torch_codecs
+from kernels.formats import FORMATS, Format, get_format
+
+MISSING = "—"
+TIME_BUDGET_S = 1.0  # per measurement: repeat while within it (at least once, at most MAX_RUNS) and keep the best
+MAX_RUNS = 10
+
+
+def has_codec(backend, fmt: Format, verb: str) -> bool:
+    """Whether `backend` (the reference or torch codecs package) implements `verb` for `fmt`: its family module exists
+    and defines the function, as the package's own lookup `_codec` finds it. Other import errors propagate."""
+    try:
+        backend._codec(fmt, verb)
+    except ModuleNotFoundError as error:
+        if error.name != f"{backend.__name__}.{fmt.family}":
+            raise
+        return False
+    except (AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+def finished_on_return() -> None:
+    """numpy, and torch on the CPU, compute synchronously: nothing to wait for."""
+
+
+def measure(backend, fmt: Format, verb: str, data, wait):
+    """(M weights/s, result) of `backend.<verb>(data, fmt)`: the best of up to MAX_RUNS timed calls, as many as fit in
+    TIME_BUDGET_S (at least one); None where the backend lacks that codec."""
+    if not has_codec(backend, fmt, verb):
+        return None
+    codec = getattr(backend, verb)
+    codec(data[:1], fmt.name)  # warm-up on one row: imports, first-call allocations, CUDA kernel loading
+    wait()
+    times = []
+    while not times or (sum(times) < TIME_BUDGET_S and len(times) < MAX_RUNS):
+        start = time.perf_counter()
+        result = codec(data, fmt.name)
+        wait()
+        times.append(time.perf_counter() - start)
+    n_weights = data.shape[0] * (data.shape[1] if verb == "quantize" else fmt.elements(data.shape[1]))
+    return n_weights / min(times) / 1e6, result
+
+
+def speed(measured) -> str:
+    return MISSING if measured is None else f"{measured[0]:,.0f}"
+
+
+def ratio(torch_measured, numpy_measured) -> str:
+    if torch_measured is None or numpy_measured is None:
+        return MISSING
+    return f"{torch_measured[0] / numpy_measured[0]:.1f}×"
+
+
+def table_rows(formats: list[Format], weight: np.ndarray, device: torch.device):
+    wait = torch.cuda.synchronize if device.type == "cuda" else finished_on_return
+    weight_t = torch.from_numpy(weight).to(device)
+    for fmt in formats:
+        q_numpy = measure(reference, fmt, "quantize", weight, finished_on_return)
+        q_torch = measure(torch_codecs, fmt, "quantize", weight_t, wait)
+        dq_numpy = dq_torch = None
+        # both dequantizers read the same bytes, from whichever quantizer exists (the reference has them all)
+        if q_numpy is not None or q_torch is not None:
+            raw = q_numpy[1] if q_numpy is not None else q_torch[1].cpu().numpy()
+            dq_numpy = measure(reference, fmt, "dequantize", raw, finished_on_return)
+            dq_torch = measure(torch_codecs, fmt, "dequantize", torch.from_numpy(raw).to(device), wait)
+        yield (fmt.name, f"{fmt.bits_per_weight:g}", speed(q_numpy), speed(q_torch), ratio(q_torch, q_numpy),
+               speed(dq_numpy), speed(dq_torch), ratio(dq_torch, dq_numpy))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated format names (default: all)")
+    parser.add_argument("--rows", type=int, default=3072)
+    parser.add_argument("--cols", type=int, default=3072, help="a multiple of every benchmarked block size")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the torch codecs run")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice)")
+    args = parser.parse_args(argv)
+    try:
+        formats = [get_format(name.strip()) for name in args.formats.split(",")]
+        for fmt in formats:
+            fmt.row_bytes(args.cols)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    weight = (np.random.default_rng(0).standard_normal((args.rows, args.cols)) * 0.02).astype(np.float32)
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} thread(s)"
+    print(f"{args.rows}×{args.cols} float32 weight (normal × 0.02); M weights/s, best of up to {MAX_RUNS} runs; "
+          f"numpy {np.__version__} on CPU (1 thread), torch {torch.__version__} on {where}\n")
+    header = ("format", "bits/weight", "quantize numpy", "quantize torch", "torch/numpy",
+              "dequantize numpy", "dequantize torch", "torch/numpy")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for row in table_rows(formats, weight, device):
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

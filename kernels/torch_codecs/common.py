@@ -1,0 +1,70 @@
+"""Pieces shared by the torch codecs: byte reinterpretation, fp16 fields, nibble and bit-plane packing, and division
+rounded exactly as the numpy reference's (`kernels/reference/common.py`).
+
+Bit operations stay on uint8, or on signed int16/int32 where wider words are needed: torch has no unsigned 16/32-bit
+bit operations on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def view_bytes_as(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret the little-endian uint8 bytes along the last axis of `data` as `dtype`, without copying when
+    torch allows it: a view to a wider dtype needs a contiguous last axis and every stride and the storage offset
+    to be whole elements. Otherwise (blocks whose size is not a multiple of the width, a buffer sliced at an odd
+    byte) the bytes are copied first."""
+    width = dtype.itemsize
+    aligned = (data.stride(-1) == 1 and data.storage_offset() % width == 0
+               and all(stride % width == 0 for stride in data.stride()[:-1]))
+    return (data if aligned else data.clone(memory_format=torch.contiguous_format)).view(dtype)
+
+
+def read_f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The little-endian fp16 at byte `offset` of every block, as float32 `(nblocks, 1)`."""
+    return view_bytes_as(blocks[:, offset:offset + 2], torch.float16).float()
+
+
+def f16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """float32 `(nblocks, 1)` -> its fp16 (round to nearest even, as GGML_FP32_TO_FP16) as 2 bytes `(nblocks, 2)`."""
+    raw = torch.empty((values.numel(), 2), dtype=torch.uint8, device=values.device)
+    raw.view(torch.float16).copy_(values.reshape(-1, 1))
+    return raw
+
+
+def divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """`x / divisor`, correctly rounded like numpy's division.
+
+    On CUDA, torch turns division by a Python number into multiplication by its reciprocal, which can be one ulp
+    off (for 127, 15, 31...); a divisor held in a tensor on the same device is divided exactly everywhere.
+    """
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 `(..., m)` -> `(..., 2m)`: the low nibbles of all bytes, then the high nibbles (ggml's order)."""
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of `unpack_nibbles`: uint8 `(..., 2m)` codes < 16 -> uint8 `(..., m)`."""
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 `(..., m)` holding `8 // bits` fields per byte -> `(..., 8 // bits, m)`: field k of every byte in row k.
+
+    One shift by a Python number per field: torch's shifts by a broadcast tensor of shifts are several times slower.
+    """
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-2)
+
+
+def pack_bits(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `unpack_bits`: uint8 `(..., 8 // bits, m)` fields < 2**bits -> uint8 `(..., m)`."""
+    packed = fields[..., 0, :].clone()
+    for k in range(1, fields.shape[-2]):
+        packed |= fields[..., k, :] << (k * bits)
+    return packed

@@ -1,0 +1,391 @@
+"""ggml's K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: 256-element super-blocks (layouts and element order in
+`kernels/reference/kquants.py`).
+
+Results agree with the reference bit for bit: every float32 operation is the reference's, in its order
+(`dl = d * sc`, then `dl * q - ml`); exact integer steps run on narrow integers before the one conversion to float32.
+
+The quantizers are written for throughput while staying byte-identical to the reference: codes stay float32 during
+the scale searches, large intermediates live in buffers reused across search steps, sums are explicit row-by-row
+adds (ggml's sequential float32 order; torch's own `sum` is cascaded), and every divisor is a tensor (see `divide`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kernels.torch_codecs.common import f16_bytes, pack_bits, pack_nibbles, read_f16, unpack_bits, unpack_nibbles
+
+QK_K = 256
+GROUP_MAX_EPS = 1e-15
+
+
+# ---------------------------------------------------------------------------------------------------- bit planes
+
+def _unpack_crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """2-bit plane `(nb, 64)` -> codes `(nb, 256)`: half h, run r, element l is bits 2r of byte 32h + l."""
+    return unpack_bits(qs.reshape(-1, 2, 32), 2).reshape(-1, QK_K)
+
+
+def _unpack_high_bits(plane: torch.Tensor) -> torch.Tensor:
+    """1-bit plane `(nb, 32)` -> `(nb, 256)`: element e is bit e // 32 of byte e % 32."""
+    return unpack_bits(plane, 1).reshape(-1, QK_K)
+
+
+def _unpack_nibble_runs(qs: torch.Tensor, run: int) -> torch.Tensor:
+    """Nibble plane -> codes: each span of `run` bytes holds `run` elements in low nibbles, then `run` in high."""
+    nb, n_bytes = qs.shape
+    return unpack_nibbles(qs.reshape(nb, n_bytes // run, run)).reshape(nb, 2 * n_bytes)
+
+
+def _unpack_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's `get_scale_min_k4` for all 8 sub-blocks of Q4_K / Q5_K: 12 bytes -> (sc, m), each `(nb, 8)` in 0..63
+    (bit layout in the reference's `_unpack_scale_min`)."""
+    low, mid, high = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([low & 63, (high & 0x0F) | ((low >> 6) << 4)], dim=-1)
+    m = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], dim=-1)
+    return sc, m
+
+
+def _unpack_q3_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 scale bytes -> 16 scales in -32..31 as int8 (bit layout in the reference's `_unpack_q3_scales`)."""
+    low = unpack_nibbles(scales[:, :8])
+    high = unpack_bits(scales[:, 8:12], 2).reshape(-1, 16)
+    return (low | (high << 4)).view(torch.int8) - 32
+
+
+# ------------------------------------------------------------------------------------------------ dequantizers
+
+def _sub_block_scales(d: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """`d * code` for the integer sub-block scale (or min) codes `(nb, n_sub)`, as `(nb, n_sub, 1)` float32."""
+    return (d * codes.float())[..., None]
+
+
+def _scale_codes(q: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor | None = None) -> torch.Tensor:
+    """`dl * q - ml` (or `dl * q`) for integer codes `q` `(nb, 256)` and per-sub-block `dl`, `ml` `(nb, n_sub, 1)`.
+    (Where both terms are NaN, torch's sub returns ml's NaN and numpy's the first term's: only NaN payloads differ.)"""
+    nb, n_sub = dl.shape[:2]
+    values = q.reshape(nb, n_sub, QK_K // n_sub).float().mul_(dl)
+    if ml is not None:
+        values.sub_(ml)
+    return values.reshape(nb, QK_K)
+
+
+def dequantize_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    scales = blocks[:, :16]
+    d, dmin = read_f16(blocks, 80), read_f16(blocks, 82)
+    return _scale_codes(_unpack_crumbs(blocks[:, 16:80]), _sub_block_scales(d, scales & 0x0F),
+                        _sub_block_scales(dmin, scales >> 4))
+
+
+def dequantize_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    high = _unpack_high_bits(blocks[:, :32])
+    low = _unpack_crumbs(blocks[:, 32:96])
+    q = low.view(torch.int8) - ((high ^ 1) << 2).view(torch.int8)  # a clear high bit means "minus 4"
+    return _scale_codes(q, _sub_block_scales(read_f16(blocks, 108), _unpack_q3_scales(blocks[:, 96:108])))
+
+
+def _dequantize_q45_k(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    d, dmin = read_f16(blocks, 0), read_f16(blocks, 2)
+    sc, m = _unpack_scale_min(blocks[:, 4:16])
+    return _scale_codes(q, _sub_block_scales(d, sc), _sub_block_scales(dmin, m))
+
+
+def dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    return _dequantize_q45_k(blocks, _unpack_nibble_runs(blocks[:, 16:144], 32))
+
+
+def dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    q = _unpack_nibble_runs(blocks[:, 48:176], 32) | (_unpack_high_bits(blocks[:, 16:48]) << 4)
+    return _dequantize_q45_k(blocks, q)
+
+
+def dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    nb = blocks.shape[0]
+    low = _unpack_nibble_runs(blocks[:, :128], 64)
+    high = unpack_bits(blocks[:, 128:192].reshape(nb, 2, 32), 2).reshape(nb, QK_K)
+    q = (low | (high << 4)).view(torch.int8) - 32
+    return _scale_codes(q, _sub_block_scales(read_f16(blocks, 208), blocks[:, 192:208].view(torch.int8)))
+
+
+# ---------------------------------------------------------------------------------------------- search helpers
+
+def _const(value, like: torch.Tensor) -> torch.Tensor:
+    """A float32 constant on `like`'s device, rounded to float32 as the reference's np.float32 arithmetic does."""
+    return torch.tensor(float(np.float32(value)), dtype=torch.float32, device=like.device)
+
+
+def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0, adding rows one after another in float32, like ggml's `for (i...) sum += term[i]`."""
+    total = terms[0].clone()
+    for row in terms[1:]:
+        total += row
+    return total
+
+
+def nearest_int(values: torch.Tensor) -> torch.Tensor:
+    """ggml's `nearest_int` bit trick, exactly (also for the huge values it wraps), as int32."""
+    shifted = (values + 12582912.0).view(torch.int32)
+    return (shifted & 0x007FFFFF) - 0x00400000
+
+
+def f16_round(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.float16).to(torch.float32)
+
+
+def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of `(n, B)`: largest |x| and the signed value where it first occurs (torch's argmax is the first)."""
+    signed = x.gather(0, x.abs().argmax(dim=0, keepdim=True))[0]
+    return signed.abs(), signed
+
+
+def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
+    """Asymmetric codes 0..nmax over sub-blocks `(n, B)`: returns (float codes, scale, the_min), see the reference.
+
+    Instead of copying the best codes at every step, it remembers per sub-block the (iscale, min) that produced
+    them and recomputes them once at the end: the same float32 operations give the same codes.
+    """
+    lo = x.amin(dim=0).clamp_(max=0)
+    hi = x.amax(dim=0)
+    flat = hi == lo
+    sum_w = sequential_sum(weights)
+    sum_x = sequential_sum(weights * x)
+    trial, diff = torch.empty_like(x), torch.empty_like(x)
+    moments = x.new_empty((x.shape[0], 3) + x.shape[1:])  # w*l, w*l*l, w*l*x: summed in one pass
+
+    def codes(iscale, origin):
+        torch.sub(x, origin, out=trial).mul_(iscale)
+        if not bool(torch.isfinite(iscale).all()):
+            # a sub-block spanning float32 subnormals overflows iscale; nearest_int maps inf to -2**22 and nan to 0
+            trial.nan_to_num_(nan=0.0, posinf=-1.0, neginf=-1.0)
+        return trial.round_().clamp_(0, nmax)  # finite products are within nmax + 1: round == nearest_int
+
+    def error(scale, min_):
+        torch.mul(trial, scale, out=diff).add_(min_).sub_(x)
+        diff.abs_() if use_mad else diff.mul_(diff)
+        return sequential_sum(diff.mul_(weights))
+
+    iscale = torch.div(_const(nmax, x), hi - lo)
+    scale = torch.div(_const(1, x), iscale)
+    codes(iscale, lo)
+    best_error = error(scale, lo)
+    best_iscale, best_origin = iscale, lo
+    for step in range(nstep + 1):
+        # ggml moves `min` to each better fit, so later guesses measure from it
+        iscale = torch.div(_const(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + nmax, x), hi - lo)
+        codes(iscale, lo)
+        wl = torch.mul(weights, trial, out=moments[:, 0])
+        torch.mul(wl, trial, out=moments[:, 1])
+        torch.mul(wl, x, out=moments[:, 2])
+        sum_l, sum_l2, sum_xl = sequential_sum(moments)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = torch.div(sum_w * sum_xl - sum_x * sum_l, det)
+        this_min = torch.div(sum_l2 * sum_x - sum_l * sum_xl, det)
+        positive_min = this_min > 0
+        this_scale = torch.where(positive_min, torch.div(sum_xl, sum_l2), this_scale)
+        this_min = torch.where(positive_min, 0.0, this_min)
+        this_error = error(this_scale, this_min)
+        better = ~flat & (det > 0) & (this_error < best_error)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_origin = torch.where(better, lo, best_origin)
+        best_error = torch.where(better, this_error, best_error)
+        scale = torch.where(better, this_scale, scale)
+        lo = torch.where(better, this_min, lo)
+    L = codes(best_iscale, best_origin)
+    return torch.where(flat, 0.0, L), torch.where(flat, 0.0, scale), -lo
+
+
+def make_qx_quants(x, nmax):
+    """Symmetric codes with weights x² (ggml's rmse_type 1): returns (float codes + nmax, scale)."""
+    amax, signed_max = first_absmax(x)
+    weights = x * x
+    wx = weights * x
+    moments = x.new_empty((x.shape[0], 2) + x.shape[1:])
+
+    def trial(iscale):
+        L = torch.mul(x, iscale).round_().clamp_(-nmax, nmax - 1)  # |x * iscale| <= nmax + 1
+        torch.mul(wx, L, out=moments[:, 0])
+        torch.mul(weights, L, out=moments[:, 1]).mul_(L)
+        return L, *sequential_sum(moments)
+
+    L, sumlx, suml2 = trial(torch.div(_const(-nmax, x), signed_max))
+    scale = torch.where(suml2 != 0, torch.div(sumlx, suml2), 0.0)
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        candidate, sumlx, suml2 = trial(torch.div(_const(-(np.float32(nmax) + np.float32(0.1) * step), x), signed_max))
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        torch.where(better, candidate, L, out=L)
+        scale = torch.where(better, torch.div(sumlx, suml2), scale)
+        best = torch.where(better, scale * sumlx, best)
+    zero = amax < GROUP_MAX_EPS
+    return torch.where(zero, 0.0, L + nmax), torch.where(zero, 0.0, scale)
+
+
+def make_q3_quants(x, nmax):
+    """Symmetric codes refined one element at a time (ggml's do_rmse): returns (float codes + nmax, scale)."""
+    amax, signed_max = first_absmax(x)
+    weights = x * x
+    wx = weights * x
+    L = torch.mul(torch.div(_const(-nmax, x), signed_max), x).round_().clamp_(-nmax, nmax - 1)
+    sumlx = sequential_sum(wx * L)
+    suml2 = sequential_sum(weights * L * L)
+    searching = amax >= GROUP_MAX_EPS
+    for _ in range(5):
+        changed = torch.zeros_like(searching)
+        for i in range(x.shape[0]):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - weights[i] * li * li
+            # x * sl2 / slx is unbounded here: ggml's exact rounding before the clamp
+            new_l = nearest_int(torch.div(x[i] * sl2, slx)).clamp_(-nmax, nmax - 1).to(torch.float32)
+            accept = searching & (slx > 0) & (new_l != li)
+            slx = slx + wx[i] * new_l
+            sl2 = sl2 + weights[i] * new_l * new_l
+            accept &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            torch.where(accept, new_l, li, out=li)
+            sumlx = torch.where(accept, slx, sumlx)
+            suml2 = torch.where(accept, sl2, suml2)
+            changed |= accept
+        searching &= changed
+        if not bool(searching.any()):
+            break
+    zero = amax < GROUP_MAX_EPS
+    return torch.where(zero, 0.0, L + nmax), torch.where(zero, 0.0, torch.where(suml2 > 0, torch.div(sumlx, suml2), 0.0))
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+
+def _pack_crumbs(codes):
+    return pack_bits(codes.to(torch.uint8).reshape(-1, 2, 4, 32), 2).reshape(-1, 64)
+
+
+def _pack_high_bits(bits):
+    return pack_bits(bits.to(torch.uint8).reshape(-1, 8, 32), 1)
+
+
+def _pack_nibble_runs(codes, run):
+    nb = codes.shape[0]
+    return pack_nibbles(codes.to(torch.uint8).reshape(nb, -1, 2 * run)).reshape(nb, -1)
+
+
+def _pack_scale_min(sc, m):
+    sc, m = sc.to(torch.uint8), m.to(torch.uint8)
+    low = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    mid = (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6)
+    high = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    return torch.cat([low, mid, high], dim=-1)
+
+
+def _pack_q3_scales(biased):
+    biased = biased.to(torch.uint8)
+    return torch.cat([pack_nibbles(biased & 0x0F), pack_bits((biased >> 4).reshape(-1, 4, 4), 2)], dim=-1)
+
+
+def _sub_blocks(x, size):
+    return x.reshape(-1, size).t().contiguous()
+
+
+def _from_sub_blocks(columns, nb):
+    return columns.t().reshape(nb, QK_K)
+
+
+def _positive_max(values):
+    """ggml's running `if (v > max) max = v` from +0.0: never negative, never -0.0."""
+    top = values.amax(dim=-1, keepdim=True)
+    return torch.where(top > 0, top, 0.0)
+
+
+def _ratio_or_zero(numerator, denominator):
+    return torch.where(denominator > 0, torch.div(_const(numerator, denominator), denominator), 0.0)
+
+
+def _requantize(x, d, offset, qmin, qmax, keep):
+    """Codes for the stored sub-block scales `d` `(nb, n_sub, 1)`; sub-blocks whose scale is 0 keep `keep`."""
+    nb, n_sub = d.shape[:2]
+    fresh = nearest_int(torch.div(x.reshape(nb, n_sub, -1) + offset, d)).clamp_(qmin, qmax)
+    return torch.where(d == 0, keep.reshape(nb, n_sub, -1).to(torch.int32), fresh).reshape(nb, QK_K)
+
+
+# ------------------------------------------------------------------------------------------------- quantizers
+
+def quantize_q2_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    cols = _sub_blocks(x, 16)
+    L, scales, mins = make_qkx2_quants(cols, cols.abs(), 3, -0.5, 0.1, 15, True)
+    L = _from_sub_blocks(L, nb)
+    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+    max_scale, max_min = _positive_max(scales), _positive_max(mins)
+    q_scale = torch.where(max_scale > 0, nearest_int(_ratio_or_zero(15, max_scale) * scales), 0)
+    q_min = torch.where(max_min > 0, nearest_int(_ratio_or_zero(15, max_min) * mins), 0)
+    d = torch.where(max_scale > 0, torch.div(max_scale, _const(15, x)), 0.0)
+    dmin = torch.where(max_min > 0, torch.div(max_min, _const(15, x)), 0.0)
+    dl = f16_round(d) * (q_scale & 0x0F).to(torch.float32)
+    ml = f16_round(dmin) * (q_min & 0x0F).to(torch.float32)
+    L = _requantize(x, dl[..., None], ml[..., None], 0, 3, L)
+    packed_scales = (q_scale | (q_min << 4)).to(torch.uint8)
+    return torch.cat([packed_scales, _pack_crumbs(L), f16_bytes(d), f16_bytes(dmin)], dim=-1)
+
+
+def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    L, scales = make_q3_quants(_sub_blocks(x, 16), 4)
+    L = _from_sub_blocks(L, nb)
+    scales = scales.reshape(nb, 16)
+    max_scale = first_absmax(scales.t())[1][:, None]
+    iscale = torch.div(_const(-32, x), max_scale)
+    # ggml narrows nearest_int's result to int8 before clamping
+    biased = ((nearest_int(iscale * scales) + 128) & 0xFF).sub_(128).clamp_(-32, 31) + 32
+    has_scale = max_scale != 0
+    biased = torch.where(has_scale, biased, 0)
+    d = torch.where(has_scale, torch.div(_const(1, x), iscale), 0.0)
+    dl = f16_round(d) * (biased - 32).to(torch.float32)
+    L = _requantize(x, dl[..., None], 0.0, -4, 3, L - 4) + 4
+    high = L > 3
+    return torch.cat([_pack_high_bits(high), _pack_crumbs(L - 4 * high.to(L.dtype)), _pack_q3_scales(biased),
+                      f16_bytes(d)], dim=-1)
+
+
+def _quantize_q45_k(x, nmax, rmin, nstep):
+    """Shared by Q4_K and Q5_K: codes `(nb, 256)` in 0..nmax and the header (d, dmin, packed scales)."""
+    nb = x.shape[0]
+    cols = _sub_blocks(x, 32)
+    # torch's float32 sqrt is not always correctly rounded on CPU; sqrt in float64 rounded once to float32 is
+    av_x = torch.sqrt(torch.div(sequential_sum(cols * cols), _const(32, x)).double()).float()
+    L, scales, mins = make_qkx2_quants(cols, cols.abs().add_(av_x), nmax, rmin, 0.1, nstep, False)
+    L = _from_sub_blocks(L, nb)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+    max_scale, max_min = _positive_max(scales), _positive_max(mins)
+    ls = (nearest_int(_ratio_or_zero(63, max_scale) * scales) & 0xFF).clamp_(max=63)  # uint8_t, then MIN(63, .)
+    lm = (nearest_int(_ratio_or_zero(63, max_min) * mins) & 0xFF).clamp_(max=63)
+    d, dmin = torch.div(max_scale, _const(63, x)), torch.div(max_min, _const(63, x))
+    dl = f16_round(d) * ls.to(torch.float32)
+    ml = f16_round(dmin) * lm.to(torch.float32)
+    L = _requantize(x, dl[..., None], ml[..., None], 0, nmax, L)
+    return L, torch.cat([f16_bytes(d), f16_bytes(dmin), _pack_scale_min(ls, lm)], dim=-1)
+
+
+def quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
+    L, header = _quantize_q45_k(x, 15, -1.0, 20)
+    return torch.cat([header, _pack_nibble_runs(L, 32)], dim=-1)
+
+
+def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
+    L, header = _quantize_q45_k(x, 31, -0.5, 15)
+    return torch.cat([header, _pack_high_bits(L >> 4), _pack_nibble_runs(L & 0x0F, 32)], dim=-1)
+
+
+def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    L, scales = make_qx_quants(_sub_blocks(x, 16), 32)
+    L = _from_sub_blocks(L, nb)
+    scales = scales.reshape(nb, 16)
+    amax, max_scale = first_absmax(scales.t())
+    iscale = torch.div(_const(-128, x), max_scale[:, None])
+    q_scales = nearest_int(iscale * scales).clamp_(max=127).to(torch.int8)
+    d = torch.div(_const(1, x), iscale)
+    dl = f16_round(d) * q_scales.to(torch.float32)
+    L = (_requantize(x, dl[..., None], 0.0, -32, 31, L - 32) + 32).to(torch.uint8)
+    low = _pack_nibble_runs(L & 0x0F, 64)
+    high = pack_bits((L >> 4).reshape(nb, 2, 4, 32), 2).reshape(nb, 64)
+    packed = torch.cat([low, high, q_scales.view(torch.uint8), f16_bytes(d)], dim=-1)
+    return packed.masked_fill_((amax < GROUP_MAX_EPS)[:, None], 0)
