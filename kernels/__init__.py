@@ -2,5 +2,6 @@
 (torch dequantizers/quantizers, the non-Triton path) and `triton` (fused GPU kernels)."""
 
 from kernels.formats import FORMATS, Format, get_format
+from kernels.qtensor import QTensor
 
-__all__ = ["FORMATS", "Format", "get_format"]
+__all__ = ["FORMATS", "Format", "QTensor", "get_format"]
