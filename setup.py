@@ -18,6 +18,6 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45"],
+        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45", "diffusers>=0.30"],
     },
 )

@@ -52,6 +52,8 @@ FORMATS: dict[str, Format] = {
         Format("F32", 0, 1, 4, True, "floats"),
         Format("F16", 1, 1, 2, True, "floats"),
         Format("BF16", 30, 1, 2, True, "floats"),
+        # float8 e4m3fn (FP8 checkpoints), one byte per weight; an optional per-tensor scale lives in the QTensor.
+        Format("F8_E4M3", None, 1, 1, True, "floats"),
         Format("Q8_0", 8, 32, 34, True, "legacy"),
         Format("Q6_K", 14, 256, 210, True, "kquants"),
         Format("Q5_K", 13, 256, 176, False, "kquants"),

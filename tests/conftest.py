@@ -8,6 +8,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402  (after the environment above)
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. Triton reads this when a kernel is
+# decorated, so it must be set before anything imports kernels.triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 GOLDEN_VECTORS = Path(__file__).parent / "data" / "ggml_quant_vectors.npz"
 
 

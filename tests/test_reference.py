@@ -135,9 +135,10 @@ def test_round_trip_shapes_and_accuracy(name):
     assert raw.dtype == np.uint8 and raw.shape == (2, 3, fmt.row_bytes(512))
     y = reference.dequantize(raw, name)
     assert y.dtype == np.float32 and y.shape == x.shape
-    # relative RMS error roughly 2^-bits: loose enough for every format, tight enough to catch a wrong layout
+    # relative RMS error roughly 2^-bits: loose enough for every format (the unscaled 8-bit float F8_E4M3, whose
+    # 3 mantissa bits give 0.027, is the loosest), tight enough to catch a wrong layout
     rel = np.sqrt(((y - x) ** 2).mean() / (x ** 2).mean())
-    assert rel < 2.0 ** -(min(fmt.bits_per_weight, 10) - 2.5), rel
+    assert rel < 2.0 ** -(min(fmt.bits_per_weight, 10) - 3), rel
 
 
 def test_all_zero_input_gives_zeros():

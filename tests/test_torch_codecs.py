@@ -27,12 +27,13 @@ BLOCKS_PER_SPECIAL = 16
 def random_raw(fmt, n_random, seed):
     """`n_random` blocks of random bytes, then blocks whose 2-byte pairs are each, with even odds, one special fp16
     value or random: every fp16 field of every format sits at an even offset, so each special value lands in each
-    scale field of about half of its blocks, next to random codes."""
-    assert fmt.block_bytes % 2 == 0
+    scale field of about half of its blocks, next to random codes. (1-byte formats have no fp16 field: their pairs
+    span two blocks, and random bytes cover all their values anyway.)"""
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (n_random + BLOCKS_PER_SPECIAL * len(SPECIAL_F16), fmt.block_bytes), dtype=np.uint8)
-    pairs = raw[n_random:].view(np.uint16)
-    special = np.repeat(np.array(SPECIAL_F16, dtype=np.uint16), BLOCKS_PER_SPECIAL)[:, None]
+    pairs = raw[n_random:].reshape(-1).view(np.uint16)  # a view: writes land in `raw`
+    block_of_pair = 2 * np.arange(pairs.size) // fmt.block_bytes
+    special = np.repeat(np.array(SPECIAL_F16, dtype=np.uint16), BLOCKS_PER_SPECIAL)[block_of_pair]
     pairs[...] = np.where(rng.random(pairs.shape) < 0.5, special, pairs)
     return raw
 

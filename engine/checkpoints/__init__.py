@@ -55,8 +55,6 @@ def _what_it_looks_like(names) -> str:
 
 
 def _read_file(path: Path) -> Checkpoint:
-    from engine.checkpoints import forge_nf4, fp8
-
     with open(path, "rb") as f:
         head = f.read(9)
     magic = head[:4]
@@ -71,13 +69,12 @@ def _read_file(path: Path) -> Checkpoint:
     if path.suffix in PICKLE_SUFFIXES or (is_pickle and not is_safetensors):
         raise ModelFileError(path, "pickle-based checkpoint (.ckpt/.pt/.bin): loading one can run arbitrary code, "
                                    "so it is refused; use a .safetensors or .gguf file")
-    tensors, _ = read_safetensors(path)
-    return fp8.apply_scales(forge_nf4.to_qtensors(tensors, path), path)
+    return read_safetensors(path)[0]
 
 
 def load_checkpoint(path) -> Checkpoint:
     """BFL name -> tensor (F32/F16/BF16) or `QTensor`, for a file, a sharded index json or a diffusers folder."""
-    from engine.checkpoints import diffusers
+    from engine.checkpoints import diffusers, forge_nf4, fp8
 
     path = Path(path)
     if not path.exists():
@@ -87,6 +84,7 @@ def load_checkpoint(path) -> Checkpoint:
             tensors = diffusers.read_folder(path)
         else:
             tensors = _read_file(path)
+        tensors = fp8.apply_scales(forge_nf4.to_qtensors(tensors, path), path)
         if diffusers.is_diffusers(tensors):
             tensors = diffusers.to_bfl(tensors, path)
         tensors = _strip_prefix(tensors)

@@ -138,12 +138,13 @@ def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
         for name, tensor in shard_tensors.items():
             if name in origin:
                 raise ModelFileError(index, f"tensor {name!r} is in two shards: {origin[name]} and {shard}")
-            listed = weight_map.get(name)
-            if listed != shard:
-                where = f"the index maps it to {listed}" if listed else "the index does not list it"
-                raise ModelFileError(index, f"tensor {name!r} is in shard {shard} but {where}")
             origin[name] = shard
             tensors[name] = tensor
+    for name, shard in origin.items():
+        listed = weight_map.get(name)
+        if listed != shard:
+            where = f"the index maps it to {listed}" if listed else "the index does not list it"
+            raise ModelFileError(index, f"tensor {name!r} is in shard {shard} but {where}")
     missing = [name for name in weight_map if name not in tensors]
     if missing:
         raise ModelFileError(index, f"{len(missing)} tensor(s) listed in the index are absent from their shard: "

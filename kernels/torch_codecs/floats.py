@@ -1,4 +1,4 @@
-"""Unquantized formats, one element per "block": F32, F16, BF16 (layouts in `kernels/reference/floats.py`)."""
+"""Unquantized formats, one element per "block": F32, F16, BF16, F8_E4M3 (layouts in `kernels/reference/floats.py`)."""
 
 from __future__ import annotations
 
@@ -42,3 +42,13 @@ def quantize_bf16(x: torch.Tensor) -> torch.Tensor:
     rounded = (high & 1).add_(bits).add_(0x7FFF).bitwise_right_shift_(16)  # in place: one int32 copy fewer
     quiet_nan = high.bitwise_or_(0x40)
     return torch.where(torch.isnan(x), quiet_nan, rounded).to(torch.int16).view(torch.uint8)
+
+
+# float8 e4m3fn <-> fp32: torch's conversions are the reference's (saturating, round to nearest even, NaN payloads).
+
+def dequantize_f8_e4m3(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks.view(torch.float8_e4m3fn).float()
+
+
+def quantize_f8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float8_e4m3fn).view(torch.uint8)

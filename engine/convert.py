@@ -1,0 +1,350 @@
+"""Convert any Flux transformer checkpoint to a GGUF file in the published (city96) layout.
+
+    python -m engine.convert SRC --type Q4_K_S [--out flux1-dev-Q4_K_S.gguf] [--workers N] [--force] [--quiet]
+
+SRC is anything `engine.checkpoints.load_checkpoint` reads (usually BFL's BF16 safetensors). The output loads in
+ComfyUI-GGUF, stable-diffusion.cpp and our own loader:
+
+- metadata `general.architecture = "flux"`, `general.quantization_version = 2`, `general.file_type` (llama.cpp's
+  `LlamaFileType` number of the preset); no hyperparameters (readers infer them from names and shapes); BFL names.
+- Only the 2-D weights inside `double_blocks.*` / `single_blocks.*` are quantized (304 for Flux-dev); every other
+  tensor keeps the preset's leftover type: F32 for K-quant and IQ presets, F16 for the legacy Q*_0 / Q*_1 presets,
+  as city96's files have it. F16 and BF16 store everything in that type.
+- `_M` presets put the double blocks' `img_attn.qkv` / `txt_attn.qkv` one type up. City96's llama.cpp patch
+  (ComfyUI-GGUF tools/lcpp.patch) bumps names containing "attn.qkv.weight", which no single-block tensor has (their
+  q, k, v live in `linear1` together with the MLP input), and none of llama.cpp's other `_M` rules (attn_v, ffn_down,
+  attn_output) match a Flux name: so single blocks stay in the base type here too.
+- A block weight whose row length is not a whole number of the type's blocks falls back to the leftover type (never
+  the case for Flux; llama.cpp's patched quantizer falls back to F16 there).
+
+Tensors are quantized with the torch quantizers (byte-identical to `kernels.reference`) in row chunks, in worker
+processes when `--workers` > 1, and streamed to a temporary file next to the output that is renamed at the end; on any
+error or interruption the temporary is deleted and no output appears. Peak memory: the mapped input, one output tensor
+and a few row chunks in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+from engine.errors import ModelFileError
+from kernels import torch_codecs
+from kernels.formats import get_format
+from kernels.qtensor import QTensor
+
+log = logging.getLogger("engine.convert")
+
+
+@dataclass(frozen=True)
+class Preset:
+    block: str  # format of the 2-D weights inside double/single blocks
+    qkv: str  # format of double_blocks.*.{img,txt}_attn.qkv.weight
+    leftover: str  # format of every other tensor
+    file_type: LlamaFileType  # general.file_type
+
+
+# The one table of presets (order: largest to smallest, then the unquantized ones).
+PRESETS: dict[str, Preset] = {
+    "Q8_0": Preset("Q8_0", "Q8_0", "F16", LlamaFileType.MOSTLY_Q8_0),
+    "Q6_K": Preset("Q6_K", "Q6_K", "F32", LlamaFileType.MOSTLY_Q6_K),
+    "Q5_K_M": Preset("Q5_K", "Q6_K", "F32", LlamaFileType.MOSTLY_Q5_K_M),
+    "Q5_K_S": Preset("Q5_K", "Q5_K", "F32", LlamaFileType.MOSTLY_Q5_K_S),
+    "Q5_1": Preset("Q5_1", "Q5_1", "F16", LlamaFileType.MOSTLY_Q5_1),
+    "Q5_0": Preset("Q5_0", "Q5_0", "F16", LlamaFileType.MOSTLY_Q5_0),
+    "Q4_K_M": Preset("Q4_K", "Q5_K", "F32", LlamaFileType.MOSTLY_Q4_K_M),
+    "Q4_K_S": Preset("Q4_K", "Q4_K", "F32", LlamaFileType.MOSTLY_Q4_K_S),
+    "Q4_1": Preset("Q4_1", "Q4_1", "F16", LlamaFileType.MOSTLY_Q4_1),
+    "Q4_0": Preset("Q4_0", "Q4_0", "F16", LlamaFileType.MOSTLY_Q4_0),
+    "IQ4_NL": Preset("IQ4_NL", "IQ4_NL", "F32", LlamaFileType.MOSTLY_IQ4_NL),
+    "IQ4_XS": Preset("IQ4_XS", "IQ4_XS", "F32", LlamaFileType.MOSTLY_IQ4_XS),
+    "Q3_K_M": Preset("Q3_K", "Q4_K", "F32", LlamaFileType.MOSTLY_Q3_K_M),
+    "Q3_K_S": Preset("Q3_K", "Q3_K", "F32", LlamaFileType.MOSTLY_Q3_K_S),
+    "Q2_K": Preset("Q2_K", "Q2_K", "F32", LlamaFileType.MOSTLY_Q2_K),
+    "F16": Preset("F16", "F16", "F16", LlamaFileType.MOSTLY_F16),
+    "BF16": Preset("BF16", "BF16", "BF16", LlamaFileType.MOSTLY_BF16),
+}
+
+BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
+QKV_SUFFIX = "attn.qkv.weight"  # what city96's llama.cpp patch matches; only double blocks have such tensors
+CHUNK_ELEMENTS = 1 << 20  # weights per row chunk sent to a worker (4 MiB of float32)
+INFLIGHT_PER_WORKER = 2  # row chunks queued per worker: keeps workers busy while bounding memory
+# Families whose quantizers are slow enough (~8-20 M weights/s, search loops) to be worth shipping rows to a worker;
+# the legacy and float codecs run at 80-1000 M weights/s in-process, where pickling 4 MiB chunks costs more than it
+# saves (bench.convert measured 2 workers at 0.3-0.5x of in-process for Q8_0/Q4_0/Q5_1).
+PARALLEL_FAMILIES = frozenset({"kquants", "iquants"})
+
+
+class ConversionError(RuntimeError):
+    """A tensor that cannot be converted (e.g. inf/nan in a weight to quantize); the message names it."""
+
+
+def is_block_weight(name: str, shape) -> bool:
+    """The tensors the published files quantize: 2-D weights inside double and single blocks."""
+    return name.startswith(BLOCK_PREFIXES) and name.endswith(".weight") and len(shape) == 2
+
+
+def tensor_format(name: str, shape, preset: Preset) -> str:
+    """The format `name` (of logical `shape`) is stored in under `preset`."""
+    if not is_block_weight(name, shape):
+        return preset.leftover
+    fmt = preset.qkv if name.endswith(QKV_SUFFIX) else preset.block
+    if shape[-1] % get_format(fmt).block_size:
+        log.warning("%s %s: rows of %d are not whole %s blocks; stored as %s", name, list(shape), shape[-1], fmt,
+                    preset.leftover)
+        return preset.leftover
+    return fmt
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------------------- encoding
+
+def _quantize_chunk(x: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 rows -> uint8 `(rows, row_bytes)`; runs in a worker process or inline."""
+    return torch_codecs.quantize(torch.from_numpy(x), fmt).numpy()
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it cancels and cleans up
+
+
+def worker_pool(workers: int) -> cf.ProcessPoolExecutor | None:
+    """A pool of `workers` quantizing processes ('spawn': no forked torch state), or None for `workers` <= 1."""
+    if workers <= 1:
+        return None
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_init_worker)
+
+
+def _source_rows(source, r0: int, r1: int) -> torch.Tensor:
+    """Rows `r0:r1` of a tensor or QTensor seen as `(rows, shape[-1])`, in float32."""
+    if isinstance(source, QTensor):
+        return QTensor(source.raw[r0:r1], source.format, (r1 - r0, source.shape[-1]), source.scale).dequantize()
+    return source.reshape(-1, source.shape[-1])[r0:r1].to(torch.float32)
+
+
+class _Done:
+    """An already computed result with a future's `result()`."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def cancel(self):
+        return False
+
+
+def encode(items: Iterable[tuple[str, object, str]], pool: cf.ProcessPoolExecutor | None = None,
+           progress=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Encode `(name, tensor or QTensor, format)` items; yields `(name, uint8 (rows, row_bytes))` in input order.
+
+    Row chunks of K-quant and IQ formats go to `pool` (at most INFLIGHT_PER_WORKER per worker at a time); plain float
+    formats and everything without a pool are encoded inline. Chunking never changes the bytes: blocks run along rows
+    and are encoded independently. `progress` (a tqdm bar) is advanced by the weights done."""
+    max_inflight = INFLIGHT_PER_WORKER * pool._max_workers if pool is not None else 0
+    pending: deque = deque()  # (tensor state, r0, r1, future) in submission order
+    try:
+        for name, source, fmt in items:
+            f = get_format(fmt)
+            shape = tuple(source.shape)
+            if not shape:
+                raise ConversionError(f"tensor {name!r} is a scalar; GGUF stores tensors of 1 to 4 dimensions")
+            n = shape[-1]
+            rows = math.prod(shape[:-1])
+            state = {"name": name, "fmt": fmt, "shape": shape, "rows": rows, "left": rows, "buf": None}
+            step = max(1, CHUNK_ELEMENTS // n)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                x = _source_rows(source, r0, r1).numpy()
+                if pool is not None and f.family in PARALLEL_FAMILIES:
+                    future = pool.submit(_quantize_chunk, x, fmt)
+                else:
+                    future = _Done(_call(_quantize_chunk, state, x, fmt))
+                pending.append((state, r0, r1, future))
+                del x
+                while len(pending) > max_inflight:
+                    yield from _collect(pending, progress)
+        while pending:
+            yield from _collect(pending, progress)
+    finally:
+        for *_, future in pending:
+            future.cancel()
+
+
+def _call(fn, state, *args):
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ConversionError(f"tensor {state['name']!r} {list(state['shape'])} -> {state['fmt']}: {e}") from e
+
+
+def _collect(pending: deque, progress) -> Iterator[tuple[str, np.ndarray]]:
+    """Take the oldest chunk's result; yield its tensor when that was the tensor's last chunk."""
+    state, r0, r1, future = pending.popleft()
+    raw = _call(future.result, state)
+    if state["buf"] is None:
+        state["buf"] = np.empty((state["rows"], raw.shape[-1]), dtype=np.uint8)
+    state["buf"][r0:r1] = raw
+    state["left"] -= r1 - r0
+    if progress is not None:
+        progress.update((r1 - r0) * state["shape"][-1])
+    if state["left"] == 0:
+        yield state["name"], state["buf"]
+        state["buf"] = None
+
+
+# ----------------------------------------------------------------------------------------------------------- convert
+
+def default_output(src: Path, type_name: str) -> Path:
+    stem = src.name[:-len(".index.json")] if src.name.endswith(".index.json") else src.stem
+    return src.with_name(f"{stem}-{type_name}.gguf")
+
+
+def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, progress: bool = True) -> Path:
+    """Convert checkpoint `src` to GGUF file `out` with preset `type_name`; returns `out`.
+
+    Raises FileExistsError when `out` exists and not `force`, ModelFileError for an unusable source, ConversionError
+    for a tensor that cannot be stored in its format. No partial file is left behind on any error."""
+    from tqdm import tqdm
+
+    from engine.checkpoints import load_checkpoint
+
+    preset = PRESETS[type_name]
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    tensors = load_checkpoint(src)
+
+    requantized = sorted({t.format for t in tensors.values() if isinstance(t, QTensor)})
+    if requantized:
+        n = sum(isinstance(t, QTensor) for t in tensors.values())
+        log.warning("%d tensors of %s are stored quantized (%s): dequantizing them before converting; requantizing "
+                    "is lossy, convert from the BF16 original where you can", n, src, ", ".join(requantized))
+    plan = [(name, t, tensor_format(name, tuple(t.shape), preset)) for name, t in tensors.items()]
+    n_quantized = sum(get_format(fmt).is_quantized for _, _, fmt in plan)
+    parallel = any(get_format(fmt).family in PARALLEL_FAMILIES for _, _, fmt in plan)
+    total = sum(math.prod(t.shape) for t in tensors.values())
+    log.info("%s -> %s: %s, %d tensors, %d quantized (%s), others %s, %d worker%s", src, out, type_name, len(plan),
+             n_quantized, "/".join(sorted({preset.block, preset.qkv})), preset.leftover, workers,
+             "" if workers == 1 else "s")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer = pool = None
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    # One intra-op thread: the quantizers are bound by Python dispatch, and torch's thread pool collapses (10-50x
+    # slower, measured) when its threads compete with the workers or other processes for the cores.
+    torch.set_num_threads(1)
+    try:
+        writer = GGUFWriter(tmp, "flux")
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+        writer.add_file_type(int(preset.file_type))
+        for name, t, fmt in plan:
+            f = get_format(fmt)
+            shape = tuple(t.shape)
+            writer.add_tensor_info(name, (*shape[:-1], f.row_bytes(shape[-1])), np.dtype(np.uint8),
+                                   math.prod(shape[:-1]) * f.row_bytes(shape[-1]),
+                                   raw_dtype=GGMLQuantizationType(f.ggml_type))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        pool = worker_pool(workers) if parallel else None
+        with tqdm(total=total, unit="w", unit_scale=True, disable=not progress, desc=type_name) as bar:
+            for name, raw in encode(plan, pool, bar):
+                writer.write_tensor_data(raw)
+        writer.close()
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} appeared during the conversion; pass --force to overwrite it")
+        os.replace(tmp, out)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            pool = None
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.shutdown()
+    seconds = time.perf_counter() - start
+    log.info("wrote %s: %.2f GB in %.0f s (%.1f M weights/s)", out, out.stat().st_size / 1e9, seconds,
+             total / max(seconds, 1e-9) / 1e6)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = ", ".join(PRESETS)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.convert",
+        description="Convert a Flux transformer checkpoint to a GGUF file in the published (city96) layout.",
+        epilog="presets (block type / attn.qkv type / other tensors): "
+               + "; ".join(f"{k} {p.block}/{p.qkv}/{p.leftover}" for k, p in PRESETS.items()))
+    parser.add_argument("src", type=Path, help="checkpoint: safetensors (BFL, ComfyUI, diffusers, FP8, NF4) or GGUF")
+    parser.add_argument("--type", required=True, type=str.upper, choices=list(PRESETS), metavar="TYPE",
+                        help=f"preset, one of: {presets}")
+    parser.add_argument("--out", type=Path, help="output .gguf (default: SRC's name with -TYPE.gguf, next to it)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="quantizing processes (default: the number of CPU cores, here %(default)s; "
+                             "1 = quantize in this process)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"argument --workers: must be at least 1, got {args.workers}")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer announces endianness and shard plans
+    out = args.out or default_output(args.src, args.type)
+    try:
+        convert(args.src, out, args.type, workers=args.workers, force=args.force, progress=not args.quiet)
+    except ModelFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileExistsError, ConversionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: writing {out}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing written to {out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
