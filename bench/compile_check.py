@@ -1,0 +1,141 @@
+"""Compile every Triton kernel × format × activation dtype × tile config for real GPUs, without one.
+
+`python -m bench.compile_check [--archs 80,86,89,90] [--workers N]` prints a table and fails (exit 1) on a compile
+error, a register spill or shared memory above the architecture's limit. Spills come from running Triton's bundled
+ptxas with -v on the generated PTX. tests/test_triton_compile.py runs a representative subset in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES):
+    """(kernel, format, dtype, config index, cc) for everything that can be launched."""
+    from kernels.triton.decode import KERNEL_FORMATS
+    from kernels.triton.ops import GEMM_CONFIGS
+
+    for cc in archs:
+        for fmt in formats or KERNEL_FORMATS:
+            yield ("dequant", fmt, "fp16", 0, cc)
+            for dtype in dtypes:
+                yield ("qmv", fmt, dtype, 0, cc)
+                for i in range(len(GEMM_CONFIGS)):
+                    yield ("qmm", fmt, dtype, i, cc)
+
+
+def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
+    """(registers, spill bytes) that ptxas -v reports, run as Triton runs it for this architecture."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    result = subprocess.run([get_ptxas(cc).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", "-",
+                             "-o", os.devnull], input=ptx.encode(), capture_output=True, check=True)
+    report = result.stderr.decode()
+    regs = max(int(r) for r in re.findall(r"Used (\d+) registers", report))
+    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return regs, spills
+
+
+def compile_one(job) -> dict:
+    kernel_name, fmt, dtype, config_index, cc = job
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.triton import qmatmul
+    from kernels.triton.decode import FORMAT_IDS
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIG
+
+    act = f"*{dtype}"
+    tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
+    common = {"FMT": FORMAT_IDS[fmt]}
+    if kernel_name == "dequant":
+        kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
+        signature = {"w_ptr": "*u8", "out_ptr": act, "nf4_ptr": "*fp32", "N": "i32", "K": "i32", "row_bytes": "i32"}
+        constexprs = common | {k: v for k, v in DEQUANT_CONFIG.items() if k.startswith("BLOCK")}
+    else:
+        signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": act if kernel_name == "qmm" else "*fp32",
+                     "nf4_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "stride_xm": "i32"}
+        constexprs = common | {"HAS_BIAS": True, "DOT_DTYPE": tl_dtype}
+        if kernel_name == "qmm":
+            kernel = qmatmul.qmm_kernel
+            signature["stride_ym"] = "i32"
+            bn, bm, bk, group, num_warps, num_stages = GEMM_CONFIGS[config_index]
+            constexprs |= dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=group)
+        else:
+            kernel = qmatmul.qmv_kernel
+            signature["k_per_split"] = "i32"
+            num_warps, num_stages = GEMV_CONFIG["num_warps"], GEMV_CONFIG["num_stages"]
+            constexprs |= {k: v for k, v in GEMV_CONFIG.items() if k.startswith("BLOCK")}
+    for name in constexprs:
+        signature[name] = "constexpr"
+    row = dict(kernel=kernel_name, format=fmt, dtype=dtype, config=config_index, cc=cc)
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", cc, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        regs, spills = _ptxas_stats(compiled.asm["ptx"], cc)
+    except Exception as e:  # reported per job: one broken config must not hide the others
+        return row | dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+    return row | dict(shared=compiled.metadata.shared, registers=regs, spills=spills, error=None)
+
+
+def problems(row: dict) -> list[str]:
+    if row["error"]:
+        return [row["error"]]
+    found = []
+    if row["spills"]:
+        found.append(f"{row['spills']} bytes of register spills")
+    if row["shared"] > SHARED_LIMIT[row["cc"]]:
+        found.append(f"shared memory {row['shared']} > {SHARED_LIMIT[row['cc']]}")
+    return found
+
+
+def _compiler_process():
+    # The kernels must be real JIT functions here: under TRITON_INTERPRET=1 (the test suite's CPU setting) they are
+    # decorated as interpreted ones, which cannot be compiled. Workers are spawned, so they import them afresh.
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def run(job_list, workers: int) -> list[dict]:
+    """Compile in fresh worker processes (see `_compiler_process`)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_compiler_process) as pool:
+        return list(pool.map(compile_one, job_list))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="80,86,89,90")
+    parser.add_argument("--formats", default=None, help="comma-separated (default: every kernel format)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    archs = tuple(int(a) for a in args.archs.split(","))
+    formats = args.formats.split(",") if args.formats else None
+    rows = run(list(jobs(archs, formats)), args.workers)
+    print("| kernel | format | dtype | config | sm | shared KB | registers | spills | problem |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    failed = 0
+    for row in rows:
+        issues = problems(row)
+        failed += bool(issues)
+        print(f"| {row['kernel']} | {row['format']} | {row['dtype']} | {row['config']} | {row['cc']} | "
+              f"{row.get('shared', 0) / 1024:.0f} | {row.get('registers', '—')} | {row.get('spills', '—')} | "
+              f"{'; '.join(issues)} |")
+    print(f"\n{len(rows)} compilations, {failed} with problems")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Fused dequant-matmul kernels: `y = x @ W.T (+ bias)` with W read in its stored format.
+
+* `qmm_kernel`: tensor-core GEMM for large M. It computes `Y.T = W @ X.T`, so the dequantized weight tile is the left
+  `tl.dot` operand: on Hopper only the left wgmma operand may come from registers, which is where the decoded tile is.
+* `qmv_kernel`: small M (Flux's modulation linears run at M = batch): split-K over the weight so enough programs
+  stream it; partial sums meet in an fp32 buffer with atomic adds.
+* `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
+"""
+
+import triton
+import triton.language as tl
+
+from kernels.triton.decode import decode_tile
+
+
+
+
+@triton.jit
+def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, stride_xm, stride_ym,
+               FMT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: consecutive programs share weight tiles while they sit in L2
+    group = pid // (GROUP_N * num_m)
+    first_n = group * GROUP_N
+    group_size = min(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * num_m)) % group_size
+    pid_m = (pid % (GROUP_N * num_m)) // group_size
+
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = n[:, None] * row_bytes
+    n_mask = n[:, None] < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        w = decode_tile(w_ptr, rows, k[None, :], n_mask & k_mask[None, :], FMT, nf4_ptr).to(DOT_DTYPE)
+        x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
+                    mask=(m[:, None] < M) & k_mask[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[:, None]
+    y = y_ptr + m[None, :].to(tl.int64) * stride_ym + n[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(n[:, None] < N) & (m[None, :] < M))
+
+
+@triton.jit
+def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, stride_xm, k_per_split,
+               FMT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
+    tensor-core work nobody waits for, since streaming the weight bounds the time."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    rows = n[:, None] * row_bytes
+    n_mask = n[:, None] < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_start = split * k_per_split
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        w = decode_tile(w_ptr, rows, k[None, :], n_mask & k_mask[None, :], FMT, nf4_ptr).to(DOT_DTYPE)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & k_mask[None, :],
+                    other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.where(split == 0, tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32), 0.0)[:, None]
+    tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=(m[None, :] < M) & (n[:, None] < N))
+
+
+@triton.jit
+def dequant_kernel(w_ptr, out_ptr, nf4_ptr, N, K, row_bytes, FMT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = n[:, None] * row_bytes
+    n_mask = n[:, None] < N
+    mask = n_mask & (k[None, :] < K)
+    w = decode_tile(w_ptr, rows, k[None, :], mask, FMT, nf4_ptr)
+    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
