@@ -29,7 +29,7 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES):
             yield ("dequant", fmt, "fp16", 0, cc)
             for dtype in dtypes:
                 yield ("qmv", fmt, dtype, 0, cc)
-                for i in range(len(GEMM_CONFIGS)):
+                for i in range(len(GEMM_CONFIGS[dtype])):
                     yield ("qmm", fmt, dtype, i, cc)
 
 
@@ -71,7 +71,7 @@ def compile_one(job) -> dict:
         if kernel_name == "qmm":
             kernel = qmatmul.qmm_kernel
             signature["stride_ym"] = "i32"
-            bn, bm, bk, group, num_warps, num_stages = GEMM_CONFIGS[config_index]
+            bn, bm, bk, group, num_warps, num_stages = GEMM_CONFIGS[dtype][config_index]
             constexprs |= dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=group)
         else:
             kernel = qmatmul.qmv_kernel

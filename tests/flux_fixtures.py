@@ -51,9 +51,10 @@ def flux_shapes(hidden=64, heads=2, depth=2, depth_single=2, in_channels=64, con
     return shapes
 
 
-def is_block_weight(name: str, shape) -> bool:
-    """The tensors the published GGUF files quantize: 2-D weights inside double and single blocks."""
-    return name.startswith(("double_blocks.", "single_blocks.")) and name.endswith(".weight") and len(shape) == 2
+def is_block_weight(name: str) -> bool:
+    """The tensors the published GGUF files quantize: the weights inside double and single blocks (all 2-D; the
+    blocks' other parameters are biases and norm scales)."""
+    return name.startswith(("double_blocks.", "single_blocks.")) and name.endswith(".weight")
 
 
 def tiny_flux(seed=0, dtype=torch.bfloat16, **kwargs) -> dict[str, torch.Tensor]:

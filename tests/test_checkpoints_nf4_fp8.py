@@ -18,50 +18,15 @@ from engine.checkpoints import forge_nf4, fp8, load_checkpoint
 from engine.checkpoints.safetensors_file import read_safetensors
 from engine.errors import ModelFileError
 from kernels.qtensor import QTensor
+from tests import flux_fixtures
+from tests.flux_fixtures import is_block_weight
 
-HIDDEN, HEAD_DIM, MLP, CHANNELS, CONTEXT, VEC, TIME = 64, 16, 256, 64, 64, 64, 256
 
 
 def tiny_flux(depth=2, depth_single=1, seed=0) -> dict[str, torch.Tensor]:
     """A complete Flux-dev-shaped transformer (guidance embedding, qkv biases) with tiny dimensions, in bfloat16."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-
-    def linear(name, out_features, in_features):
-        sd[f"{name}.weight"] = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
-        sd[f"{name}.bias"] = (torch.randn(out_features, generator=g) * 0.01).to(torch.bfloat16)
-
-    def norms(prefix):
-        sd[f"{prefix}.query_norm.scale"] = torch.ones(HEAD_DIM, dtype=torch.bfloat16)
-        sd[f"{prefix}.key_norm.scale"] = torch.ones(HEAD_DIM, dtype=torch.bfloat16)
-
-    linear("img_in", HIDDEN, CHANNELS)
-    linear("txt_in", HIDDEN, CONTEXT)
-    for emb, width in (("time_in", TIME), ("guidance_in", TIME), ("vector_in", VEC)):
-        linear(f"{emb}.in_layer", HIDDEN, width)
-        linear(f"{emb}.out_layer", HIDDEN, HIDDEN)
-    for i in range(depth):
-        for stream in ("img", "txt"):
-            p = f"double_blocks.{i}.{stream}"
-            linear(f"{p}_mod.lin", 6 * HIDDEN, HIDDEN)
-            linear(f"{p}_attn.qkv", 3 * HIDDEN, HIDDEN)
-            norms(f"{p}_attn.norm")
-            linear(f"{p}_attn.proj", HIDDEN, HIDDEN)
-            linear(f"{p}_mlp.0", MLP, HIDDEN)
-            linear(f"{p}_mlp.2", HIDDEN, MLP)
-    for i in range(depth_single):
-        p = f"single_blocks.{i}"
-        linear(f"{p}.linear1", 3 * HIDDEN + MLP, HIDDEN)
-        linear(f"{p}.linear2", HIDDEN, HIDDEN + MLP)
-        norms(f"{p}.norm")
-        linear(f"{p}.modulation.lin", 3 * HIDDEN, HIDDEN)
-    linear("final_layer.linear", CHANNELS, HIDDEN)
-    linear("final_layer.adaLN_modulation.1", 2 * HIDDEN, HIDDEN)
-    return sd
-
-
-def is_block_weight(name):
-    return name.endswith(".weight") and name.startswith(("double_blocks.", "single_blocks."))
+    return flux_fixtures.tiny_flux(seed=seed, hidden=64, heads=4, depth=depth, depth_single=depth_single,
+                                   context=64, vec=64)
 
 
 def bnb_linear_state(weight: torch.Tensor, bias: torch.Tensor, compress_statistics: bool) -> dict:

@@ -88,7 +88,7 @@ def test_convert_preset(source, tmp_path, preset):
     for t in reader.tensors:
         source_tensor = tensors[t.name]
         shape = tuple(source_tensor.shape)
-        if is_block_weight(t.name, shape):
+        if is_block_weight(t.name):
             expected_type = qkv if t.name.endswith("attn.qkv.weight") else block
             n_quantized += 1
         else:

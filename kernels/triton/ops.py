@@ -13,14 +13,15 @@ from kernels.triton.qmatmul import dequant_kernel, qmm_kernel, qmv_kernel
 
 SMALL_M = 16  # up to here the weight-streaming split-K kernel runs
 
-# GEMM tiles, (BLOCK_N, BLOCK_M, BLOCK_K, GROUP_N, num_warps, num_stages): the ones that compile without register
-# spills for every format (the per-element decode is register hungry). Shared memory and registers of every entry
-# are checked for sm_80/86/89/90 by tests/test_triton_compile.py and `python -m bench.compile_check`.
-GEMM_CONFIGS = (
+# GEMM tiles per activation dtype, (BLOCK_N, BLOCK_M, BLOCK_K, GROUP_N, num_warps, num_stages): the ones that compile
+# without register spills for every format on sm_80/86/89/90 (the per-element decode is register hungry, fp32 tiles
+# twice so). tests/test_triton_compile.py checks a subset in CI, `python -m bench.compile_check` all of them.
+HALF_CONFIGS = (
     (128, 128, 16, 8, 8, 3),
     (64, 128, 32, 8, 8, 3),
     (64, 64, 16, 8, 4, 4),
 )
+GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16, 8, 4, 4),)}
 GEMV_CONFIG = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
 DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8)
 # The interpreter runs every program in Python: the smallest tiles keep tests fast.
@@ -42,13 +43,14 @@ def _nf4_table(device) -> torch.Tensor:
     return _NF4_TABLES[device]
 
 
-def _gemm_autotuned():
-    configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=g), num_warps=w, num_stages=s)
-               for bn, bm, bk, g, w, s in GEMM_CONFIGS]
-    return triton.autotune(configs, key=["M", "N", "K", "FMT", "DOT_DTYPE"])(qmm_kernel)
+def _gemm_autotuned(configs):
+    return triton.autotune([triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=g), num_warps=w,
+                                          num_stages=s) for bn, bm, bk, g, w, s in configs],
+                           key=["M", "N", "K", "FMT"])(qmm_kernel)
 
 
-_QMM_AUTOTUNED = _gemm_autotuned()
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_QMM_AUTOTUNED = {name: _gemm_autotuned(configs) for name, configs in GEMM_CONFIGS.items()}
 
 
 def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -80,7 +82,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
         qmm_kernel[grid](*args, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **c)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _QMM_AUTOTUNED[grid](*args, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
+        _QMM_AUTOTUNED[DTYPE_NAMES[x.dtype]][grid](*args, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
     return out
 
 

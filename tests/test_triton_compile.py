@@ -1,0 +1,29 @@
+"""Every kernel must compile for the GPUs the files are made for, without register spills and within shared memory.
+
+A representative subset here (each format once on sm_86, the tightest shared-memory budget; every tile config, the
+split-K and dequantize kernels for the heaviest decoders on every architecture); `python -m bench.compile_check` runs
+the full sweep."""
+
+import os
+
+from bench.compile_check import SHARED_LIMIT, problems, run
+from kernels.triton.decode import KERNEL_FORMATS
+from kernels.triton.ops import GEMM_CONFIGS
+
+HEAVY = ("Q4_K", "NF4")  # the most registers in the full sweep
+
+
+def subset():
+    jobs = [("qmm", fmt, "fp16", 0, 86) for fmt in KERNEL_FORMATS]
+    for cc in SHARED_LIMIT:
+        for fmt in HEAVY:
+            jobs += [("qmm", fmt, dtype, i, cc) for dtype in ("bf16", "fp32") for i in range(len(GEMM_CONFIGS[dtype]))]
+            jobs += [("qmv", fmt, "bf16", 0, cc), ("dequant", fmt, "fp16", 0, cc)]
+    return jobs
+
+
+def test_kernels_compile_for_sm80_to_sm90():
+    rows = run(subset(), workers=os.cpu_count() or 1)
+    failures = [(row["kernel"], row["format"], row["dtype"], row["config"], row["cc"], problems(row))
+                for row in rows if problems(row)]
+    assert not failures, failures
