@@ -61,3 +61,28 @@ def tiny_flux(seed=0, dtype=torch.bfloat16, **kwargs) -> dict[str, torch.Tensor]
     generator = torch.Generator().manual_seed(seed)
     return {name: (torch.randn(shape, generator=generator) * 0.05).to(dtype)
             for name, shape in flux_shapes(**kwargs).items()}
+
+
+def diffusers_state_dict(bfl: dict[str, torch.Tensor], hidden: int, mlp: int) -> dict[str, torch.Tensor]:
+    """diffusers' own BFL -> diffusers converter (the independent oracle for names and layouts) on a tiny model.
+
+    The converter hard-codes Flux's sizes when it splits single blocks' linear1 (3072, 3072, 3072, 12288); the
+    `torch` it sees during the call splits with this model's sizes instead, the rest runs unchanged."""
+    import pytest
+
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+    class TinyTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def split(tensor, sizes, dim=0):
+            if isinstance(sizes, (tuple, list)) and tuple(sizes) == (3072, 3072, 3072, 12288):
+                sizes = (hidden, hidden, hidden, mlp)
+            return torch.split(tensor, sizes, dim)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sfu, "torch", TinyTorch())
+        out = sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    return {k: v.contiguous() for k, v in out.items()}

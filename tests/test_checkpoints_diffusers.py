@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from engine.checkpoints import diffusers as dconv, load_checkpoint
 from engine.errors import ModelFileError
 from kernels.qtensor import QTensor
+from tests.flux_fixtures import diffusers_state_dict
 
-sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+pytest.importorskip("diffusers.loaders.single_file_utils")  # the oracle
 
 HIDDEN, HEADS, DEPTH, DEPTH_SINGLE = 64, 2, 2, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -60,25 +61,8 @@ def bfl_state_dict(seed=0) -> dict[str, torch.Tensor]:
     return sd
 
 
-class _TinyTorch:
-    """`torch` as diffusers' converter sees it, except that its single-block split uses this test's sizes: the
-    converter hard-codes Flux's inner dim 3072 (split sizes 3072, 3072, 3072, 12288)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def split(tensor, sizes, dim=0):
-        if isinstance(sizes, (tuple, list)) and tuple(sizes) == (3072, 3072, 3072, 12288):
-            sizes = (HIDDEN, HIDDEN, HIDDEN, MLP)
-        return torch.split(tensor, sizes, dim)
-
-
 def diffusers_convert(bfl: dict) -> dict:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sfu, "torch", _TinyTorch())
-        out = sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
-    return {k: v.contiguous() for k, v in out.items()}
+    return diffusers_state_dict(bfl, HIDDEN, MLP)
 
 
 def diffusers_config() -> dict:

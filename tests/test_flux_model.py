@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from flux_model import Flux, FluxConfig, Modulations
 from kernels import QTensor, get_format
 from kernels.quant_linear import QuantLinear
-from tests.flux_fixtures import flux_shapes, is_block_weight, tiny_flux
+from tests.flux_fixtures import diffusers_state_dict, flux_shapes, is_block_weight, tiny_flux
 
 TINY = dict(hidden=64, heads=2, depth=2, depth_single=2, context=32, vec=16)  # head dim 32, RoPE axes (4, 14, 14)
 QUANT_TINY = dict(hidden=64, heads=2, depth=1, depth_single=1, context=32, vec=16)  # Triton interpreter: keep small
@@ -187,27 +187,6 @@ def test_missing_guidance_is_an_error():
 # ------------------------------------------------------------------------------------------------ oracle 2
 
 
-def diffusers_weights(sd, hidden, mlp):
-    """diffusers' own converter on our BFL dict. It splits single-block linear1 with Flux's hard-coded sizes
-    (3072, 3072, 3072, 12288); the patched `torch` it sees uses this model's sizes instead."""
-    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
-
-    class TinyTorch:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def split(tensor, sizes, dim=0):
-            if isinstance(sizes, (tuple, list)) and tuple(sizes) == (3072, 3072, 3072, 12288):
-                sizes = (hidden, hidden, hidden, mlp)
-            return torch.split(tensor, sizes, dim)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sfu, "torch", TinyTorch())
-        out = sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(sd))
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
 def test_matches_diffusers(guidance):
     pytest.importorskip("diffusers")
@@ -218,7 +197,7 @@ def test_matches_diffusers(guidance):
                                     num_single_layers=TINY["depth_single"], attention_head_dim=32,
                                     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                                     guidance_embeds=guidance, axes_dims_rope=(4, 14, 14))
-    theirs.load_state_dict(diffusers_weights(sd, 64, 256), strict=True)
+    theirs.load_state_dict(diffusers_state_dict(sd, 64, 256), strict=True)
     theirs.eval()
     x = inputs(shared_ids=True)  # diffusers takes one (L, 3) id table for the whole batch
     with torch.no_grad():
