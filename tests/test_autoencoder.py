@@ -3,7 +3,6 @@ LDM/BFL VAE conversion, a plain-torch re-derivation of its blocks, ae.safetensor
 
 import dataclasses
 import math
-import time
 
 import pytest
 import torch
@@ -308,35 +307,24 @@ def test_tiled_constant_latent_has_no_seams(ae):
         assert at_borders_b.max() <= 1.5 * all_b[interior].median() + 1e-3
 
 
-def test_tiled_vs_untiled_difference(record_property, capsys):
+def test_tiled_vs_untiled_difference():
     """Tiles see only local context (GroupNorm statistics and mid-block attention per tile), so tiled != untiled.
     A random tiny model is a harsh case (its outputs are dominated by zero-padding border effects, unlike a trained
-    VAE); the differences are measured and reported, bounded loosely, and must shrink as tiles grow."""
+    VAE), so the bound is loose; the differences must shrink as tiles grow."""
     ae = tiny_ae(seed=5, ch_mult=[1, 2, 2])  # x4 upsampling
     g = torch.Generator().manual_seed(6)
     n = 24
     smooth = F.interpolate(torch.randn(1, 16, 3, 3, generator=g), size=(n, n), mode="bicubic", align_corners=True)
     rough = torch.randn(1, 16, n, n, generator=g)
-    report = {}
     with torch.no_grad():
         for name, z in (("smooth", smooth), ("random", rough)):
-            t0 = time.perf_counter()
             full = ae.decode(z)
-            t1 = time.perf_counter()
             prev = None
             for tile, overlap in ((12, 6), (16, 8), (20, 12)):
                 tiled = ae.decode_tiled(z, tile=tile, overlap=overlap)
                 d = (tiled - full).abs()
                 scale = full.std().item()
-                report[f"{name}_t{tile}_o{overlap}"] = (d.max().item(), d.mean().item(), scale)
                 assert d.mean() < 0.75 * scale, (name, tile, d.mean().item(), scale)
                 if prev is not None:
                     assert d.mean() <= prev * 1.1
                 prev = d.mean().item()
-            report[f"{name}_untiled_s"] = t1 - t0
-    for key, value in report.items():
-        record_property(key, value)
-    with capsys.disabled():
-        print("\ntiled vs untiled (max |d|, mean |d|, std of untiled image):")
-        for key, value in report.items():
-            print(f"  {key}: {value}")
