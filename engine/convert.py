@@ -40,9 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
-import torch
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+# torch's CPU allocator backs large tensors with transparent huge pages when this is set before torch starts; without
+# it the quantizers' big temporaries page-fault afresh in every chunk (a 623M-weight Q4_K_S conversion with 2 workers:
+# 40 s -> 33 s, system time 10.5 s -> 3.9 s). Spawned workers inherit it.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType  # noqa: E402
 
 from engine.errors import ModelFileError
 from kernels import torch_codecs
@@ -121,9 +126,17 @@ def default_workers() -> int:
 
 # ---------------------------------------------------------------------------------------------------------- encoding
 
-def _quantize_chunk(x: np.ndarray, fmt: str) -> np.ndarray:
-    """float32 rows -> uint8 `(rows, row_bytes)`; runs in a worker process or inline."""
-    return torch_codecs.quantize(torch.from_numpy(x), fmt).numpy()
+# 16-bit source rows travel to workers as their raw int16 bits (half the bytes of float32, which pipes and pickling
+# would otherwise spend CPU on) and are widened there, exactly.
+_SIXTEEN_BIT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _quantize_chunk(x: np.ndarray, fmt: str, dtype: str = "float32") -> np.ndarray:
+    """Rows (float32, or the int16 bits of `dtype` bf16/f16) -> uint8 `(rows, row_bytes)`; in a worker or inline."""
+    rows = torch.from_numpy(x)
+    if dtype in _SIXTEEN_BIT:
+        rows = rows.view(_SIXTEEN_BIT[dtype]).float()
+    return torch_codecs.quantize(rows, fmt).numpy()
 
 
 def _init_worker() -> None:
@@ -180,10 +193,15 @@ def encode(items: Iterable[tuple[str, object, str]], pool: cf.ProcessPoolExecuto
             step = max(1, CHUNK_ELEMENTS // n)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                x = _source_rows(source, r0, r1).numpy()
                 if pool is not None and f.family in PARALLEL_FAMILIES:
-                    future = pool.submit(_quantize_chunk, x, fmt)
+                    dtype = str(getattr(source, "dtype", "")).removeprefix("torch.")
+                    if dtype in _SIXTEEN_BIT:
+                        x = source.reshape(-1, n)[r0:r1].view(torch.int16).numpy()
+                    else:
+                        dtype, x = "float32", _source_rows(source, r0, r1).numpy()
+                    future = pool.submit(_quantize_chunk, x, fmt, dtype)
                 else:
+                    x = _source_rows(source, r0, r1).numpy()
                     future = _Done(_call(_quantize_chunk, state, x, fmt))
                 pending.append((state, r0, r1, future))
                 del x

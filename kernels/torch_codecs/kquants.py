@@ -117,9 +117,10 @@ def _const(value, like: torch.Tensor) -> torch.Tensor:
 
 def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
     """Sum over dim 0, adding rows one after another in float32, like ggml's `for (i...) sum += term[i]`."""
-    total = terms[0].clone()
-    for row in terms[1:]:
-        total += row
+    rows = terms.unbind(0)  # one call for all row views: indexing row by row costs more than the adds here
+    total = rows[0].clone()
+    for row in rows[1:]:
+        total.add_(row)
     return total
 
 
@@ -230,17 +231,17 @@ def make_q3_quants(x, nmax):
     sumlx = sequential_sum(wx * L)
     suml2 = sequential_sum(weights * L * L)
     searching = amax >= GROUP_MAX_EPS
+    rows = list(zip(x.unbind(0), weights.unbind(0), wx.unbind(0), L.unbind(0)))
     for _ in range(5):
         changed = torch.zeros_like(searching)
-        for i in range(x.shape[0]):
-            li = L[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - weights[i] * li * li
+        for xi, wi, wxi, li in rows:
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
             # x * sl2 / slx is unbounded here: ggml's exact rounding before the clamp
-            new_l = nearest_int(torch.div(x[i] * sl2, slx)).clamp_(-nmax, nmax - 1).to(torch.float32)
+            new_l = nearest_int(torch.div(xi * sl2, slx)).clamp_(-nmax, nmax - 1).to(torch.float32)
             accept = searching & (slx > 0) & (new_l != li)
-            slx = slx + wx[i] * new_l
-            sl2 = sl2 + weights[i] * new_l * new_l
+            slx = slx + wxi * new_l
+            sl2 = sl2 + wi * new_l * new_l
             accept &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
             torch.where(accept, new_l, li, out=li)
             sumlx = torch.where(accept, slx, sumlx)
