@@ -169,11 +169,15 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     iscale = torch.div(_const(nmax, x), hi - lo)
     scale = torch.div(_const(1, x), iscale)
     codes(iscale, lo)
-    best_error = error(scale, lo)
-    best_iscale, best_origin = iscale, lo
-    for step in range(nstep + 1):
+    # the search's state, one row each, updated together where a guess fits better
+    best_iscale, best_origin, best_error, scale, lo = state = torch.stack(
+        [iscale, lo, error(scale, lo), scale, lo])
+    searchable = ~flat
+    numerators = torch.tensor([np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)
+                               for step in range(nstep + 1)], dtype=torch.float32, device=x.device)
+    for numerator in numerators.unbind(0):
         # ggml moves `min` to each better fit, so later guesses measure from it
-        iscale = torch.div(_const(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + nmax, x), hi - lo)
+        iscale = torch.div(numerator, hi - lo)
         codes(iscale, lo)
         wl = torch.mul(weights, trial, out=moments[:, 0])
         torch.mul(wl, trial, out=moments[:, 1])
@@ -186,12 +190,8 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
         this_scale = torch.where(positive_min, torch.div(sum_xl, sum_l2), this_scale)
         this_min = torch.where(positive_min, 0.0, this_min)
         this_error = error(this_scale, this_min)
-        better = ~flat & (det > 0) & (this_error < best_error)
-        best_iscale = torch.where(better, iscale, best_iscale)
-        best_origin = torch.where(better, lo, best_origin)
-        best_error = torch.where(better, this_error, best_error)
-        scale = torch.where(better, this_scale, scale)
-        lo = torch.where(better, this_min, lo)
+        better = searchable & (det > 0) & (this_error < best_error)
+        torch.where(better, torch.stack([iscale, lo, this_error, this_scale, this_min]), state, out=state)
     L = codes(best_iscale, best_origin)
     return torch.where(flat, 0.0, L), torch.where(flat, 0.0, scale), -lo
 
