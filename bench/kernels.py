@@ -1,14 +1,16 @@
 """`quant_linear` against a dense bf16 matmul and against dequantize-then-matmul, on Flux's real layer shapes.
 
     python -m bench.kernels [--formats Q4_K,Q8_0] [--shapes proj,mlp_in] [--m 1,16,512] [--device cpu|cuda]
-                            [--repeats N] [--csv PATH]
+                            [--repeats N] [--csv PATH] [--write-dispatch]
 
 For every (shape, M, format): `quant_linear(x, W)` (on CUDA the fused Triton kernels, on the CPU the torch
 dequantize + F.linear path), `torch.matmul(x, W_bf16.T)` with a dense bf16 weight of the same shape, and what today's
 tools do, `F.linear(x, W.dequantize(bf16))` on every call; x is bf16 `(M, K)`. All three are measured in the same run;
 the table gives quant_linear's time, TFLOP/s (2·M·N·K / time), GB/s of weight bytes read (QTensor.nbytes / time), and
 its speedup over each of the other two (reference time / quant_linear time: above 1× quant_linear is faster).
-It prints a markdown table and writes the same rows as CSV (default `bench/results/kernels-<device>.csv`).
+It prints a markdown table and writes the same rows as CSV (default `bench/results/kernels-<device>.csv`). On CUDA it
+also times the other Triton method, dequantize into a scratch buffer + torch matmul; `--write-dispatch` stores the
+faster of the two per (format, M bucket) as the GPU's dispatch table (`kernels.dispatch`), which quant_linear follows.
 
 Timing: on CUDA the median of `--repeats` calls timed with CUDA events, each after an L2 flush, and after warm-up calls
 (the first of which compiles the Triton kernel and runs the autotuner's tuning for that shape, outside the timings);
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 from kernels.formats import get_format
 from kernels.qtensor import QTensor
+from kernels import dispatch
 from kernels.quant_linear import _use_triton, quant_linear
 
 # Flux.1's Linear layers, name -> (K in, N out)
@@ -68,6 +71,7 @@ COLUMNS = (  # (table header, CSV / row key)
     ("GB/s (weight)", "weight_gbps"),
     ("bf16 matmul (ms)", "bf16_ms"),
     ("dequant+matmul (ms)", "dequant_ms"),
+    ("triton dequant+matmul (ms)", "scratch_ms"),
     ("vs bf16 matmul", "speedup_vs_bf16"),
     ("vs dequant+matmul", "speedup_vs_dequant"),
 )
@@ -179,11 +183,18 @@ def bench_rows(formats: list[str], shapes: list[tuple[str, int, int]], ms: list[
                 if device.type == "cuda" and not path.startswith("triton gem"):
                     raise RuntimeError(f"{fmt} {label} M={M}: quant_linear takes the {path} path on CUDA, not Triton")
                 dequant_ms = measure(lambda: F.linear(x, weight.dequantize(DTYPE)), device, repeats)
-                fused_ms = measure(lambda: quant_linear(x, weight), device, repeats)
+                scratch_ms = None
+                if path.startswith("triton"):  # both Triton methods, whatever a dispatch table says
+                    from kernels.triton.ops import dequant_matmul_triton, quant_linear_triton
+
+                    fused_ms = measure(lambda: quant_linear_triton(x, weight, None), device, repeats)
+                    scratch_ms = measure(lambda: dequant_matmul_triton(x, weight, None), device, repeats)
+                else:
+                    fused_ms = measure(lambda: quant_linear(x, weight), device, repeats)
                 yield dict(format=fmt, shape=label, K=K, N=N, M=M, path=path, ms=fused_ms,
                            tflops=2 * M * N * K / (fused_ms * 1e-3) / 1e12,
                            weight_gbps=weight.nbytes / (fused_ms * 1e-3) / 1e9,
-                           bf16_ms=bf16_ms, dequant_ms=dequant_ms,
+                           bf16_ms=bf16_ms, dequant_ms=dequant_ms, scratch_ms=scratch_ms,
                            speedup_vs_bf16=bf16_ms / fused_ms, speedup_vs_dequant=dequant_ms / fused_ms)
         del weights, dense
 
@@ -248,6 +259,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, help=f"timed calls per measurement (default: CUDA {CUDA_REPEATS}, "
                         f"median; CPU {CPU_DEFAULTS['repeats']}, best of)")
     parser.add_argument("--csv", type=Path, help="CSV output (default: bench/results/kernels-<device>.csv)")
+    parser.add_argument("--write-dispatch", action="store_true",
+                        help="CUDA: store the faster Triton method per (format, M bucket) as this GPU's dispatch table "
+                             "(kernels/dispatch_tables/), which quant_linear then follows")
     parser.add_argument("--allow-interpreter", action="store_true",
                         help="for the test suite only: run under TRITON_INTERPRET=1 (timings meaningless)")
     args = parser.parse_args(argv)
@@ -261,6 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--device cuda: no CUDA device available")
     device = torch.device(device_name)
     on_cuda = device.type == "cuda"
+    if args.write_dispatch and not on_cuda:
+        parser.error("--write-dispatch measures the Triton methods: it needs --device cuda")
     try:
         formats = _list(args.formats) if args.formats else list(KERNEL_FORMATS if on_cuda else CPU_DEFAULTS["formats"])
         for fmt in formats:
@@ -298,7 +314,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(line)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     keys = ["format", "shape", "K", "N", "M", "path", "ms", "tflops", "weight_gbps", "bf16_ms", "dequant_ms",
-            "speedup_vs_bf16", "speedup_vs_dequant", "device"]
+            "scratch_ms", "speedup_vs_bf16", "speedup_vs_dequant", "device"]
     rows = []
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
@@ -309,8 +325,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
             writer.writerow({**row, "device": torch.cuda.get_device_name(device) if on_cuda else "cpu"})
             handle.flush()
     print(f"\nCSV: {csv_path}")
+    if args.write_dispatch:
+        name = torch.cuda.get_device_name(device)
+        path = dispatch.write_table(name, dispatch_methods(rows), "python -m bench.kernels " + " ".join(argv or []))
+        print(f"dispatch table for {name}: {path}")
     return rows
 
+
+def dispatch_methods(rows: list[dict]) -> dict[str, str]:
+    """Per (format, M bucket), the Triton method with the smaller total time over the measured shapes."""
+    totals: dict[str, tuple[float, float]] = {}
+    for row in rows:
+        if row["scratch_ms"] is not None:
+            key = f"{row['format']}@{dispatch.m_bucket(row['M'])}"
+            fused, scratch = totals.get(key, (0.0, 0.0))
+            totals[key] = (fused + row["ms"], scratch + row["scratch_ms"])
+    return {key: "fused" if fused <= scratch else "dequant_matmul" for key, (fused, scratch) in totals.items()}
 
 if __name__ == "__main__":
     main()

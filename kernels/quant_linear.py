@@ -17,8 +17,9 @@ def _use_triton(x: torch.Tensor, weight: QTensor) -> bool:
 def quant_linear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for any leading dims of `x` (fp16, bf16 or fp32), `W` a 2-D QTensor.
 
-    CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the fused Triton kernels; otherwise the weight is
-    dequantized with the torch codecs and multiplied with torch.
+    CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run Triton: the fused kernels, or dequantize-into-scratch
+    + torch matmul where the GPU's measured dispatch table says that is faster (`kernels.dispatch`); otherwise the
+    weight is dequantized with the torch codecs and multiplied with torch.
     """
     if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quant_linear: x {tuple(x.shape)} does not match weight {list(weight.shape)}")
@@ -26,10 +27,14 @@ def quant_linear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = N
         raise ValueError(f"quant_linear: activations must be fp16, bf16 or fp32, got {x.dtype}")
     if not _use_triton(x, weight):
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
-    from kernels.triton.ops import quant_linear_triton
+    from kernels.dispatch import method_for
+    from kernels.triton.ops import dequant_matmul_triton, quant_linear_triton
 
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    y = quant_linear_triton(x2d, weight, bias)
+    if method_for(weight.format, x2d.shape[0], x.device) == "dequant_matmul":
+        y = dequant_matmul_triton(x2d, weight, bias)
+    else:
+        y = quant_linear_triton(x2d, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

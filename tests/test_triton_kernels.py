@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import QTensor, reference
+from kernels import QTensor, dispatch, reference
 from kernels.quant_linear import QuantLinear, quant_linear
 from kernels.triton.decode import KERNEL_FORMATS
-from kernels.triton.ops import dequantize_triton, interpreting, quant_linear_triton
+from kernels.triton.ops import dequant_matmul_triton, dequantize_triton, interpreting, quant_linear_triton
 
 pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
@@ -62,3 +62,37 @@ def test_quant_linear_dispatch_and_module():
         quant_linear(torch.randn(3, K + 1).to(DEVICE), weight)
     with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
         quant_linear(torch.ones(3, K, dtype=torch.float64).to(DEVICE), weight)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q8_0", "NF4"])
+def test_dequantize_into_scratch_then_matmul(fmt):
+    weight, dense = quantized_weight(fmt)
+    x = torch.randn(5, K)
+    bias = torch.randn(N)
+    y = dequant_matmul_triton(x.to(DEVICE), weight, bias.to(DEVICE))
+    expected = x.double() @ dense.double().T + bias.double()
+    assert (y.double().cpu() - expected).norm() / expected.norm() < 1e-3
+    small, _ = quantized_weight("Q4_0")  # the scratch buffer is reused for a smaller weight
+    assert dequant_matmul_triton(x.to(DEVICE), small, None).shape == (5, N)
+
+
+def test_quant_linear_follows_the_measured_dispatch_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(dispatch, "TABLE_DIR", tmp_path)
+    dispatch.write_table("Fake GPU 80GB", {"Q4_K@16": "dequant_matmul", "Q4_K@512": "fused"}, "test")
+    assert dispatch.table_path("Fake GPU 80GB").name == "fake-gpu-80gb.json"
+    # buckets: M=1 -> 1 (no entry), 3 and 16 -> 16, 17 -> 512, 9000 -> 4096 (no entry)
+    assert [dispatch.method("Q4_K", M, "Fake GPU 80GB") for M in (1, 3, 16, 17, 9000)] == [
+        "fused", "dequant_matmul", "dequant_matmul", "fused", "fused"]
+    assert dispatch.method("Q8_0", 16, "Fake GPU 80GB") == "fused"  # formats without an entry: fused
+    assert dispatch.method("Q4_K", 16, "Unmeasured GPU") == "fused"
+    with pytest.raises(ValueError, match="unknown dispatch methods"):
+        dispatch.write_table("Fake GPU 80GB", {"Q4_K@16": "cublas"}, "test")
+
+    weight, dense = quantized_weight("Q4_K")
+    calls = []
+    monkeypatch.setattr(dispatch, "method_for", lambda fmt, M, device: calls.append((fmt, M)) or "dequant_matmul")
+    x = torch.randn(4, K).to(DEVICE)
+    y = quant_linear(x, weight)
+    assert calls == [("Q4_K", 4)]
+    expected = x.double().cpu() @ dense.double().T
+    assert (y.double().cpu() - expected).norm() / expected.norm() < 1e-3

@@ -86,12 +86,26 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
     return out
 
 
-def dequantize_triton(weight: QTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The whole weight as a dense `(rows, K)` tensor of `dtype`."""
+def dequantize_triton(weight: QTensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole weight as a dense `(rows, K)` tensor of `dtype` (written into `out` when given)."""
     rows, K = weight.raw.shape[0], weight.shape[-1]
-    out = torch.empty((rows, K), dtype=dtype, device=weight.device)
+    if out is None:
+        out = torch.empty((rows, K), dtype=dtype, device=weight.device)
     cfg = DEQUANT_CONFIG
     grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
     dequant_kernel[grid](weight.raw, out, _nf4_table(weight.device), rows, K, weight.raw.shape[1],
                          FMT=FORMAT_IDS[weight.format], **cfg)
     return out
+
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def dequant_matmul_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Decode the weight into one reusable scratch buffer per (device, dtype), then torch's matmul."""
+    N, K = weight.shape
+    key = (x.device, x.dtype)
+    if key not in _SCRATCH or _SCRATCH[key].numel() < N * K:
+        _SCRATCH[key] = torch.empty(N * K, dtype=x.dtype, device=x.device)
+    dense = dequantize_triton(weight, x.dtype, out=_SCRATCH[key][:N * K].view(N, K))
+    return torch.nn.functional.linear(x, dense, bias)
