@@ -383,3 +383,17 @@ def test_from_checkpoint_errors():
         Flux.from_checkpoint(sd | {"double_blocks.0.txt_mlp.0.weight": QTensor.quantize(torch.zeros(256, 32), "Q8_0")})
     with pytest.raises(ValueError, match=r"img_mlp\.0\.bias: shape \(255,\)"):
         Flux.from_checkpoint(sd | {"double_blocks.0.img_mlp.0.bias": torch.zeros(255)})
+
+
+def test_from_checkpoint_keeps_a_gguf_mapped(tmp_path):
+    """Building the model from a GGUF copies no quantized bytes: resident memory grows by far less than the file."""
+    from tests.test_checkpoints import rss_bytes, write_city96_gguf
+
+    path = tmp_path / "flux.gguf"
+    write_city96_gguf(path, tiny_flux(hidden=512, heads=4, depth=2, depth_single=4, context=256, vec=256), "Q8_0",
+                      "F16")
+    size = path.stat().st_size
+    before = rss_bytes()
+    model = Flux.from_checkpoint(path, device="cpu", dtype=torch.bfloat16)
+    assert rss_bytes() - before < size / 4
+    assert isinstance(model.double_blocks[0].img_attn.qkv, QuantLinear)
