@@ -173,3 +173,18 @@ def test_dequantize_reads_unaligned_and_strided_bytes(name):
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_k_quant_search_without_a_compiler_falls_back_to_eager(monkeypatch):
+    from kernels.torch_codecs import kquants
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kquants, "_COMPILED_STEP", [])
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    x = data("heavy_tailed", 512, seed=3)
+    with pytest.warns(UserWarning, match="torch.compile is unavailable"):
+        raw = torch_codecs.quantize(torch.from_numpy(x), "Q4_K")
+    assert kquants._COMPILED_STEP == [kquants._qkx2_step]
+    assert np.array_equal(raw.numpy(), reference.quantize(x, "Q4_K"))
