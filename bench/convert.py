@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from engine.convert import CHUNK_ELEMENTS, PRESETS, default_workers, encode, worker_pool
+from engine.convert import CHUNK_ELEMENTS, PRESETS, _quantize_chunk, default_workers, encode, worker_pool
 from kernels.formats import get_format
 
 DEFAULT_SHAPES = "3072x3072,3072x12288,12288x3072,3072x9216"
@@ -49,8 +49,11 @@ def quantized_types() -> list[str]:
     return seen
 
 
-def _started(seconds: float) -> int:
-    """Runs in a worker: keep it busy a moment so that the pool has to start the next one."""
+def _warmed(fmt: str, seconds: float) -> int:
+    """Runs in a worker: quantize a little `fmt` (the first K-quant call compiles its search step, seconds that a
+    whole conversion pays once and a short measurement must not), then stay busy so the next task goes to another
+    worker."""
+    _quantize_chunk(np.random.default_rng(0).standard_normal((8, 3072), dtype=np.float32), fmt)
     time.sleep(seconds)
     return os.getpid()
 
@@ -92,8 +95,10 @@ def main(argv=None) -> None:
 
     pool = worker_pool(args.workers)
     try:
-        if pool is not None:  # workers start on demand: get all of them running (torch imported) before timing
-            assert len(set(pool.map(_started, [0.5] * args.workers))) == args.workers
+        for fmt in types:  # start every worker and compile what the measurements use before timing anything
+            _warmed(fmt, 0.0)
+            if pool is not None:
+                assert len(set(pool.map(_warmed, [fmt] * args.workers, [0.5] * args.workers))) == args.workers
         print(f"# `python -m bench.convert`: row chunks of ~{CHUNK_ELEMENTS / 1e6:.2f}M weights, {chunks} chunks per "
               f"measurement, 1 process (1 torch thread) vs {args.workers} workers (spawned, 1 thread each)\n")
         print(f"| type | shape (out×in) | rows measured | 1 process M w/s | {args.workers} workers M w/s | ratio |")
