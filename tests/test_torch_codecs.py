@@ -181,10 +181,10 @@ def test_k_quant_search_without_a_compiler_falls_back_to_eager(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(kquants, "_COMPILED_STEP", [])
+    monkeypatch.setattr(kquants, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", no_compiler)
     x = data("heavy_tailed", 512, seed=3)
     with pytest.warns(UserWarning, match="torch.compile is unavailable"):
         raw = torch_codecs.quantize(torch.from_numpy(x), "Q4_K")
-    assert kquants._COMPILED_STEP == [kquants._qkx2_step]
+    assert kquants._COMPILED[kquants._qkx2_step] is kquants._qkx2_step
     assert np.array_equal(raw.numpy(), reference.quantize(x, "Q4_K"))

@@ -174,29 +174,35 @@ def _qkx2_step(x, weights, sum_w, sum_x, hi, lo, numerator, nmax: int, use_mad: 
     return iscale, this_scale, this_min, error, det
 
 
-_COMPILED_STEP = []  # [] untried, [fn] compiled, [None] unavailable
+_COMPILED: dict = {}  # function -> its compiled form, or itself where torch.compile is unavailable
 
 
-def _search_step(device: torch.device):
-    """`_qkx2_step` as run on `device`. On the CPU it is compiled by torch.compile into fused C++ loops: inductor
-    builds with -ffp-contract=off and without unsafe math, so the float32 operations and their order are the eager
-    ones and the bytes the same (the tests compare with the numpy reference); it runs ~3x faster than ~100 eager ops
-    per guess. Without a working C++ compiler, and on GPUs, the eager function runs."""
+def _on_device(fn, device: torch.device):
+    """`fn` as run on `device`. On the CPU it is compiled by torch.compile into fused C++ loops: inductor builds with
+    -ffp-contract=off and without unsafe math, so the float32 operations and their order are the eager ones and the
+    bytes the same (the tests compare with the numpy reference), 2-3x faster than dozens of eager ops per guess.
+    Without a working C++ compiler (found out at the first call), and on GPUs, the eager function runs."""
     if device.type != "cpu":
-        return _qkx2_step
-    if not _COMPILED_STEP:
-        try:
-            step = torch.compile(_qkx2_step, dynamic=True)
-            probe = torch.ones(2, 3)
-            step(probe, probe, probe[0], probe[0], probe[0] + 1, probe[0] * 0, torch.tensor(3.0), 3, False)
-            _COMPILED_STEP.append(step)
-        except Exception as e:  # no C++ toolchain or an unsupported platform: correct, only slower
-            import warnings
+        return fn
+    if fn not in _COMPILED:
+        def first_call(*args):
+            if _COMPILED[fn] is not first_call:  # resolved by an earlier call
+                return _COMPILED[fn](*args)
+            try:
+                compiled = torch.compile(fn, dynamic=True)
+                result = compiled(*args)
+            except Exception as e:  # no C++ toolchain or an unsupported platform: correct, only slower
+                import warnings
 
-            warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}: {e}); K-quant quantization runs "
-                          f"eagerly, about 3x slower (a C++ compiler makes it fast)")
-            _COMPILED_STEP.append(_qkx2_step)
-    return _COMPILED_STEP[0]
+                warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}: {e}); K-quant quantization "
+                              f"runs eagerly, about 2x slower (a C++ compiler makes it fast)")
+                _COMPILED[fn] = fn
+                return fn(*args)
+            _COMPILED[fn] = compiled
+            return result
+
+        _COMPILED[fn] = first_call
+    return _COMPILED[fn]
 
 
 def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
@@ -210,7 +216,7 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     flat = hi == lo
     sum_w = sequential_sum(weights)
     sum_x = sequential_sum(weights * x)
-    step = _search_step(x.device)
+    step = _on_device(_qkx2_step, x.device)
 
     iscale = torch.div(_const(nmax, x), hi - lo)
     scale = torch.div(_const(1, x), iscale)
@@ -233,28 +239,32 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     return torch.where(flat, 0.0, L), torch.where(flat, 0.0, scale), -lo
 
 
+def _qx_trial(x, weights, wx, iscale, nmax: int):
+    """make_qx_quants' codes for one scale guess and their sums (sum w*x*l, sum w*l*l)."""
+    L = torch.clamp(torch.round(x * iscale), -nmax, nmax - 1)  # |x * iscale| <= nmax + 1: round == nearest_int
+    return _sequential_sums(wx * L, weights * L * L)
+
+
 def make_qx_quants(x, nmax):
-    """Symmetric codes with weights x² (ggml's rmse_type 1): returns (float codes + nmax, scale)."""
+    """Symmetric codes with weights x² (ggml's rmse_type 1): returns (float codes + nmax, scale).
+
+    Like make_qkx2_quants it keeps the best guess's iscale and recomputes its codes once at the end."""
     amax, signed_max = first_absmax(x)
     weights = x * x
     wx = weights * x
-    moments = x.new_empty((x.shape[0], 2) + x.shape[1:])
-
-    def trial(iscale):
-        L = torch.mul(x, iscale).round_().clamp_(-nmax, nmax - 1)  # |x * iscale| <= nmax + 1
-        torch.mul(wx, L, out=moments[:, 0])
-        torch.mul(weights, L, out=moments[:, 1]).mul_(L)
-        return L, *sequential_sum(moments)
-
-    L, sumlx, suml2 = trial(torch.div(_const(-nmax, x), signed_max))
+    trial = _on_device(_qx_trial, x.device)
+    best_iscale = torch.div(_const(-nmax, x), signed_max)
+    sumlx, suml2 = trial(x, weights, wx, best_iscale, nmax)
     scale = torch.where(suml2 != 0, torch.div(sumlx, suml2), 0.0)
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        candidate, sumlx, suml2 = trial(torch.div(_const(-(np.float32(nmax) + np.float32(0.1) * step), x), signed_max))
+        iscale = torch.div(_const(-(np.float32(nmax) + np.float32(0.1) * step), x), signed_max)
+        sumlx, suml2 = trial(x, weights, wx, iscale, nmax)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        torch.where(better, candidate, L, out=L)
+        best_iscale = torch.where(better, iscale, best_iscale)
         scale = torch.where(better, torch.div(sumlx, suml2), scale)
         best = torch.where(better, scale * sumlx, best)
+    L = torch.clamp(torch.round(x * best_iscale), -nmax, nmax - 1)
     zero = amax < GROUP_MAX_EPS
     return torch.where(zero, 0.0, L + nmax), torch.where(zero, 0.0, scale)
 
