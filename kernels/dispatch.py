@@ -39,10 +39,16 @@ def method(fmt: str, M: int, device_name: str) -> str:
     return load_table(device_name).get(f"{fmt}@{m_bucket(M)}", "fused")
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
 def method_for(fmt: str, M: int, device: torch.device) -> str:
+    """The method for one quant_linear call (on its hot path: the device's name is looked up once)."""
     if device.type != "cuda":
         return "fused"
-    return method(fmt, M, torch.cuda.get_device_name(device))
+    return method(fmt, M, _device_name(device))
 
 
 def write_table(device_name: str, methods: dict[str, str], source: str) -> Path:

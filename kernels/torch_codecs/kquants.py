@@ -6,7 +6,7 @@ Results agree with the reference bit for bit: every float32 operation is the ref
 
 The quantizers are written for throughput while staying byte-identical to the reference: codes stay float32 during
 the scale searches, large intermediates live in buffers reused across search steps, sums are explicit row-by-row
-adds (ggml's sequential float32 order; torch's own `sum` is cascaded), and every divisor is a tensor (see `divide`).
+adds (ggml's sequential float32 order, `sequential_sums`), and every divisor is a tensor (see `divide`).
 """
 
 from __future__ import annotations
@@ -115,15 +115,6 @@ def _const(value, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(np.float32(value)), dtype=torch.float32, device=like.device)
 
 
-def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0, adding rows one after another in float32, like ggml's `for (i...) sum += term[i]`."""
-    rows = terms.unbind(0)  # one call for all row views: indexing row by row costs more than the adds here
-    total = rows[0].clone()
-    for row in rows[1:]:
-        total.add_(row)
-    return total
-
-
 def nearest_int(values: torch.Tensor) -> torch.Tensor:
     """ggml's `nearest_int` bit trick, exactly (also for the huge values it wraps), as int32."""
     shifted = (values + 12582912.0).view(torch.int32)
@@ -147,13 +138,21 @@ def _qkx2_codes(x, origin, iscale, nmax):
     return torch.clamp(torch.round((x - origin) * iscale), 0, nmax)
 
 
-def _sequential_sums(*terms):
-    """`sequential_sum` of several `(n, ...)` tensors in one loop, written out-of-place: under torch.compile the adds
-    fuse into one pass over the rows, in order."""
+def sequential_sums(*terms):
+    """Sums over dim 0 of each `(n, ...)` tensor, adding rows one after another in float32 like ggml's
+    `for (i...) sum += term[i]` (torch's own `sum` is cascaded). One loop for all terms, out-of-place, so that under
+    torch.compile the adds fuse into a single pass over the rows, in order."""
     totals = [t[0] for t in terms]
     for i in range(1, terms[0].shape[0]):
         totals = [total + t[i] for total, t in zip(totals, terms)]
     return totals
+
+
+def _qkx2_error(x, weights, trial, scale, min_, use_mad: bool):
+    """Weighted error of `scale * trial + min` against x, summed per sub-block as ggml does (|d| or d² per element)."""
+    diff = trial * scale + min_ - x
+    (error,) = sequential_sums(weights * (diff.abs() if use_mad else diff * diff))
+    return error
 
 
 def _qkx2_step(x, weights, sum_w, sum_x, hi, lo, numerator, nmax: int, use_mad: bool):
@@ -162,16 +161,14 @@ def _qkx2_step(x, weights, sum_w, sum_x, hi, lo, numerator, nmax: int, use_mad: 
     iscale = torch.div(numerator, hi - lo)
     trial = _qkx2_codes(x, lo, iscale, nmax)
     wl = weights * trial
-    sum_l, sum_l2, sum_xl = _sequential_sums(wl, wl * trial, wl * x)
+    sum_l, sum_l2, sum_xl = sequential_sums(wl, wl * trial, wl * x)
     det = sum_w * sum_l2 - sum_l * sum_l
     this_scale = torch.div(sum_w * sum_xl - sum_x * sum_l, det)
     this_min = torch.div(sum_l2 * sum_x - sum_l * sum_xl, det)
     positive_min = this_min > 0
     this_scale = torch.where(positive_min, torch.div(sum_xl, sum_l2), this_scale)
     this_min = torch.where(positive_min, 0.0, this_min)
-    diff = trial * this_scale + this_min - x
-    (error,) = _sequential_sums(weights * (diff.abs() if use_mad else diff * diff))
-    return iscale, this_scale, this_min, error, det
+    return iscale, this_scale, this_min, _qkx2_error(x, weights, trial, this_scale, this_min, use_mad), det
 
 
 _COMPILED: dict = {}  # function -> its compiled form, or itself where torch.compile is unavailable
@@ -214,18 +211,14 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     lo = x.amin(dim=0).clamp_(max=0)
     hi = x.amax(dim=0)
     flat = hi == lo
-    sum_w = sequential_sum(weights)
-    sum_x = sequential_sum(weights * x)
+    sum_w, sum_x = sequential_sums(weights, weights * x)
     step = _on_device(_qkx2_step, x.device)
 
     iscale = torch.div(_const(nmax, x), hi - lo)
     scale = torch.div(_const(1, x), iscale)
-    trial = _qkx2_codes(x, lo, iscale, nmax)
-    diff = (trial * scale).add_(lo).sub_(x)
-    diff.abs_() if use_mad else diff.mul_(diff)
+    error = _qkx2_error(x, weights, _qkx2_codes(x, lo, iscale, nmax), scale, lo, use_mad)
     # the search's state, one row each, updated together where a guess fits better
-    best_iscale, best_origin, best_error, scale, lo = state = torch.stack(
-        [iscale, lo, sequential_sum(diff.mul_(weights)), scale, lo])
+    best_iscale, best_origin, best_error, scale, lo = state = torch.stack([iscale, lo, error, scale, lo])
     searchable = ~flat
     numerators = torch.tensor([np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax)
                                for i in range(nstep + 1)], dtype=torch.float32, device=x.device)
@@ -242,7 +235,7 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
 def _qx_trial(x, weights, wx, iscale, nmax: int):
     """make_qx_quants' codes for one scale guess and their sums (sum w*x*l, sum w*l*l)."""
     L = torch.clamp(torch.round(x * iscale), -nmax, nmax - 1)  # |x * iscale| <= nmax + 1: round == nearest_int
-    return _sequential_sums(wx * L, weights * L * L)
+    return sequential_sums(wx * L, weights * L * L)
 
 
 def make_qx_quants(x, nmax):
@@ -275,8 +268,7 @@ def make_q3_quants(x, nmax):
     weights = x * x
     wx = weights * x
     L = torch.mul(torch.div(_const(-nmax, x), signed_max), x).round_().clamp_(-nmax, nmax - 1)
-    sumlx = sequential_sum(wx * L)
-    suml2 = sequential_sum(weights * L * L)
+    sumlx, suml2 = sequential_sums(wx * L, weights * L * L)
     searching = amax >= GROUP_MAX_EPS
     rows = list(zip(x.unbind(0), weights.unbind(0), wx.unbind(0), L.unbind(0)))
     for _ in range(5):
@@ -398,7 +390,8 @@ def _quantize_q45_k(x, nmax, rmin, nstep):
     nb = x.shape[0]
     cols = _sub_blocks(x, 32)
     # torch's float32 sqrt is not always correctly rounded on CPU; sqrt in float64 rounded once to float32 is
-    av_x = torch.sqrt(torch.div(sequential_sum(cols * cols), _const(32, x)).double()).float()
+    (sum_x2,) = sequential_sums(cols * cols)
+    av_x = torch.sqrt(torch.div(sum_x2, _const(32, x)).double()).float()
     L, scales, mins = make_qkx2_quants(cols, cols.abs().add_(av_x), nmax, rmin, 0.1, nstep, False)
     L = _from_sub_blocks(L, nb)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +28,9 @@ GEMV_CONFIG = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_st
 DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8)
 # The interpreter runs every program in Python: the smallest tiles keep tests fast.
 INTERPRETER_GEMM = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, GROUP_N=4)
-DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# activation dtype -> (its name in GEMM_CONFIGS, the tl.dot operand type)
+DTYPES = {torch.float16: ("fp16", tl.float16), torch.bfloat16: ("bf16", tl.bfloat16),
+          torch.float32: ("fp32", tl.float32)}
 
 
 def interpreting() -> bool:
@@ -43,13 +47,17 @@ def _nf4_table(device) -> torch.Tensor:
     return _NF4_TABLES[device]
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _gemm_autotuned(configs):
     return triton.autotune([triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=g), num_warps=w,
                                           num_stages=s) for bn, bm, bk, g, w, s in configs],
                            key=["M", "N", "K", "FMT"])(qmm_kernel)
 
 
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _QMM_AUTOTUNED = {name: _gemm_autotuned(configs) for name, configs in GEMM_CONFIGS.items()}
 
 
@@ -58,7 +66,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
     M, K = x.shape
     N = weight.shape[0]
     fmt = FORMAT_IDS[weight.format]
-    dot_dtype = DOT_DTYPES[x.dtype]
+    dtype_name, dot_dtype = DTYPES[x.dtype]
     has_bias = bias is not None
     bias_arg = bias if has_bias else x
     table = _nf4_table(x.device)
@@ -67,7 +75,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
         cfg = GEMV_CONFIG
         k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
         n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-        sms = 8 if interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = 8 if interpreting() else _multiprocessors(x.device)
         splits = max(1, min(k_tiles, (4 * sms) // n_tiles))  # enough programs to keep every SM streaming
         k_per_split = triton.cdiv(k_tiles, splits) * cfg["BLOCK_K"]
         grid = (n_tiles, triton.cdiv(K, k_per_split))
@@ -82,7 +90,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
         qmm_kernel[grid](*args, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **c)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _QMM_AUTOTUNED[DTYPE_NAMES[x.dtype]][grid](*args, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
+        _QMM_AUTOTUNED[dtype_name][grid](*args, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
     return out
 
 
