@@ -43,6 +43,10 @@ class AutoEncoderParams:
     z_channels: int = 16
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
+    # GroupNorm groups. FLUX has 32 groups of 4+ channels; a small demo autoencoder (ch 32) needs fewer groups, else
+    # each group is one channel and a flat colour normalises to zero. Not in the tensor shapes: files that differ
+    # from 32 say so in their safetensors metadata ("norm_groups").
+    norm_groups: int = 32
 
 
 FLUX_AE_PARAMS = AutoEncoderParams()
@@ -63,17 +67,17 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return GroupNorm32(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return GroupNorm32(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions, 1x1 convs for q/k/v/proj_out, residual."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, groups: int = 32):
         super().__init__()
         self.in_channels = in_channels
-        self.norm = _norm(in_channels)
+        self.norm = _norm(in_channels, groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -93,13 +97,13 @@ class AttnBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int | None = None):
-        super().__init__()
+    def __init__(self, in_channels: int, out_channels: int | None = None, groups: int = 32):
         out_channels = in_channels if out_channels is None else out_channels
+        super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
@@ -133,7 +137,7 @@ class Upsample(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(self, resolution: int, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int,
-                 z_channels: int):
+                 z_channels: int, groups: int = 32):
         super().__init__()
         self.ch, self.num_resolutions, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         self.resolution, self.in_channels = resolution, in_channels
@@ -146,7 +150,7 @@ class Encoder(nn.Module):
             block_in = ch * in_ch_mult[i_level]
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out))
+                block.append(ResnetBlock(block_in, block_out, groups))
                 block_in = block_out
             down = nn.Module()
             down.block = block
@@ -155,10 +159,10 @@ class Encoder(nn.Module):
                 down.downsample = Downsample(block_in)
             self.down.append(down)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in)
-        self.norm_out = _norm(block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = AttnBlock(block_in, groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, groups)
+        self.norm_out = _norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -174,7 +178,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(self, ch: int, out_ch: int, ch_mult: list[int], num_res_blocks: int, in_channels: int,
-                 resolution: int, z_channels: int):
+                 resolution: int, z_channels: int, groups: int = 32):
         super().__init__()
         self.ch, self.num_resolutions, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         self.resolution, self.in_channels = resolution, in_channels
@@ -182,15 +186,15 @@ class Decoder(nn.Module):
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = AttnBlock(block_in, groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, groups)
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
             block = nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out))
+                block.append(ResnetBlock(block_in, block_out, groups))
                 block_in = block_out
             up = nn.Module()
             up.block = block
@@ -198,7 +202,7 @@ class Decoder(nn.Module):
             if i_level != 0:
                 up.upsample = Upsample(block_in)
             self.up.insert(0, up)  # up[0] is the full-resolution level, as in BFL's files
-        self.norm_out = _norm(block_in)
+        self.norm_out = _norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -258,10 +262,11 @@ class AutoEncoder(nn.Module):
         self.params = params
         self.encoder = Encoder(resolution=params.resolution, in_channels=params.in_channels, ch=params.ch,
                                ch_mult=list(params.ch_mult), num_res_blocks=params.num_res_blocks,
-                               z_channels=params.z_channels)
+                               z_channels=params.z_channels, groups=params.norm_groups)
         self.decoder = Decoder(resolution=params.resolution, in_channels=params.in_channels, ch=params.ch,
                                out_ch=params.out_ch, ch_mult=list(params.ch_mult),
-                               num_res_blocks=params.num_res_blocks, z_channels=params.z_channels)
+                               num_res_blocks=params.num_res_blocks, z_channels=params.z_channels,
+                               groups=params.norm_groups)
         self.sample_z = sample_z
         self.scale_factor = params.scale_factor
         self.shift_factor = params.shift_factor
@@ -348,12 +353,16 @@ class AutoEncoder(nn.Module):
         every key is stripped). `params` defaults to the architecture read off the tensor shapes, with FLUX's
         scale/shift. Missing, unexpected or mis-shaped tensors raise ModelFileError."""
         path = Path(path)
-        tensors, _ = read_safetensors(path)
+        tensors, metadata = read_safetensors(path)
         for prefix in ("first_stage_model.", "vae."):
             if tensors and all(k.startswith(prefix) for k in tensors):
                 tensors = {k[len(prefix):]: v for k, v in tensors.items()}
         if params is None:
             params = infer_params(tensors, path)
+            try:
+                params.norm_groups = int(metadata.get("norm_groups", params.norm_groups))
+            except ValueError:
+                raise ModelFileError(path, f"metadata norm_groups={metadata['norm_groups']!r} is not an integer") from None
         with torch.device("meta"):
             model = cls(params)
         expected = {k: v.shape for k, v in model.state_dict().items()}
