@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from engine.convert import PRESETS, tensor_format
+from engine.presets import PRESETS, tensor_format
 from flux_model import Flux, FluxConfig
 from kernels.formats import get_format
 
