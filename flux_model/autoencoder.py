@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.checkpoints.safetensors_file import read_safetensors
-from engine.errors import ModelFileError
 
 
 @dataclass
@@ -347,46 +345,37 @@ class AutoEncoder(nn.Module):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_file(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  params: AutoEncoderParams | None = None) -> "AutoEncoder":
-        """Load BFL's `ae.safetensors` (keys `encoder.*`, `decoder.*`; a `vae.` / `first_stage_model.` prefix on
-        every key is stripped). `params` defaults to the architecture read off the tensor shapes, with FLUX's
-        scale/shift. Missing, unexpected or mis-shaped tensors raise ModelFileError."""
-        path = Path(path)
-        tensors, metadata = read_safetensors(path)
-        for prefix in ("first_stage_model.", "vae."):
-            if tensors and all(k.startswith(prefix) for k in tensors):
-                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-        if params is None:
-            params = infer_params(tensors, path)
-            try:
-                params.norm_groups = int(metadata.get("norm_groups", params.norm_groups))
-            except ValueError:
-                raise ModelFileError(path, f"metadata norm_groups={metadata['norm_groups']!r} is not an integer") from None
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor], device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, params: AutoEncoderParams | None = None) -> AutoEncoder:
+        """A model from BFL's autoencoder tensors (keys `encoder.*`, `decoder.*`; `engine.load_ae` reads them from
+        `ae.safetensors`), copied to `device` and `dtype`. `params` defaults to the architecture read off the tensor
+        shapes (`infer_params`). Missing, unexpected or mis-shaped tensors raise ValueError."""
+        params = infer_params(state_dict) if params is None else params
         with torch.device("meta"):
             model = cls(params)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
         problems = []
         if missing:
             problems.append(f"{len(missing)} missing tensors, e.g. {missing[:4]}")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:4]}")
         if problems:
-            raise ModelFileError(path, "not a FLUX autoencoder (ae.safetensors) for these params: " + "; ".join(problems))
-        bad = [f"{k} {list(tensors[k].shape)} (expected {list(s)})" for k, s in expected.items()
-               if tuple(tensors[k].shape) != tuple(s)]
-        bad += [f"{k} has dtype {tensors[k].dtype}" for k in expected if not tensors[k].is_floating_point()]
+            raise ValueError("not a FLUX autoencoder (ae.safetensors) for these params: " + "; ".join(problems))
+        bad = [f"{k} {list(state_dict[k].shape)} (expected {list(s)})" for k, s in expected.items()
+               if tuple(state_dict[k].shape) != tuple(s)]
+        bad += [f"{k} has dtype {state_dict[k].dtype}" for k in expected if not state_dict[k].is_floating_point()]
         if bad:
-            raise ModelFileError(path, f"{len(bad)} tensors of the wrong shape or type, e.g. {bad[:3]}")
-        state = {k: tensors[k].to(device=device, dtype=dtype, copy=True) for k in expected}
+            raise ValueError(f"{len(bad)} tensors of the wrong shape or type, e.g. {bad[:3]}")
+        state = {k: state_dict[k].to(device=device, dtype=dtype, copy=True) for k in expected}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 
 
-def infer_params(tensors: dict[str, Tensor], path="<state dict>") -> AutoEncoderParams:
-    """The architecture of a BFL-named autoencoder state dict, from its tensor shapes (scale/shift: FLUX's)."""
+def infer_params(tensors: Mapping[str, Tensor]) -> AutoEncoderParams:
+    """The architecture of a BFL-named autoencoder state dict, from its tensor shapes (scale/shift: FLUX's; GroupNorm
+    groups: 32, as the shapes cannot tell); ValueError when it is not an autoencoder's."""
     try:
         conv_in = tensors["encoder.conv_in.weight"]
         ch, in_channels = conv_in.shape[0], conv_in.shape[1]
@@ -399,8 +388,8 @@ def infer_params(tensors: dict[str, Tensor], path="<state dict>") -> AutoEncoder
         z_channels = tensors["decoder.conv_in.weight"].shape[1]
         out_ch = tensors["decoder.conv_out.weight"].shape[0]
     except (KeyError, IndexError, ZeroDivisionError) as e:
-        raise ModelFileError(path, f"not a FLUX autoencoder: cannot read the architecture ({type(e).__name__}: {e})") from None
+        raise ValueError(f"not a FLUX autoencoder: cannot read the architecture ({type(e).__name__}: {e})") from None
     if not levels or levels != list(range(len(levels))) or num_res_blocks < 1 or ch < 1:
-        raise ModelFileError(path, "not a FLUX autoencoder: no encoder.down.N.block.M tensors")
+        raise ValueError("not a FLUX autoencoder: no encoder.down.N.block.M tensors")
     return AutoEncoderParams(resolution=256, in_channels=in_channels, ch=ch, out_ch=out_ch, ch_mult=ch_mult,
                              num_res_blocks=num_res_blocks, z_channels=z_channels)

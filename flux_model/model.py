@@ -1,7 +1,7 @@
 """The Flux.1 transformer (black-forest-labs/flux `model.py` + `modules/layers.py` + `math.py`), with BFL's parameter
 names so a BFL checkpoint loads with no renaming, and two additions for quantized inference on small GPUs:
 
-- any `nn.Linear` may be swapped for a `kernels.QuantLinear` whose weight stays quantized (`Flux.from_checkpoint`);
+- any `nn.Linear` may be swapped for a `kernels.QuantLinear` whose weight stays quantized (`Flux.from_state_dict`);
 - every adaLN modulation depends only on (timestep, guidance, pooled CLIP vector), so all of them can be computed for
   every denoising step up front (`precompute_modulations`) and their weights - 27% of Flux-dev - dropped from the GPU
   (`offload_modulation_weights`).
@@ -10,8 +10,10 @@ names so a BFL checkpoint loads with no renaming, and two additions for quantize
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +56,59 @@ class FluxConfig:
     @classmethod
     def from_state_dict(cls, state_dict) -> FluxConfig:
         """The config a BFL-named state dict (tensors or QTensors; only shapes are read) implies."""
-        from engine.checkpoints import infer_flux_config
-
         return cls(**infer_flux_config(state_dict))
+
+
+# ------------------------------------------------------------------------------------------------ config inference
+# Flux files carry no hyperparameters: they are read off BFL's tensor names and shapes.
+
+
+def _shape(state_dict, name):
+    try:
+        return tuple(state_dict[name].shape)
+    except KeyError:
+        raise ValueError(f"not a Flux transformer: tensor {name!r} is missing") from None
+
+
+def _count_blocks(state_dict, prefix):
+    indices = {int(m.group(1)) for name in state_dict if (m := re.match(rf"{prefix}\.(\d+)\.", name))}
+    if indices != set(range(len(indices))):
+        raise ValueError(f"{prefix} are not numbered 0..{len(indices) - 1}: {sorted(indices)[:10]}...")
+    return len(indices)
+
+
+def infer_flux_config(state_dict) -> dict:
+    """Keyword arguments for the reference Flux parameters (`flux_model.FluxConfig`): in_channels, out_channels,
+    vec_in_dim, context_in_dim, hidden_size, mlp_ratio, num_heads, depth, depth_single_blocks, axes_dim, theta,
+    qkv_bias, guidance_embed. Works on tensors and `QTensor`s alike (only shapes are read). ValueError when the
+    names and shapes are not those of a Flux transformer."""
+    hidden_size, in_channels = _shape(state_dict, "img_in.weight")
+    depth = _count_blocks(state_dict, "double_blocks")
+    depth_single = _count_blocks(state_dict, "single_blocks")
+    if depth == 0:
+        raise ValueError("not a Flux transformer: no double_blocks.*")
+    (head_dim,) = _shape(state_dict, "double_blocks.0.img_attn.norm.query_norm.scale")
+    if hidden_size % head_dim:
+        raise ValueError(f"hidden size {hidden_size} is not a multiple of the head size {head_dim}")
+    mlp_hidden, _ = _shape(state_dict, "double_blocks.0.img_mlp.0.weight")
+    axes_dim = [head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16]  # (16, 56, 56) for Flux's 128
+    if sum(axes_dim) != head_dim:
+        raise ValueError(f"head size {head_dim} has no Flux RoPE axes split")
+    return dict(
+        in_channels=in_channels,
+        out_channels=_shape(state_dict, "final_layer.linear.weight")[0],
+        vec_in_dim=_shape(state_dict, "vector_in.in_layer.weight")[1],
+        context_in_dim=_shape(state_dict, "txt_in.weight")[1],
+        hidden_size=hidden_size,
+        mlp_ratio=mlp_hidden / hidden_size,
+        num_heads=hidden_size // head_dim,
+        depth=depth,
+        depth_single_blocks=depth_single,
+        axes_dim=axes_dim,
+        theta=10_000,
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in state_dict,
+        guidance_embed="guidance_in.in_layer.weight" in state_dict,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ functions
@@ -314,9 +366,7 @@ class Modulations:
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    if isinstance(module, QuantLinear):
-        return module.weight.device
-    return next(module.parameters()).device
+    return next(chain(module.parameters(), module.buffers())).device  # a QuantLinear's bytes are a buffer
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -421,10 +471,7 @@ class Flux(nn.Module):
         them for the next prompt, "meta" frees them. Returns the bytes moved off the model's device."""
         moved = 0
         for module in self.vec_modules():
-            for m in module.modules():
-                if isinstance(m, QuantLinear):
-                    moved += m.weight.nbytes
-            moved += sum(p.numel() * p.element_size() for p in module.parameters())
+            moved += sum(t.nbytes for t in chain(module.parameters(), module.buffers()))
             module.to(device)
         self.modulations_offloaded = True
         return moved
@@ -473,20 +520,15 @@ class Flux(nn.Module):
     # ---------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_checkpoint(cls, source, device="cpu", dtype: torch.dtype = torch.bfloat16,
-                        config: FluxConfig | None = None) -> Flux:
-        """A model from a file (anything `engine.checkpoints.load_checkpoint` reads) or a BFL-named state dict.
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor | QTensor], device="cpu",
+                        dtype: torch.dtype = torch.bfloat16, config: FluxConfig | None = None) -> Flux:
+        """A model from a BFL-named state dict (`engine.load_flux` reads one from a file); ValueError when the
+        names or shapes do not fit.
 
         Built on the meta device, then filled: dense tensors are cast to `dtype` on `device` (no copy when they
-        already match); a QTensor weight turns its nn.Linear into a QuantLinear holding the QTensor on `device`,
-        never decoded, so peak memory is about the file size. A QTensor where no Linear weight is (a norm scale,
-        a bias) is small and is decoded."""
-        if isinstance(source, Mapping):
-            state_dict = source
-        else:
-            from engine.checkpoints import load_checkpoint
-
-            state_dict = load_checkpoint(source)
+        already match); a QTensor weight turns its nn.Linear into a QuantLinear holding the QTensor's bytes on
+        `device`, never decoded, so peak memory is about the file size. A QTensor where no Linear weight is (a norm
+        scale, a bias) is small and is decoded."""
         config = config if config is not None else FluxConfig.from_state_dict(state_dict)
         with torch.device("meta"):
             model = cls(config)

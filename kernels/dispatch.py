@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import state
+
 METHODS = ("fused", "dequant_matmul")
 M_BUCKETS = (1, 16, 512, 4096)  # a call with M rows falls in the first bucket >= M (the last for larger M)
 TABLE_DIR = Path(__file__).parent / "dispatch_tables"
@@ -39,16 +41,11 @@ def method(fmt: str, M: int, device_name: str) -> str:
     return load_table(device_name).get(f"{fmt}@{m_bucket(M)}", "fused")
 
 
-@functools.lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
 def method_for(fmt: str, M: int, device: torch.device) -> str:
     """The method for one quant_linear call (on its hot path: the device's name is looked up once)."""
     if device.type != "cuda":
         return "fused"
-    return method(fmt, M, _device_name(device))
+    return method(fmt, M, state.device_name(device))
 
 
 def write_table(device_name: str, methods: dict[str, str], source: str) -> Path:

@@ -71,7 +71,17 @@ FORMATS: dict[str, Format] = {
     )
 }
 
-QUANTIZED_FORMATS = tuple(name for name, f in FORMATS.items() if f.is_quantized)
+# Code books read by the reference, the torch codecs and the Triton decode alike.
+# bitsandbytes.functional.get_4bit_type("nf4"): the float32 roundings of its doubles, ascending.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# ggml's kvalues_iq4nl: the 16 non-uniform int8 levels of IQ4_NL and IQ4_XS codes.
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
 GGUF_FORMATS = tuple(name for name, f in FORMATS.items() if f.in_gguf)
 
 

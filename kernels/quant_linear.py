@@ -39,31 +39,31 @@ def quant_linear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = N
 
 
 class QuantLinear(nn.Module):
-    """nn.Linear with a `QTensor` weight (and an optional dense bias)."""
+    """nn.Linear with a quantized weight (and an optional dense bias).
+
+    The weight's bytes are the registered buffer `raw`, so `.to()`, `state_dict()`, `buffers()` and memory accounting
+    see them like any tensor (`.to(dtype)` leaves them alone: torch only casts floating-point buffers); `weight`
+    is the `QTensor` view of that buffer."""
 
     def __init__(self, weight: QTensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.weight = weight
+        if len(weight.shape) != 2:
+            raise ValueError(f"QuantLinear: the weight must be 2-D (out, in), got {weight}")
+        self.register_buffer("raw", weight.raw)
+        self.format, self.scale = weight.format, weight.scale
+        self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._weight = weight
 
     @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
+    def weight(self) -> QTensor:
+        # rebuilt only after the buffer was replaced (.to(), load_state_dict(assign=True)), not on every forward
+        if self._weight.raw is not self.raw:
+            self._weight = QTensor(self.raw, self.format, (self.out_features, self.in_features), self.scale)
+        return self._weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.weight, self.bias)
 
-    def _apply(self, fn, recurse=True):
-        # move the QTensor along with the module (.to(device), .cuda()); dtype changes leave its bytes alone
-        super()._apply(fn, recurse)
-        moved = fn(torch.empty(0, device=self.weight.device))
-        if moved.device != self.weight.device:
-            self.weight = self.weight.to(moved.device)
-        return self
-
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.weight.format}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"

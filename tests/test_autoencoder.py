@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from engine.errors import ModelFileError
+from engine import ModelFileError, load_ae
 from flux_model.autoencoder import AttnBlock, AutoEncoder, AutoEncoderParams, ResnetBlock, _tile_starts, infer_params
 
 SCALE, SHIFT = 0.3611, 0.1159
@@ -184,10 +184,10 @@ def test_bf16_cpu(ae):
 # --------------------------------------------------------------------------------------------------- files
 
 
-def test_from_file_round_trip(ae, tmp_path):
+def test_load_ae_round_trip(ae, tmp_path):
     path = tmp_path / "ae.safetensors"
     save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(path))
-    loaded = AutoEncoder.from_file(path)
+    loaded = load_ae(path)
     assert _arch(loaded.params) == _arch(ae.params)
     assert not any(p.is_meta for p in loaded.parameters())
     x = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -195,38 +195,66 @@ def test_from_file_round_trip(ae, tmp_path):
         assert torch.equal(loaded.encode(x), ae.encode(x))
         z = torch.randn(1, 16, 16, 16)
         assert torch.equal(loaded.decode(z), ae.decode(z))
-    half = AutoEncoder.from_file(path, device="cpu", dtype=torch.bfloat16)
+    half = load_ae(path, device="cpu", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
     # a prefixed copy (ComfyUI / LDM full checkpoints put the VAE under vae. or first_stage_model.)
     prefixed = tmp_path / "prefixed.safetensors"
     save_file({"vae." + k: v.contiguous() for k, v in ae.state_dict().items()}, str(prefixed))
-    assert _arch(AutoEncoder.from_file(prefixed).params) == _arch(ae.params)
+    assert _arch(load_ae(prefixed).params) == _arch(ae.params)
 
 
-def test_from_file_errors(ae, tmp_path):
+def test_load_ae_errors(ae, tmp_path):
     sd = {k: v.contiguous() for k, v in ae.state_dict().items()}
     missing = dict(sd)
     del missing["decoder.mid.attn_1.q.weight"], missing["encoder.down.0.block.0.conv2.bias"]
     save_file(missing, str(tmp_path / "missing.safetensors"))
     with pytest.raises(ModelFileError, match=r"2 missing tensors.*decoder\.mid\.attn_1\.q\.weight") as e:
-        AutoEncoder.from_file(tmp_path / "missing.safetensors", params=ae.params)
+        load_ae(tmp_path / "missing.safetensors", params=ae.params)
     assert "missing.safetensors" in str(e.value)
     with pytest.raises(ModelFileError, match=r"missing tensors"):
-        AutoEncoder.from_file(tmp_path / "missing.safetensors")  # params read off the file
+        load_ae(tmp_path / "missing.safetensors")  # params read off the file
     extra = dict(sd, **{"decoder.extra.weight": torch.zeros(3)})
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ModelFileError, match=r"unexpected tensors.*decoder\.extra\.weight"):
-        AutoEncoder.from_file(tmp_path / "extra.safetensors")
+        load_ae(tmp_path / "extra.safetensors")
     with pytest.raises(ModelFileError, match=r"wrong shape"):
         _save_and_load(tmp_path, dict(sd, **{"decoder.conv_out.bias": torch.zeros(4)}), ae.params)
     save_file({"model.diffusion_model.img_in.weight": torch.zeros(2, 2)}, str(tmp_path / "flux.safetensors"))
     with pytest.raises(ModelFileError, match="not a FLUX autoencoder"):
-        AutoEncoder.from_file(tmp_path / "flux.safetensors")
+        load_ae(tmp_path / "flux.safetensors")
+
+
+def test_from_state_dict_reads_no_file(ae):
+    """flux_model builds from tensors only: a wrong state dict is a plain ValueError (there is no file to name)."""
+    sd = ae.state_dict()
+    loaded = AutoEncoder.from_state_dict(sd, dtype=torch.float32)
+    z = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z), ae.decode(z))
+    with pytest.raises(ValueError, match=r"1 missing tensors.*decoder\.conv_out\.bias") as e:
+        AutoEncoder.from_state_dict({k: v for k, v in sd.items() if k != "decoder.conv_out.bias"}, params=ae.params)
+    assert not isinstance(e.value, ModelFileError)
+    with pytest.raises(ValueError, match="not a FLUX autoencoder"):
+        AutoEncoder.from_state_dict({"img_in.weight": torch.zeros(2, 2)})
+
+
+def test_load_ae_takes_the_group_count_from_metadata(tmp_path):
+    small = tiny_ae(seed=3, norm_groups=8)
+    sd = {k: v.contiguous() for k, v in small.state_dict().items()}
+    save_file(sd, str(tmp_path / "ae8.safetensors"), metadata={"norm_groups": "8"})
+    loaded = load_ae(tmp_path / "ae8.safetensors")
+    assert loaded.params.norm_groups == 8
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), small.encode(x))
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata={"norm_groups": "eight"})
+    with pytest.raises(ModelFileError, match=r"bad\.safetensors: metadata norm_groups='eight' is not an integer"):
+        load_ae(tmp_path / "bad.safetensors")
 
 
 def _save_and_load(tmp_path, sd, params):
     save_file(sd, str(tmp_path / "shape.safetensors"))
-    return AutoEncoder.from_file(tmp_path / "shape.safetensors", params=params)
+    return load_ae(tmp_path / "shape.safetensors", params=params)
 
 
 # --------------------------------------------------------------------------------------------------- tiled decode

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine import ModelFileError, load_flux
 from flux_model import Flux, FluxConfig, Modulations
 from kernels import QTensor, get_format
 from kernels.quant_linear import QuantLinear
@@ -48,7 +49,7 @@ def inputs(seed=0, B=2, L_img=6, L_txt=4, context=32, vec=16, shared_ids=False):
 
 
 def load_dense(sd, dtype=torch.float32) -> Flux:
-    return Flux.from_checkpoint(sd, dtype=dtype)
+    return Flux.from_state_dict(sd, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ oracle 1
@@ -233,7 +234,7 @@ def dequantized(sd):
 @pytest.fixture(scope="module")
 def quant_q8():
     sd = quantize_blocks(random_flux(seed=3, **QUANT_TINY), "Q8_0")
-    return sd, Flux.from_checkpoint(sd, dtype=torch.float32), load_dense(dequantized(sd))
+    return sd, Flux.from_state_dict(sd, dtype=torch.float32), load_dense(dequantized(sd))
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
@@ -242,7 +243,7 @@ def test_quantized_equals_dequantized_dense(fmt, quant_q8):
         sd, model, dense = quant_q8
     else:
         sd = quantize_blocks(random_flux(seed=4, **QUANT_TINY), fmt)
-        model, dense = Flux.from_checkpoint(sd, dtype=torch.float32), load_dense(dequantized(sd))
+        model, dense = Flux.from_state_dict(sd, dtype=torch.float32), load_dense(dequantized(sd))
         assert {v.format for v in sd.values() if isinstance(v, QTensor)} == {"Q4_K", "Q8_0"}
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert quantized == {n[:-len(".weight")] for n, v in sd.items() if isinstance(v, QTensor)}
@@ -343,14 +344,14 @@ def test_from_gguf_file(tmp_path):
     sd = random_flux(seed=7, **QUANT_TINY)
     path = tmp_path / "flux-Q8_0.gguf"
     write_city96_gguf(path, sd, "Q8_0", "F16")
-    model = Flux.from_checkpoint(path, dtype=torch.float32)
+    model = load_flux(path, dtype=torch.float32)
     loaded = load_checkpoint(path)
     dense = load_dense(dequantized({k: v if isinstance(v, QTensor) else v.float() for k, v in loaded.items()}))
     assert isinstance(model.single_blocks[0].linear1, QuantLinear)
     assert model.single_blocks[0].linear1.weight.format == "Q8_0"
     assert isinstance(model.img_in, torch.nn.Linear) and model.img_in.weight.dtype == torch.float32  # F16 -> fp32
     # from a loaded state dict the QTensors are used in place: the mmapped file bytes, no copy
-    again = Flux.from_checkpoint(loaded, dtype=torch.float32)
+    again = Flux.from_state_dict(loaded, dtype=torch.float32)
     assert again.double_blocks[0].img_mlp[2].weight.raw.data_ptr() == \
         loaded["double_blocks.0.img_mlp.2.weight"].raw.data_ptr()
     x = inputs(seed=8, L_img=4, L_txt=3)
@@ -362,7 +363,7 @@ def test_from_safetensors_file(tmp_path):
     sd = tiny_flux(seed=9, dtype=torch.bfloat16, guidance=False, **TINY)
     path = tmp_path / "flux.safetensors"
     save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(path))  # ComfyUI prefix
-    model = Flux.from_checkpoint(path)
+    model = load_flux(path)
     assert model.dtype == torch.bfloat16 and not model.params.guidance_embed
     state = model.state_dict()
     assert set(state) == set(sd) and all(torch.equal(state[k], sd[k]) for k in sd)
@@ -372,20 +373,49 @@ def test_from_safetensors_file(tmp_path):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-def test_from_checkpoint_errors():
+def test_from_state_dict_errors():
     sd = random_flux(**QUANT_TINY)
     with pytest.raises(ValueError, match=r"1 missing: single_blocks\.0\.norm\.key_norm\.scale"):
-        Flux.from_checkpoint({k: v for k, v in sd.items() if k != "single_blocks.0.norm.key_norm.scale"})
+        Flux.from_state_dict({k: v for k, v in sd.items() if k != "single_blocks.0.norm.key_norm.scale"})
     with pytest.raises(ValueError, match=r"2 unexpected: .*lora_down\.weight"):
-        Flux.from_checkpoint(sd | {"double_blocks.0.img_attn.qkv.lora_down.weight": torch.zeros(4, 64),
+        Flux.from_state_dict(sd | {"double_blocks.0.img_attn.qkv.lora_down.weight": torch.zeros(4, 64),
                                    "extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"txt_mlp\.0\.weight: shape \(256, 32\)"):
-        Flux.from_checkpoint(sd | {"double_blocks.0.txt_mlp.0.weight": QTensor.quantize(torch.zeros(256, 32), "Q8_0")})
+        Flux.from_state_dict(sd | {"double_blocks.0.txt_mlp.0.weight": QTensor.quantize(torch.zeros(256, 32), "Q8_0")})
     with pytest.raises(ValueError, match=r"img_mlp\.0\.bias: shape \(255,\)"):
-        Flux.from_checkpoint(sd | {"double_blocks.0.img_mlp.0.bias": torch.zeros(255)})
+        Flux.from_state_dict(sd | {"double_blocks.0.img_mlp.0.bias": torch.zeros(255)})
 
 
-def test_from_checkpoint_keeps_a_gguf_mapped(tmp_path):
+def test_load_flux_names_the_file(tmp_path):
+    """A file whose tensors do not fit the model: flux_model's ValueError becomes a ModelFileError naming the file."""
+    sd = tiny_flux(seed=9, dtype=torch.bfloat16, guidance=False, **TINY)
+    sd["double_blocks.0.img_mlp.0.bias"] = torch.zeros(255, dtype=torch.bfloat16)
+    save_file(sd, str(tmp_path / "bad-flux.safetensors"))
+    with pytest.raises(ModelFileError, match=r"bad-flux\.safetensors: double_blocks\.0\.img_mlp\.0\.bias: shape"):
+        load_flux(tmp_path / "bad-flux.safetensors")
+
+
+def test_quantized_bytes_are_buffers():
+    """QuantLinear's bytes are a registered buffer: state_dict, buffers(), .to() and the offload count see them."""
+    sd = quantize_blocks(random_flux(seed=3, **QUANT_TINY), "Q8_0")
+    model = Flux.from_state_dict(sd, dtype=torch.float32)
+    qkv = model.double_blocks[0].img_attn.qkv
+    assert model.state_dict()["double_blocks.0.img_attn.qkv.raw"].data_ptr() == \
+        sd["double_blocks.0.img_attn.qkv.weight"].raw.data_ptr()
+    assert sum(b.nbytes for b in model.buffers()) == sum(v.nbytes for v in sd.values() if isinstance(v, QTensor))
+
+    half = QuantLinear(qkv.weight, qkv.bias).to(torch.float16)  # dtype casts leave the quantized bytes alone
+    assert half.raw.dtype == torch.uint8 and half.bias.dtype == torch.float16 and half.weight.format == "Q8_0"
+    vec_prefixes = tuple(f"{name}." for name, m in model.named_modules() if m in model.vec_modules())
+    expected = sum(v.nbytes if isinstance(v, QTensor) else v.numel() * 4 for k, v in sd.items()
+                   if k.startswith(vec_prefixes))
+    assert model.offload_modulation_weights("meta") == expected
+    lin = model.double_blocks[0].img_mod.lin
+    assert isinstance(lin, QuantLinear) and lin.raw.is_meta and lin.weight.device.type == "meta"
+    assert not qkv.raw.is_meta and qkv.weight.raw.data_ptr() == sd["double_blocks.0.img_attn.qkv.weight"].raw.data_ptr()
+
+
+def test_load_flux_keeps_a_gguf_mapped(tmp_path):
     """Building the model from a GGUF copies no quantized bytes: resident memory grows by far less than the file."""
     from tests.test_checkpoints import rss_bytes, write_city96_gguf
 
@@ -394,6 +424,6 @@ def test_from_checkpoint_keeps_a_gguf_mapped(tmp_path):
                       "F16")
     size = path.stat().st_size
     before = rss_bytes()
-    model = Flux.from_checkpoint(path, device="cpu", dtype=torch.bfloat16)
+    model = load_flux(path, device="cpu", dtype=torch.bfloat16)
     assert rss_bytes() - before < size / 4
     assert isinstance(model.double_blocks[0].img_attn.qkv, QuantLinear)

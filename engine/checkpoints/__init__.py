@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoints.config import infer_flux_config
 from engine.checkpoints.gguf_file import MAGIC as GGUF_MAGIC, read_gguf
 from engine.checkpoints.safetensors_file import read_safetensors
 from engine.errors import ModelFileError
+from flux_model.model import infer_flux_config  # next to the model it describes; re-exported for file checks
 from kernels.qtensor import QTensor
 
 __all__ = ["load_checkpoint", "infer_flux_config"]

@@ -38,24 +38,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.formats import get_format
+from kernels import formats
 
-_FORMAT = get_format("NF4")
+_FORMAT = formats.get_format("NF4")
 BLOCK_SIZE = _FORMAT.block_size  # 64 weights share one absmax
 BLOCK_BYTES = _FORMAT.block_bytes  # 4 bytes of absmax + 32 bytes of codes
 ABSMAX_BYTES = 4
 NESTED_BLOCK_SIZE = 256  # absmax values sharing one nested absmax under double quantization
 
-# bitsandbytes.functional.get_4bit_type("nf4"): the float32 roundings of these doubles, sorted ascending.
-NF4_VALUES = np.array(
-    [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    ],
-    dtype=np.float32,
-)
+NF4_VALUES = np.array(formats.NF4_VALUES, dtype=np.float32)  # the code book (kernels/formats.py)
 # Decision boundaries of the nearest-code search, computed in float32 like bitsandbytes' bucketize bounds.
 NF4_MIDPOINTS = (NF4_VALUES[:-1] + NF4_VALUES[1:]) / np.float32(2)
 

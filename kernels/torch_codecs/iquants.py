@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import state
+
 __all__ = ["dequantize_iq4_nl", "quantize_iq4_nl", "dequantize_iq4_xs", "quantize_iq4_xs"]
 
 QK4_NL = 32
@@ -43,31 +45,27 @@ _CHUNK = 8192  # sub-blocks per step
 # |x|^3 * 127^2 < 1e35
 _FAST_MAX = 1e10
 
-_CONSTS: dict = {}
+def _build_consts(device: torch.device) -> dict:
+    vf = torch.tensor(KVALUES, dtype=torch.float32)
+    mid = (vf[:-1] + vf[1:]) / 2
+    edges = torch.arange(_LUT_LO, _LUT_HI + 1, dtype=torch.float32) / 2
+    idx = torch.searchsorted(mid, edges, right=True)  # best_index on each bucket [k/2, (k+1)/2)
+    c = {
+        "vf": vf,
+        "idx_lut": idx.to(torch.uint8),
+        "q_lut": vf[idx],  # value of the code of each bucket
+        "q_next": vf[torch.clamp(idx + 1, max=15)],  # value of the next code up (113 at the top)
+        "try_num": (torch.arange(-_NTRY, _NTRY + 1) + KVALUES[0]).to(torch.float32),
+        "one": torch.ones(1),
+        "c127": torch.full((1,), 127.0),
+        "eps": torch.full((1,), _EPS, dtype=torch.float32),
+        "wdesc": torch.arange(QK4_NL, 0, -1, dtype=torch.float32),  # 32, 31, ..., 1
+    }
+    return {k: v.to(device) for k, v in c.items()}
 
 
 def _consts(device: torch.device) -> dict:
-    key = str(device)
-    c = _CONSTS.get(key)
-    if c is None:
-        vf = torch.tensor(KVALUES, dtype=torch.float32)
-        mid = (vf[:-1] + vf[1:]) / 2
-        edges = torch.arange(_LUT_LO, _LUT_HI + 1, dtype=torch.float32) / 2
-        idx = torch.searchsorted(mid, edges, right=True)  # best_index on each bucket [k/2, (k+1)/2)
-        c = {
-            "vf": vf,
-            "idx_lut": idx.to(torch.uint8),
-            "q_lut": vf[idx],  # value of the code of each bucket
-            "q_next": vf[torch.clamp(idx + 1, max=15)],  # value of the next code up (113 at the top)
-            "try_num": (torch.arange(-_NTRY, _NTRY + 1) + KVALUES[0]).to(torch.float32),
-            "one": torch.ones(1),
-            "c127": torch.full((1,), 127.0),
-            "eps": torch.full((1,), _EPS, dtype=torch.float32),
-            "wdesc": torch.arange(QK4_NL, 0, -1, dtype=torch.float32),  # 32, 31, ..., 1
-        }
-        c = {k: v.to(device) for k, v in c.items()}
-        _CONSTS[key] = c
-    return c
+    return state.constants("iq4_codec", device, _build_consts)
 
 
 class _Work:

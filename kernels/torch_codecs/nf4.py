@@ -3,22 +3,18 @@ layout and bitsandbytes' arithmetic are written down."""
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 
-from kernels.reference.nf4 import (
-    ABSMAX_BYTES, BLOCK_BYTES, BLOCK_SIZE, NF4_MIDPOINTS, NF4_VALUES, SMALLEST_ABSMAX_DIVISOR,
-)
+from kernels import state
+from kernels.reference.nf4 import ABSMAX_BYTES, BLOCK_BYTES, BLOCK_SIZE, SMALLEST_ABSMAX_DIVISOR
 
-_NF4_VALUES = torch.tensor(NF4_VALUES.tolist(), dtype=torch.float32)
-_NF4_MIDPOINTS = torch.tensor(NF4_MIDPOINTS.tolist(), dtype=torch.float32)
 _SMALLEST_ABSMAX_DIVISOR = float(SMALLEST_ABSMAX_DIVISOR)  # clamp() rounds it back to the same float32
 
 
-@cache
-def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return table.to(device)
+def _midpoints(device: torch.device) -> torch.Tensor:
+    """Decision boundaries of the nearest-code search, in float32 as bitsandbytes computes them."""
+    values = state.table("nf4", device)
+    return state.constants("nf4_midpoints", device, lambda d: (values[:-1] + values[1:]) / 2)
 
 
 def _require(t, name: str, dtype: torch.dtype, row: int) -> None:
@@ -34,7 +30,7 @@ def dequantize_nf4(blocks: torch.Tensor) -> torch.Tensor:
     absmax = blocks[:, :ABSMAX_BYTES].contiguous().view(torch.float32)
     packed = blocks[:, ABSMAX_BYTES:]
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(blocks.shape[0], BLOCK_SIZE)
-    return _on(_NF4_VALUES, blocks.device)[codes.long()] * absmax
+    return state.table("nf4", blocks.device)[codes.long()] * absmax
 
 
 def quantize_nf4(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +39,7 @@ def quantize_nf4(x: torch.Tensor) -> torch.Tensor:
     absmax = x.abs().amax(dim=1)
     scaled = (x * (1.0 / absmax.clamp(min=_SMALLEST_ABSMAX_DIVISOR))[:, None]).clamp(-1.0, 1.0)
     # bucketize (right=False) counts the midpoints strictly below each value: a tie takes the lower code, NaN code 15.
-    codes = torch.bucketize(scaled, _on(_NF4_MIDPOINTS, x.device)).to(torch.uint8)
+    codes = torch.bucketize(scaled, _midpoints(x.device)).to(torch.uint8)
     packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
     absmax_bytes = absmax.contiguous().view(torch.uint8).reshape(-1, ABSMAX_BYTES)
     return torch.cat((absmax_bytes, packed), dim=1)
