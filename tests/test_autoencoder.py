@@ -248,8 +248,46 @@ def test_load_ae_takes_the_group_count_from_metadata(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.encode(x), small.encode(x))
     save_file(sd, str(tmp_path / "bad.safetensors"), metadata={"norm_groups": "eight"})
-    with pytest.raises(ModelFileError, match=r"bad\.safetensors: metadata norm_groups='eight' is not an integer"):
+    with pytest.raises(ModelFileError, match=r"bad\.safetensors: metadata norm_groups='eight' is not a number"):
         load_ae(tmp_path / "bad.safetensors")
+
+
+def test_load_ae_takes_scale_and_shift_from_metadata(tmp_path):
+    small = tiny_ae(seed=4)
+    sd = {k: v.contiguous() for k, v in small.state_dict().items()}
+    save_file(sd, str(tmp_path / "ae.safetensors"), metadata={"scale_factor": "0.5", "shift_factor": "-0.25"})
+    loaded = load_ae(tmp_path / "ae.safetensors")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean = small.encoder(x).chunk(2, dim=1)[0]
+        torch.testing.assert_close(loaded.encode(x), 0.5 * (mean + 0.25))
+        torch.testing.assert_close(loaded.decode(loaded.encode(x)), small.decoder(mean))
+
+
+def test_load_ae_reads_a_diffusers_vae_folder(tmp_path):
+    """diffusers' own AutoencoderKL saved with save_pretrained (its config holding scale, shift and groups) decodes
+    and encodes like our model loaded from the same folder."""
+    params = AutoEncoderParams(**{**TINY, "ch_mult": [1, 2, 2], "norm_groups": 8})
+    diffusers = pytest.importorskip("diffusers")
+    n = len(params.ch_mult)
+    torch.manual_seed(5)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[params.ch * m for m in params.ch_mult],
+        layers_per_block=params.num_res_blocks, latent_channels=16, norm_num_groups=8, sample_size=64,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.4, shift_factor=0.2).eval()
+    _randomize_norms(vae, seed=5)
+    vae.save_pretrained(tmp_path / "vae")
+    ours = load_ae(tmp_path / "vae")
+    assert (ours.params.norm_groups, ours.scale_factor, ours.shift_factor) == (8, 0.4, 0.2)
+    x = (0.6 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))).clamp(-1, 1)
+    with torch.no_grad():
+        z = ours.encode(x)
+        torch.testing.assert_close(z, 0.4 * (vae.encode(x).latent_dist.mean - 0.2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.decode(z), vae.decode(z / 0.4 + 0.2).sample, rtol=1e-5, atol=2e-5)
+    (tmp_path / "vae" / "config.json").unlink()
+    with pytest.raises(ModelFileError, match="not a diffusers VAE folder"):
+        load_ae(tmp_path / "vae")
 
 
 def _save_and_load(tmp_path, sd, params):
