@@ -22,7 +22,8 @@ import time
 import numpy as np
 import torch
 
-from engine.convert import CHUNK_ELEMENTS, PRESETS, _quantize_chunk, default_workers, encode, worker_pool
+from engine.convert import CHUNK_ELEMENTS, PRESETS, default_workers, encode, worker_pool
+from kernels import torch_codecs
 from kernels.formats import get_format
 
 DEFAULT_SHAPES = "3072x3072,3072x12288,12288x3072,3072x9216"
@@ -53,7 +54,7 @@ def _warmed(fmt: str, seconds: float) -> int:
     """Runs in a worker: quantize a little `fmt` (the first K-quant call compiles its search step, seconds that a
     whole conversion pays once and a short measurement must not), then stay busy so the next task goes to another
     worker."""
-    _quantize_chunk(np.random.default_rng(0).standard_normal((8, 3072), dtype=np.float32), fmt)
+    torch_codecs.quantize(torch.randn(8, 3072, generator=torch.Generator().manual_seed(0)), fmt)
     time.sleep(seconds)
     return os.getpid()
 

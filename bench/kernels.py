@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from kernels.formats import get_format
 from kernels.qtensor import QTensor
 from kernels import dispatch
-from kernels.quant_linear import _use_triton, quant_linear
+from kernels.quant_linear import quant_linear, quant_linear_method
 
 # Flux.1's Linear layers, name -> (K in, N out)
 SHAPES: dict[str, tuple[int, int]] = {
@@ -102,14 +102,15 @@ def parse_shape(spec: str) -> tuple[str, int, int]:
 
 
 def kernel_path(x: torch.Tensor, weight: QTensor) -> str:
-    """Which implementation quant_linear runs for these arguments."""
-    if not _use_triton(x, weight):
+    """Which implementation quant_linear runs for these arguments, as the table labels it."""
+    method = quant_linear_method(x, weight)
+    if method == "torch":
         return "torch"
-    from kernels.triton.ops import SMALL_M, interpreting
+    from kernels.triton.ops import fused_kernel, interpreting
 
     if interpreting():
         return "triton interpreter"
-    return "triton gemv" if x.reshape(-1, x.shape[-1]).shape[0] <= SMALL_M else "triton gemm"
+    return f"triton {fused_kernel(x.numel() // x.shape[-1])}" if method == "fused" else f"triton {method}"
 
 
 def make_weight(fmt: str, K: int, N: int, device: torch.device, seed: int = 0) -> QTensor:
@@ -121,11 +122,6 @@ def make_weight(fmt: str, K: int, N: int, device: torch.device, seed: int = 0) -
     raw = QTensor.quantize(tile.to(device), fmt).raw
     raw = raw.repeat(math.ceil(N / raw.shape[0]), 1)[:N].contiguous()
     return QTensor(raw, fmt, (N, K))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_cpu(fn, repeats: int) -> float:
@@ -180,7 +176,7 @@ def bench_rows(formats: list[str], shapes: list[tuple[str, int, int]], ms: list[
             for fmt in formats:
                 weight = weights[fmt]
                 path = kernel_path(x, weight)
-                if device.type == "cuda" and not path.startswith("triton gem"):
+                if device.type == "cuda" and path == "torch":
                     raise RuntimeError(f"{fmt} {label} M={M}: quant_linear takes the {path} path on CUDA, not Triton")
                 dequant_ms = measure(lambda: F.linear(x, weight.dequantize(DTYPE)), device, repeats)
                 scratch_ms = None

@@ -5,36 +5,53 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import dispatch, state
 from kernels.qtensor import QTensor
 
 
-def _use_triton(x: torch.Tensor, weight: QTensor) -> bool:
+# What `quant_linear_method` returns:
+# "torch": the weight dequantized with the torch codecs, then torch's matmul (CPU tensors outside the interpreter,
+#     unquantized formats, FP8 with a per-tensor scale);
+# "fused": the Triton dequant-matmul kernels (split-K GEMV for small M, tensor-core GEMM above, see
+#     `kernels.triton.ops.fused_kernel`);
+# "dequant_matmul": the Triton dequantize kernel into the scratch buffer of `kernels.state`, then torch's matmul,
+#     where the GPU's measured dispatch table (`kernels.dispatch`) says that is faster.
+METHODS = ("torch", "fused", "dequant_matmul")
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def quant_linear_method(x: torch.Tensor, weight: QTensor) -> str:
+    """Which of METHODS `quant_linear(x, weight)` runs: CUDA tensors (and CPU tensors when the kernels were imported
+    under TRITON_INTERPRET=1) run Triton for every quantized format."""
     from kernels.triton.ops import interpreting
 
-    return weight.fmt.is_quantized and weight.scale is None and (x.is_cuda or interpreting())
+    if not (weight.fmt.is_quantized and weight.scale is None and (x.is_cuda or interpreting())):
+        return "torch"
+    return dispatch.method_for(weight.format, x.numel() // x.shape[-1], x.device)
 
 
 def quant_linear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ W.T + bias` for any leading dims of `x` (fp16, bf16 or fp32), `W` a 2-D QTensor.
+    """`x @ W.T + bias` for any leading dims of `x`, `W` a 2-D QTensor, on the device they share.
 
-    CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run Triton: the fused kernels, or dequantize-into-scratch
-    + torch matmul where the GPU's measured dispatch table says that is faster (`kernels.dispatch`); otherwise the
-    weight is dequantized with the torch codecs and multiplied with torch.
+    One contract for every method (`quant_linear_method`): `x` is fp16, bf16 or fp32 and the result has its dtype;
+    `bias` (N,) may be any float dtype (a file's F32 bias with bf16 activations) and is cast to x's dtype first.
     """
     if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quant_linear: x {tuple(x.shape)} does not match weight {list(weight.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"quant_linear: activations must be fp16, bf16 or fp32, got {x.dtype}")
-    if not _use_triton(x, weight):
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or not bias.is_floating_point()):
+        raise ValueError(f"quant_linear: bias must be a float ({weight.shape[0]},) tensor, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    state.common_device(x, weight.raw, bias)
+    bias = None if bias is None else bias.to(x.dtype)
+    method = quant_linear_method(x, weight)
+    if method == "torch":
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
-    from kernels.dispatch import method_for
     from kernels.triton.ops import dequant_matmul_triton, quant_linear_triton
 
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    if method_for(weight.format, x2d.shape[0], x.device) == "dequant_matmul":
-        y = dequant_matmul_triton(x2d, weight, bias)
-    else:
-        y = quant_linear_triton(x2d, weight, bias)
+    y = (dequant_matmul_triton if method == "dequant_matmul" else quant_linear_triton)(x2d, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -53,14 +70,17 @@ class QuantLinear(nn.Module):
         self.format, self.scale = weight.format, weight.scale
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._weight = weight
+        self._view = (weight.raw, weight)
 
     @property
     def weight(self) -> QTensor:
-        # rebuilt only after the buffer was replaced (.to(), load_state_dict(assign=True)), not on every forward
-        if self._weight.raw is not self.raw:
-            self._weight = QTensor(self.raw, self.format, (self.out_features, self.in_features), self.scale)
-        return self._weight
+        # The buffer is the one place the bytes live; the view is cached against the buffer object (building a
+        # QTensor costs microseconds per forward) and rebuilt once the buffer was replaced (.to(), a streamed swap).
+        raw, view = self._view
+        if raw is not self.raw:
+            view = QTensor(self.raw, self.format, (self.out_features, self.in_features), self.scale)
+            self._view = (self.raw, view)
+        return view
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.weight, self.bias)

@@ -37,6 +37,15 @@ def device_key(device) -> torch.device:
     return device
 
 
+def common_device(*tensors) -> torch.device:
+    """The one device all the given tensors (None entries skipped) are on; ValueError when they are on several (a
+    kernel launched on one GPU cannot read another's memory)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"tensors must be on one device, got {', '.join(sorted(map(str, devices))) or 'none'}")
+    return devices.pop()
+
+
 def on_device(device) -> contextlib.AbstractContextManager:
     """Context in which `device` is the current CUDA device (nothing to do for other devices)."""
     device = torch.device(device)

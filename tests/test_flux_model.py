@@ -256,6 +256,17 @@ def test_quantized_equals_dequantized_dense(fmt, quant_q8):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_quantized_bf16_forward(quant_q8):
+    """bf16, the default dtype: with quantized Linears (Triton's interpreter without a GPU) as with dense ones."""
+    sd, _, dense = quant_q8
+    model = Flux.from_state_dict(sd, dtype=torch.bfloat16)
+    x = inputs(seed=5, L_img=4, L_txt=3)
+    with torch.no_grad():
+        got, want = model(**x), dense(**x)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert (got.double() - want.double()).norm() / want.double().norm() < 0.05
+
+
 def test_quantized_modulation_precompute(quant_q8):
     _, model, dense = quant_q8
     x = inputs(seed=6, L_img=4, L_txt=3)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import QTensor, dispatch, reference
-from kernels.quant_linear import QuantLinear, quant_linear
+from kernels import QTensor, dispatch, get_format, reference
+from kernels import quant_linear as quant_linear_module
+from kernels.quant_linear import METHODS, QuantLinear, quant_linear
 from kernels.triton.decode import KERNEL_FORMATS
 from kernels.triton.ops import dequant_matmul_triton, dequantize_triton, interpreting, quant_linear_triton
 
@@ -14,39 +15,76 @@ pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, K = 72, 512  # N: not a multiple of any tile; K: two K-quant super-blocks, sixteen 32-element blocks
+ODD_N = 37  # odd: the last N tile of every kernel is partial
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if not interpreting() else [])  # bf16 tl.dot is wrong
-# in the interpreter
+# every M on both sides of the split-K / GEMM switch in fp32 and fp16; bf16 (slow in the interpreter) once on each
+CASES = [(M, dtype) for M in (1, 3, 17, 64) for dtype in (torch.float32, torch.float16)] + \
+    [(3, torch.bfloat16), (17, torch.bfloat16)]
 
 
-def quantized_weight(fmt, seed=0):
+def odd_k(fmt):
+    """Three blocks: not a multiple of the interpreter's and the dequantize kernel's BLOCK_K (128) for 32- and
+    64-element blocks, so the K masks are used (K-quants' 256-element blocks are a multiple of every tile)."""
+    return 3 * get_format(fmt).block_size
+
+
+def quantized_weight(fmt, seed=0, n=N, k=K):
     rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
     raw = reference.quantize(w, fmt)
     dense = torch.from_numpy(reference.dequantize(raw, fmt))  # the independent decoding
-    return QTensor(torch.from_numpy(raw).to(DEVICE), fmt, (N, K)), dense
+    return QTensor(torch.from_numpy(raw).to(DEVICE), fmt, (n, k)), dense
 
 
+@pytest.mark.parametrize("odd", [False, True], ids=["72x512", "odd"])
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
-def test_dequant_kernel_equals_reference(fmt):
-    weight, dense = quantized_weight(fmt)
+def test_dequant_kernel_equals_reference(fmt, odd):
+    weight, dense = quantized_weight(fmt, n=ODD_N, k=odd_k(fmt)) if odd else quantized_weight(fmt)
     assert torch.equal(dequantize_triton(weight, torch.float32).cpu(), dense)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 3, 17, 64])
-@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
-def test_fused_matmul_equals_reference(fmt, M, dtype):
-    weight, dense = quantized_weight(fmt, seed=M)
+def _check_fused(fmt, M, dtype, n, k):
+    weight, dense = quantized_weight(fmt, seed=M, n=n, k=k)
     rng = np.random.default_rng(100 + M)
-    x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((M, k)).astype(np.float32))
     with_bias = M % 2 == 1  # bias on for M = 1, 3, 17
-    bias = torch.from_numpy(rng.standard_normal(N).astype(np.float32)) if with_bias else None
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) if with_bias else None
     expected = x.double() @ dense.double().T + (bias.double() if with_bias else 0)
     y = quant_linear_triton(x.to(dtype).to(DEVICE), weight, None if bias is None else bias.to(dtype).to(DEVICE))
-    assert y.dtype == dtype and y.shape == (M, N)
+    assert y.dtype == dtype and y.shape == (M, n)
     error = (y.double().cpu() - expected).norm() / expected.norm()
     assert error <= TOLERANCE[dtype], float(error)
+
+
+@pytest.mark.parametrize("M, dtype", CASES)
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+def test_fused_matmul_equals_reference(fmt, M, dtype):
+    _check_fused(fmt, M, dtype, N, K)
+
+
+@pytest.mark.parametrize("M", [3, 17])  # the split-K and the GEMM kernel
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+def test_fused_matmul_on_odd_shapes(fmt, M):
+    _check_fused(fmt, M, torch.float32, ODD_N, odd_k(fmt))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_contract_for_every_method(method, monkeypatch):
+    """The README's call - bf16 activations, a file's F32 bias - gives x's dtype and the same numbers on every path."""
+    if method != "torch" and not (interpreting() or DEVICE == "cuda"):
+        pytest.skip("Triton methods need a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setattr(quant_linear_module, "quant_linear_method", lambda x, weight: method)
+    weight, dense = quantized_weight("Q4_K")
+    x = torch.randn(2, 3, K, dtype=torch.bfloat16).to(DEVICE)
+    bias = torch.randn(N, dtype=torch.float32).to(DEVICE)
+    y = quant_linear(x, weight, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, N)
+    expected = x.double().cpu() @ dense.double().T + bias.double().cpu()
+    assert (y.double().cpu() - expected).norm() / expected.norm() < TOLERANCE[torch.bfloat16]
+    with pytest.raises(ValueError, match="bias must be"):
+        quant_linear(x, weight, torch.zeros(N + 1))
+    with pytest.raises(ValueError, match="one device"):
+        quant_linear(x, QTensor(weight.raw.to("meta"), weight.format, weight.shape))
 
 
 def test_quant_linear_dispatch_and_module():
