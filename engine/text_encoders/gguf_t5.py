@@ -27,15 +27,17 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoints.gguf_file import read_gguf
+from engine.checkpoints.gguf_file import ARRAY, SCALAR_SIZES, STRING, _walk_header
 from engine.errors import ModelFileError
-from kernels.formats import get_format
+from kernels.formats import format_from_ggml_type, get_format
 from kernels.qtensor import QTensor
 
 ARCHITECTURE = "t5encoder"
@@ -57,6 +59,8 @@ HF_BLOCK = re.compile(r"encoder\.block\.(\d+)\.(.+)\.weight")
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 # llama.cpp's SentencePiece token types (convert_hf_to_gguf.SentencePieceTokenTypes)
 NORMAL, UNKNOWN, CONTROL, UNUSED = 1, 2, 3, 5
+SCALAR_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+                 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}  # GGUFValueType -> little-endian numpy
 EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>, after the SentencePiece pieces in Hugging Face's vocabulary
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
                   "tokenizer.ggml.token_type", "tokenizer.ggml.precompiled_charsmap",
@@ -85,49 +89,111 @@ def to_gguf_name(name: str) -> str | None:
     return None
 
 
-def _array_fields(path: Path, keys) -> dict:
-    """The values of metadata entries that `read_gguf` skips (arrays), through gguf's own reader."""
-    from gguf import GGUFReader
+class _Header:
+    """A T5 GGUF's header, checked by the checkpoint reader's bounded walk, and its tensors over a copy-on-write
+    memory map. gguf's own `GGUFReader` (which `read_gguf` uses) is not used here: it builds one numpy view per
+    array element, and the ~240 KB `precompiled_charsmap` every T5 file carries makes it take 11 s per open on this
+    project's 2-core machine (measured); this reads the arrays in bulk."""
 
-    reader = GGUFReader(path, "r")
-    return {key: field.contents() for key, field in reader.fields.items()
-            if key in keys or key.startswith(ORIG_SHAPE_KEY)}
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = np.memmap(path, dtype=np.uint8, mode="c")
+        self.metadata, self.infos, self.data_start = _walk_header(path, self.data)
+
+    def arrays(self, wanted) -> dict:
+        """Values of the array entries whose key is in `wanted` or starts with ORIG_SHAPE_KEY (the walk above checked
+        every length against the file, so this second pass only reads)."""
+        data, pos, out = self.data, 24, {}
+        n_kv = int(data[16:24].view(np.uint64)[0])
+
+        def u(fmt: str):
+            nonlocal pos
+            value = struct.unpack_from(fmt, data, pos)[0]
+            pos += struct.calcsize(fmt)
+            return value
+
+        def string(keep: bool):
+            nonlocal pos
+            length = u("<Q")
+            pos += length
+            return bytes(data[pos - length:pos]).decode("utf-8") if keep else None
+
+        for _ in range(n_kv):
+            key = string(True)
+            value_type = u("<I")
+            keep = key in wanted or key.startswith(ORIG_SHAPE_KEY)
+            if value_type == STRING:
+                string(False)
+            elif value_type in SCALAR_SIZES:
+                pos += SCALAR_SIZES[value_type]
+            elif value_type == ARRAY:
+                item_type, count = u("<I"), u("<Q")
+                if item_type == STRING:
+                    items = [string(keep) for _ in range(count)]
+                elif item_type in SCALAR_SIZES:
+                    items = np.frombuffer(data, SCALAR_DTYPES[item_type], count, pos)
+                    pos += count * SCALAR_SIZES[item_type]
+                else:
+                    raise ModelFileError(self.path, f"metadata {key!r}: nested arrays are not expected in a T5 GGUF")
+                if keep:
+                    out[key] = items
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor | QTensor]:
+        """Stored name -> QTensor (quantized) or plain tensor, views of the map (what `read_gguf` returns)."""
+        tensors = {}
+        for name, shape, type_id, offset in self.infos:
+            fmt = format_from_ggml_type(type_id)
+            start = self.data_start + offset
+            raw = torch.from_numpy(self.data[start:start + math.prod(shape) // fmt.block_size * fmt.block_bytes])
+            if fmt.is_quantized:
+                tensors[name] = QTensor(raw.view(math.prod(shape[:-1]), -1), fmt.name, shape)
+            else:
+                dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[fmt.name]
+                if start % dtype.itemsize:  # a wider view needs an aligned start (only with general.alignment < 4)
+                    raw = raw.clone()
+                tensors[name] = raw.view(dtype).view(shape)
+        return tensors
 
 
-def _with_shape(t: torch.Tensor | QTensor, shape: tuple[int, ...], name: str) -> torch.Tensor | QTensor:
+def _with_shape(path: Path, t: torch.Tensor | QTensor, shape: tuple[int, ...], name: str) -> torch.Tensor | QTensor:
     if math.prod(shape) != math.prod(t.shape):
-        raise ValueError(f"{ORIG_SHAPE_KEY}{name} {list(shape)} does not hold the {list(t.shape)} stored")
+        raise ModelFileError(path, f"{ORIG_SHAPE_KEY}{name} {list(shape)} does not hold the {list(t.shape)} stored")
     if isinstance(t, torch.Tensor):
         return t.reshape(shape)
     if shape[-1] % t.fmt.block_size:
-        raise ValueError(f"{ORIG_SHAPE_KEY}{name} {list(shape)}: rows are not whole {t.format} blocks")
+        raise ModelFileError(path, f"{ORIG_SHAPE_KEY}{name} {list(shape)}: rows are not whole {t.format} blocks")
     return QTensor(t.raw.reshape(math.prod(shape[:-1]), -1), t.format, shape, t.scale)
 
 
 def read_t5_gguf(path: Path) -> tuple[dict, dict]:
     """(transformers-named tensors, scalar metadata) of a T5 encoder GGUF; quantized tensors stay memory-mapped."""
-    tensors, metadata = read_gguf(path)
-    arch = metadata.get("general.architecture")
+    header = _Header(path)
+    arch = header.metadata.get("general.architecture")
     if arch != ARCHITECTURE:
         raise ModelFileError(path, f"GGUF architecture {arch!r} is not a T5 encoder ({ARCHITECTURE!r})")
-    shapes = {key[len(ORIG_SHAPE_KEY):]: tuple(int(d) for d in value)
-              for key, value in _array_fields(path, ()).items()}
+    shapes = {key[len(ORIG_SHAPE_KEY):]: tuple(int(d) for d in value) for key, value in header.arrays(()).items()}
     out = {}
-    for name, t in tensors.items():
+    for name, t in header.tensors().items():
         hf = to_hf_name(name)
         if hf is None:
             raise ModelFileError(path, f"unexpected tensor {name!r} in a {ARCHITECTURE} GGUF")
-        out[hf] = _with_shape(t, shapes[name], name) if name in shapes else t
+        out[hf] = _with_shape(path, t, shapes[name], name) if name in shapes else t
     if "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" not in out:  # ungated T5 (v1.0): ffn_up is wi
         out = {name.replace("DenseReluDense.wi_1.", "DenseReluDense.wi."): t for name, t in out.items()}
-    return out, metadata
+    return out, header.metadata
+
+
+def has_tokenizer(path: Path) -> bool:
+    return _Header(path).metadata.get("tokenizer.ggml.model") is not None
 
 
 def tokenizer_from_gguf(path: Path):
     """The GGUF's embedded T5 tokenizer as transformers' `T5Tokenizer` (a fast Unigram tokenizer)."""
     from transformers import T5Tokenizer
 
-    fields = _array_fields(path, TOKENIZER_KEYS)
+    header = _Header(path)
+    fields = {**header.metadata, **header.arrays(TOKENIZER_KEYS)}
     model = fields.get("tokenizer.ggml.model")
     if model is None:
         raise ModelFileError(path, "this GGUF embeds no tokenizer (no tokenizer.ggml.model); pass tokenizer= a "
@@ -151,7 +217,7 @@ def tokenizer_from_gguf(path: Path):
             raise ModelFileError(path, f"embedded tokenizer: {key} {index} is outside its {pieces} pieces")
         special[role] = tokens[index]
     charsmap = fields.get("tokenizer.ggml.precompiled_charsmap")
-    return T5Tokenizer(vocab=vocab, _spm_precompiled_charsmap=None if charsmap is None else bytes(charsmap),
+    return T5Tokenizer(vocab=vocab, _spm_precompiled_charsmap=None if charsmap is None else np.asarray(charsmap).astype(np.uint8).tobytes(),
                        extra_ids=extra, **special)
 
 

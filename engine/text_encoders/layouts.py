@@ -24,7 +24,7 @@ from engine.checkpoints import forge_nf4, fp8
 from engine.checkpoints.gguf_file import MAGIC as GGUF_MAGIC
 from engine.checkpoints.safetensors_file import read_safetensors
 from engine.errors import ModelFileError
-from engine.text_encoders import tokenization
+from engine.text_encoders import gguf_t5, tokenization
 
 # diffusers pipeline subfolders per encoder: (weights, tokenizer)
 SUBFOLDERS = {"clip": ("text_encoder", "tokenizer"), "t5": ("text_encoder_2", "tokenizer_2")}
@@ -98,17 +98,11 @@ def locate(path, kind: str, tokenizer=None) -> EncoderFiles:
         source = path
     elif beside is not None and tokenization.is_tokenizer_folder(beside, kind):
         source = beside
-    elif kind == "t5" and path.is_file() and _magic(path) == GGUF_MAGIC and _gguf_has_tokenizer(path):
+    elif kind == "t5" and path.is_file() and _magic(path) == GGUF_MAGIC and gguf_t5.has_tokenizer(path):
         source = path
     else:
         source = tokenization.cached_tokenizer(kind)
     return EncoderFiles(kind, user_path, path, source)
-
-
-def _gguf_has_tokenizer(path: Path) -> bool:
-    from engine.checkpoints.gguf_file import read_gguf
-
-    return read_gguf(path)[1].get("tokenizer.ggml.model") is not None
 
 
 def _what_it_looks_like(names) -> str:
@@ -182,9 +176,7 @@ def read_weights(files: EncoderFiles) -> tuple[dict, dict, object | None]:
     if files.is_gguf:
         if files.kind != "t5":
             raise ModelFileError(weights, "a GGUF file: only T5 encoders are read from GGUF, CLIP-L from safetensors")
-        from engine.text_encoders.gguf_t5 import read_t5_gguf
-
-        return *read_t5_gguf(weights), None
+        return *gguf_t5.read_t5_gguf(weights), None
     if weights.is_dir():
         tensors = _folder_tensors(weights)
     elif weights.name.endswith(".index.json"):
