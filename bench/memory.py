@@ -39,7 +39,8 @@ def placement(model: Flux, gb: int, width: int, height: int) -> str:
     return (f"streams {streamed}" if streamed else "resident") + tiles
 
 
-def memory_table(config: FluxConfig, width: int = 1024, height: int = 1024) -> list[dict]:
+def memory_table(config: FluxConfig, width: int = 1024, height: int = 1024, cards=CARDS_GB) -> list[dict]:
+    """One row per preset; the planner's placement for each card size in `cards` (GiB)."""
     with torch.device("meta"):
         dense = Flux(config)
     rows = []
@@ -50,7 +51,7 @@ def memory_table(config: FluxConfig, width: int = 1024, height: int = 1024) -> l
         peak = plan_memory(model, width=width, height=height, budget=1 << 50).peak
         rows.append(dict(preset=preset_name, file_gb=stored / 1e9, resident_gb=resident / 1e9,
                          ratio=resident / stored, peak_gib=peak / GiB,
-                         **{f"{gb} GB": placement(model, gb, width, height) for gb in CARDS_GB}))
+                         **{f"{gb} GB": placement(model, gb, width, height) for gb in cards}))
     return rows
 
 
