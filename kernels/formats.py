@@ -4,7 +4,11 @@ Every other module (reference kernels, torch kernels, Triton kernels, loaders, c
 up here instead of branching on names. A format is one `Format` entry plus, in its family's reference module, a
 `dequantize_<name>` / `quantize_<name>` pair working on whole blocks.
 
-Byte layouts of each block are written down next to their code in `kernels/reference/<family>.py`.
+Each block's fields (name and size, in byte order) are listed here and checked against its byte count, as ggml's
+`static_assert`s check its block structs; the Triton decode takes its byte offsets from them (`Format.offset`). How the
+bits inside each field map to elements is written down next to the reference code in `kernels/reference/<family>.py`.
+The code books (NF4, IQ4) and block constants shared by the reference, the torch codecs and the Triton decode are
+defined here too.
 """
 
 from __future__ import annotations
@@ -18,8 +22,21 @@ class Format:
     ggml_type: int | None  # GGML type id; None when GGUF cannot store the format
     block_size: int  # elements per block (1 for plain floats)
     block_bytes: int  # bytes per block
-    symmetric: bool  # True: x = scale * code; False: x = scale * code - min (an offset per (sub-)block)
     family: str  # module in kernels/reference holding its codecs: floats, legacy, kquants, iquants, nf4
+    fields: tuple[tuple[str, int], ...]  # (name, bytes) of the block's fields in byte order (ggml's struct members)
+
+    def __post_init__(self):
+        if sum(size for _, size in self.fields) != self.block_bytes:
+            raise AssertionError(f"{self.name}: fields {self.fields} do not add up to {self.block_bytes} bytes")
+
+    def offset(self, field: str) -> int:
+        """Byte offset of `field` within a block."""
+        position = 0
+        for name, size in self.fields:
+            if name == field:
+                return position
+            position += size
+        raise KeyError(f"{self.name} has no field {field!r}; fields: {[name for name, _ in self.fields]}")
 
     @property
     def bits_per_weight(self) -> float:
@@ -46,28 +63,32 @@ class Format:
         return row_bytes // self.block_bytes * self.block_size
 
 
+QK_K = 256  # elements of a K-quant (and IQ4_XS) super-block
+QK4_NL = 32  # elements of an IQ4_NL block, and of each IQ4_XS sub-block
+NF4_BLOCK = 64  # weights sharing one absmax in bitsandbytes' NF4
+
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("F32", 0, 1, 4, True, "floats"),
-        Format("F16", 1, 1, 2, True, "floats"),
-        Format("BF16", 30, 1, 2, True, "floats"),
+        Format("F32", 0, 1, 4, "floats", (("value", 4),)),
+        Format("F16", 1, 1, 2, "floats", (("value", 2),)),
+        Format("BF16", 30, 1, 2, "floats", (("value", 2),)),
         # float8 e4m3fn (FP8 checkpoints), one byte per weight; an optional per-tensor scale lives in the QTensor.
-        Format("F8_E4M3", None, 1, 1, True, "floats"),
-        Format("Q8_0", 8, 32, 34, True, "legacy"),
-        Format("Q6_K", 14, 256, 210, True, "kquants"),
-        Format("Q5_K", 13, 256, 176, False, "kquants"),
-        Format("Q5_1", 7, 32, 24, False, "legacy"),
-        Format("Q5_0", 6, 32, 22, True, "legacy"),
-        Format("Q4_K", 12, 256, 144, False, "kquants"),
-        Format("Q4_1", 3, 32, 20, False, "legacy"),
-        Format("Q4_0", 2, 32, 18, True, "legacy"),
-        Format("Q3_K", 11, 256, 110, True, "kquants"),
-        Format("Q2_K", 10, 256, 84, False, "kquants"),
-        Format("IQ4_NL", 20, 32, 18, True, "iquants"),
-        Format("IQ4_XS", 23, 256, 136, True, "iquants"),
+        Format("F8_E4M3", None, 1, 1, "floats", (("value", 1),)),
+        Format("Q8_0", 8, 32, 34, "legacy", (("d", 2), ("qs", 32))),
+        Format("Q6_K", 14, QK_K, 210, "kquants", (("ql", 128), ("qh", 64), ("scales", 16), ("d", 2))),
+        Format("Q5_K", 13, QK_K, 176, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128))),
+        Format("Q5_1", 7, 32, 24, "legacy", (("d", 2), ("m", 2), ("qh", 4), ("qs", 16))),
+        Format("Q5_0", 6, 32, 22, "legacy", (("d", 2), ("qh", 4), ("qs", 16))),
+        Format("Q4_K", 12, QK_K, 144, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qs", 128))),
+        Format("Q4_1", 3, 32, 20, "legacy", (("d", 2), ("m", 2), ("qs", 16))),
+        Format("Q4_0", 2, 32, 18, "legacy", (("d", 2), ("qs", 16))),
+        Format("Q3_K", 11, QK_K, 110, "kquants", (("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2))),
+        Format("Q2_K", 10, QK_K, 84, "kquants", (("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2))),
+        Format("IQ4_NL", 20, QK4_NL, 18, "iquants", (("d", 2), ("qs", 16))),
+        Format("IQ4_XS", 23, QK_K, 136, "iquants", (("d", 2), ("scales_h", 2), ("scales_l", 4), ("qs", 128))),
         # bitsandbytes NF4 as one self-contained block: fp32 absmax, then 32 bytes of codes (see reference/nf4.py).
-        Format("NF4", None, 64, 36, True, "nf4"),
+        Format("NF4", None, NF4_BLOCK, 36, "nf4", (("absmax", 4), ("qs", 32))),
     )
 }
 
@@ -81,6 +102,11 @@ NF4_VALUES = (
 )
 # ggml's kvalues_iq4nl: the 16 non-uniform int8 levels of IQ4_NL and IQ4_XS codes.
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# bitsandbytes' double quantization: absmax values sharing one nested absmax.
+NF4_NESTED_BLOCK = 256
+# bitsandbytes clamps absmax to this (a float32 subnormal) before taking its reciprocal, so an all-zero block gets
+# code 7 (0.0) everywhere; blocks of tiny values are scaled by 1 / 1e-38 instead of their own absmax.
+NF4_SMALLEST_ABSMAX_DIVISOR = 1e-38
 
 GGUF_FORMATS = tuple(name for name, f in FORMATS.items() if f.in_gguf)
 

@@ -160,6 +160,22 @@ def test_double_quantized_weight_dequantizes_like_bitsandbytes(case):
     assert_same_floats(dequantize_weight(w, x.shape), bnb_dequantize(packed, state))
 
 
+@pytest.mark.parametrize("case", DOUBLE_QUANT_INPUTS)
+def test_torch_blocks_from_bitsandbytes_equal_reference(case):
+    """What the Forge loader runs (torch) against the reference's blocks, from bitsandbytes' own tensors."""
+    x = DOUBLE_QUANT_INPUTS[case]()
+    packed, state = bnb_quantize(x, compress_statistics=True)
+    got = torch_nf4.blocks_from_bnb(packed, quantized_absmax=state.absmax, nested_absmax=state.state2.absmax,
+                          nested_quant_map=state.state2.code, offset=state.offset.item())
+    assert np.array_equal(got.numpy(), nf4.to_blocks(double_quantized_weight_from_bnb(packed, state)))
+    packed, state = bnb_quantize(x, compress_statistics=False)
+    got = torch_nf4.blocks_from_bnb(packed, state.absmax)
+    assert np.array_equal(got.numpy(), nf4.to_blocks(nf4.NF4Weight(codes=packed.numpy().reshape(-1),
+                                                                   absmax=state.absmax.numpy())))
+    with pytest.raises(ValueError, match=r"absmax must have shape \(3,\)"):
+        torch_nf4.blocks_from_bnb(torch.zeros(96, dtype=torch.uint8), torch.ones(2))
+
+
 @needs_native_bnb
 @pytest.mark.parametrize("case", DOUBLE_QUANT_INPUTS)
 def test_double_quantize_matches_bitsandbytes(case):

@@ -25,16 +25,17 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import torch
 
 from engine.errors import ModelFileError
+from kernels.formats import NF4_NESTED_BLOCK, NF4_VALUES, get_format
 from kernels.qtensor import QTensor
-from kernels.reference import nf4
+from kernels.torch_codecs.nf4 import blocks_from_bnb
 
 QUANT_STATE_KEY = ".quant_state.bitsandbytes__"
 # Auxiliary tensors of a weight `X.weight`, under `X.weight.` (the quant-state JSON key is added per quant type).
 AUX_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+BLOCK_SIZE = get_format("NF4").block_size
 
 
 def _find_groups(tensors: dict) -> dict[str, str]:
@@ -47,18 +48,18 @@ def _find_groups(tensors: dict) -> dict[str, str]:
     return groups
 
 
-def _numpy(tensor, what: str, dtype: torch.dtype, path) -> np.ndarray:
+def _flat(tensor, what: str, dtype: torch.dtype, path) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype:
         got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ModelFileError(path, f"bitsandbytes tensor {what}: expected {dtype}, got {got}")
-    return tensor.detach().cpu().contiguous().reshape(-1).numpy()
+    return tensor.detach().reshape(-1)
 
 
 def _read_quant_state(tensors: dict, weight: str, key: str, path) -> dict:
     qs = tensors[key]
     try:
-        raw = _numpy(qs, key, torch.uint8, path)
-        state = json.loads(raw.tobytes().decode("utf-8"))
+        raw = _flat(qs, key, torch.uint8, path)
+        state = json.loads(bytes(raw.tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(path, f"{weight}: corrupt bitsandbytes quant state {key!r}: {e}") from None
     if not isinstance(state, dict):
@@ -74,15 +75,15 @@ def _convert(tensors: dict, weight: str, key: str, path) -> tuple[QTensor, list[
         raise ModelFileError(path, f"{weight}: quant state {key!r} says quant_type {quant_type!r}")
     if quant_type != "nf4":
         raise ModelFileError(path, f"{weight}: bitsandbytes quant_type {quant_type!r} is unsupported (only nf4)")
-    if state.get("blocksize") != nf4.BLOCK_SIZE:
+    if state.get("blocksize") != BLOCK_SIZE:
         raise ModelFileError(path, f"{weight}: bitsandbytes blocksize {state.get('blocksize')!r} is unsupported "
-                                   f"(only {nf4.BLOCK_SIZE})")
+                                   f"(only {BLOCK_SIZE})")
     shape = state.get("shape")
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise ModelFileError(path, f"{weight}: bad logical shape {shape!r} in its quant state")
-    if shape[-1] % nf4.BLOCK_SIZE:
-        raise ModelFileError(path, f"{weight}{shape}: last dimension is not a multiple of {nf4.BLOCK_SIZE}, so NF4 "
+    if shape[-1] % BLOCK_SIZE:
+        raise ModelFileError(path, f"{weight}{shape}: last dimension is not a multiple of {BLOCK_SIZE}, so NF4 "
                                    f"blocks of the flattened weight do not align with its rows")
     prefix = weight + "."
     present = {s: prefix + s for s in AUX_SUFFIXES if prefix + s in tensors}
@@ -91,44 +92,44 @@ def _convert(tensors: dict, weight: str, key: str, path) -> tuple[QTensor, list[
             raise ModelFileError(path, f"{weight}: bitsandbytes NF4 weight without {prefix + required}")
     nested = "nested_absmax" in present or "nested_quant_map" in present
     numel = math.prod(shape)
-    codes = _numpy(tensors[weight], weight, torch.uint8, path)
-    if codes.size != numel // 2:
-        raise ModelFileError(path, f"{weight}: {codes.size} code bytes for logical shape {shape} "
+    codes = _flat(tensors[weight], weight, torch.uint8, path)
+    if codes.numel() != numel // 2:
+        raise ModelFileError(path, f"{weight}: {codes.numel()} code bytes for logical shape {shape} "
                                    f"({numel // 2} expected)")
-    quant_map = _numpy(tensors[present["quant_map"]], present["quant_map"], torch.float32, path)
-    if quant_map.shape != nf4.NF4_VALUES.shape or not np.array_equal(quant_map.view(np.uint32),
-                                                                      nf4.NF4_VALUES.view(np.uint32)):
+    quant_map = _flat(tensors[present["quant_map"]], present["quant_map"], torch.float32, path)
+    code_book = torch.tensor(NF4_VALUES, dtype=torch.float32)
+    if quant_map.shape != code_book.shape or not torch.equal(quant_map.cpu().view(torch.int32),
+                                                               code_book.view(torch.int32)):
         raise ModelFileError(path, f"{present['quant_map']}: not the NF4 code book")
     try:
         if nested:
             for required in ("nested_absmax", "nested_quant_map"):
                 if required not in present:
                     raise ModelFileError(path, f"{weight}: double-quantized NF4 weight without {prefix + required}")
-            if state.get("nested_blocksize") != nf4.NESTED_BLOCK_SIZE:
+            if state.get("nested_blocksize") != NF4_NESTED_BLOCK:
                 raise ModelFileError(path, f"{weight}: bitsandbytes nested_blocksize {state.get('nested_blocksize')!r}"
-                                           f" is unsupported (only {nf4.NESTED_BLOCK_SIZE})")
+                                           f" is unsupported (only {NF4_NESTED_BLOCK})")
             if state.get("nested_dtype", "float32") != "float32":
                 raise ModelFileError(path, f"{weight}: nested_dtype {state.get('nested_dtype')!r} is unsupported")
             offset = state.get("nested_offset")
             if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
                 raise ModelFileError(path, f"{weight}: bad nested_offset {offset!r} in its quant state")
-            w = nf4.NF4Weight(
-                codes=codes,
-                quantized_absmax=_numpy(tensors[present["absmax"]], present["absmax"], torch.uint8, path),
-                nested_absmax=_numpy(tensors[present["nested_absmax"]], present["nested_absmax"], torch.float32, path),
-                nested_quant_map=_numpy(tensors[present["nested_quant_map"]], present["nested_quant_map"],
-                                        torch.float32, path),
-                offset=float(np.float32(offset)),  # bitsandbytes: torch.tensor(float(nested_offset)), a float32
+            blocks = blocks_from_bnb(
+                codes,
+                quantized_absmax=_flat(tensors[present["absmax"]], present["absmax"], torch.uint8, path),
+                nested_absmax=_flat(tensors[present["nested_absmax"]], present["nested_absmax"], torch.float32, path),
+                nested_quant_map=_flat(tensors[present["nested_quant_map"]], present["nested_quant_map"],
+                                       torch.float32, path),
+                offset=offset,  # bitsandbytes: torch.tensor(float(nested_offset)), a float32; so does blocks_from_bnb
             )
         else:
-            w = nf4.NF4Weight(codes=codes,
-                              absmax=_numpy(tensors[present["absmax"]], present["absmax"], torch.float32, path))
+            blocks = blocks_from_bnb(codes, _flat(tensors[present["absmax"]], present["absmax"], torch.float32, path))
     except ValueError as e:
         if isinstance(e, ModelFileError):
             raise
         raise ModelFileError(path, f"{weight}{shape}: inconsistent bitsandbytes NF4 tensors: {e}") from None
-    blocks = nf4.to_blocks(w)  # a new array: the absmax of every block (double quantization undone), then its codes
-    raw = torch.from_numpy(blocks).reshape(math.prod(shape[:-1]), -1)
+    # a new tensor: the absmax of every block (double quantization undone), then its codes
+    raw = blocks.reshape(math.prod(shape[:-1]), -1)
     return QTensor(raw, "NF4", tuple(shape)), [key, *present.values()]
 
 

@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.formats import FORMATS, IQ4_VALUES, QK4_NL, QK_K
+from kernels.reference.common import pack_nibbles, read_f16, unpack_nibbles
+
 __all__ = ["KVALUES", "dequantize_iq4_nl", "quantize_iq4_nl", "dequantize_iq4_xs", "quantize_iq4_xs"]
 
-QK4_NL = 32
-QK_K = 256
-IQ4_NL_BYTES = 18
-IQ4_XS_BYTES = 136
+IQ4_NL_BYTES = FORMATS["IQ4_NL"].block_bytes
+IQ4_XS_BYTES = FORMATS["IQ4_XS"].block_bytes
 
-KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+KVALUES = np.array(IQ4_VALUES, dtype=np.int8)
 _VF = KVALUES.astype(np.float32)
 _MID = (_VF[:-1] + _VF[1:]) / np.float32(2)  # 15 decision thresholds, all multiples of 0.5
 
@@ -78,11 +79,6 @@ def best_index(al: np.ndarray) -> np.ndarray:
     """ggml's best_index_int8(16, kvalues_iq4nl, al) elementwise (uint8)."""
     with np.errstate(invalid="ignore", over="ignore"):
         return _IDX_LUT[_lut_bucket(np.asarray(al, dtype=np.float32))]
-
-
-def _pack_nibbles(L: np.ndarray) -> np.ndarray:
-    """L: uint8 codes (32, M) element-major -> (M, 16) bytes: byte j = L[j] | L[j+16] << 4."""
-    return (L[:16] | (L[16:] << np.uint8(4))).T
 
 
 def _search_chunk(X: np.ndarray) -> np.ndarray:
@@ -130,26 +126,15 @@ def _check_blocks(a: np.ndarray, width: int, dtype, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _f16_scale(raw2: np.ndarray) -> np.ndarray:
-    """(n, 2) little-endian fp16 bytes -> float32 (n,)."""
-    h = raw2[:, 0].astype(np.uint16) | (raw2[:, 1].astype(np.uint16) << np.uint16(8))
-    return h.view(np.float16).astype(np.float32)
-
-
-def _unpack_codes(qs: np.ndarray) -> np.ndarray:
-    """(..., 16) bytes -> (..., 32) codes: low nibbles are elements 0..15, high nibbles 16..31."""
-    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
-
-
 # ---------------------------------------------------------------------------------------------------- IQ4_NL
 
 
 def dequantize_iq4_nl(blocks: np.ndarray) -> np.ndarray:
     """uint8 (nblocks, 18) -> float32 (nblocks, 32)."""
     b = _check_blocks(blocks, IQ4_NL_BYTES, np.uint8, "dequantize_iq4_nl")
-    d = _f16_scale(b[:, :2])
+    d = read_f16(b, 0)[:, 0]
     with np.errstate(invalid="ignore"):  # inf * code stays as in C; only 0 * inf makes NaN
-        return d[:, None] * _VF[_unpack_codes(b[:, 2:])]
+        return d[:, None] * _VF[unpack_nibbles(b[:, 2:])]
 
 
 def _quantize_nl_chunk(x: np.ndarray) -> np.ndarray:
@@ -161,7 +146,7 @@ def _quantize_nl_chunk(x: np.ndarray) -> np.ndarray:
         idn = np.where(d != _F0, _F1 / np.where(d != _F0, d, _F1), _F0)  # id = scales[0] ? 1/scales[0] : 0
         L = best_index(idn[None, :] * X)
     out[:, :2] = d.astype("<f2").view(np.uint8).reshape(n, 2)
-    out[:, 2:] = _pack_nibbles(L)
+    out[:, 2:] = pack_nibbles(L.T)  # L: codes (32, M), element-major
     return out
 
 
@@ -190,8 +175,8 @@ def dequantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
     """uint8 (nblocks, 136) -> float32 (nblocks, 256)."""
     b = _check_blocks(blocks, IQ4_XS_BYTES, np.uint8, "dequantize_iq4_xs")
     n = b.shape[0]
-    d = _f16_scale(b[:, :2])
-    codes = _unpack_codes(b[:, 8:].reshape(n, QK_K // 32, 16))  # (n, 8, 32)
+    d = read_f16(b, 0)[:, 0]
+    codes = unpack_nibbles(b[:, 8:].reshape(n, QK_K // 32, 16))  # (n, 8, 32)
     with np.errstate(invalid="ignore"):
         dl = d[:, None] * _xs_sub_scales(b)  # (n, 8): d * (ls - 32)
         return (dl[:, :, None] * _VF[codes]).reshape(n, QK_K)
@@ -225,7 +210,7 @@ def _quantize_xs_chunk(x: np.ndarray) -> np.ndarray:
     out[:, 3] = (sh >> np.uint16(8)).astype(np.uint8)
     low = ls & np.uint8(0x0F)
     out[:, 4:8] = low[:, 0::2] | (low[:, 1::2] << np.uint8(4))
-    out[:, 8:] = _pack_nibbles(L).reshape(n, nsub * 16)
+    out[:, 8:] = pack_nibbles(L.T).reshape(n, nsub * 16)
     return out
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.formats import QK_K
 from kernels.reference.common import (
     F32, f16_bytes, f16_round, first_absmax, nearest_int, pack_bits, pack_nibbles, read_f16, sequential_sum,
     unpack_bits, unpack_nibbles,
 )
 
-QK_K = 256
 GROUP_MAX_EPS = F32(1e-15)
 
 

@@ -43,16 +43,14 @@ from kernels import formats
 _FORMAT = formats.get_format("NF4")
 BLOCK_SIZE = _FORMAT.block_size  # 64 weights share one absmax
 BLOCK_BYTES = _FORMAT.block_bytes  # 4 bytes of absmax + 32 bytes of codes
-ABSMAX_BYTES = 4
-NESTED_BLOCK_SIZE = 256  # absmax values sharing one nested absmax under double quantization
+ABSMAX_BYTES = _FORMAT.offset("qs")
+NESTED_BLOCK_SIZE = formats.NF4_NESTED_BLOCK  # absmax values sharing one nested absmax under double quantization
 
 NF4_VALUES = np.array(formats.NF4_VALUES, dtype=np.float32)  # the code book (kernels/formats.py)
 # Decision boundaries of the nearest-code search, computed in float32 like bitsandbytes' bucketize bounds.
 NF4_MIDPOINTS = (NF4_VALUES[:-1] + NF4_VALUES[1:]) / np.float32(2)
 
-# bitsandbytes clamps absmax to this (a float32 subnormal) before taking its reciprocal, so an all-zero block gets
-# code 7 (0.0) everywhere; blocks of tiny values are scaled by 1 / 1e-38 instead of their own absmax.
-SMALLEST_ABSMAX_DIVISOR = np.float32(1e-38)
+SMALLEST_ABSMAX_DIVISOR = np.float32(formats.NF4_SMALLEST_ABSMAX_DIVISOR)  # see kernels/formats.py
 
 
 def _signed_dynamic_map() -> np.ndarray:

@@ -42,6 +42,23 @@ def divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
     return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
 
 
+def f16_round(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> fp16 -> float32, the value a stored scale has when it is read back."""
+    return values.to(torch.float16).to(torch.float32)
+
+
+def nearest_int(values: torch.Tensor) -> torch.Tensor:
+    """ggml's `nearest_int` bit trick, exactly (also for the huge values it wraps), as int32."""
+    shifted = (values + 12582912.0).view(torch.int32)
+    return (shifted & 0x007FFFFF) - 0x00400000
+
+
+def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of `(n, B)`: largest |x| and the signed value where it first occurs (torch's argmax is the first)."""
+    signed = x.gather(0, x.abs().argmax(dim=0, keepdim=True))[0]
+    return signed.abs(), signed
+
+
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """uint8 `(..., m)` -> `(..., 2m)`: the low nibbles of all bytes, then the high nibbles (ggml's order)."""
     return torch.cat([packed & 0x0F, packed >> 4], dim=-1)

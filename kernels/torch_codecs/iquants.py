@@ -29,14 +29,13 @@ from __future__ import annotations
 import torch
 
 from kernels import state
+from kernels.formats import FORMATS, IQ4_VALUES, QK4_NL, QK_K
+from kernels.torch_codecs.common import pack_nibbles, unpack_nibbles
 
 __all__ = ["dequantize_iq4_nl", "quantize_iq4_nl", "dequantize_iq4_xs", "quantize_iq4_xs"]
 
-QK4_NL = 32
-QK_K = 256
-IQ4_NL_BYTES = 18
-IQ4_XS_BYTES = 136
-KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4_NL_BYTES = FORMATS["IQ4_NL"].block_bytes
+IQ4_XS_BYTES = FORMATS["IQ4_XS"].block_bytes
 _NTRY = 7
 _LUT_LO, _LUT_HI = -256, 255  # buckets of floor(2 * al); decision thresholds are multiples of 0.5
 _EPS = 1e-15  # GROUP_MAX_EPS (rounded to float32 where used)
@@ -45,17 +44,18 @@ _CHUNK = 8192  # sub-blocks per step
 # |x|^3 * 127^2 < 1e35
 _FAST_MAX = 1e10
 
+
 def _build_consts(device: torch.device) -> dict:
-    vf = torch.tensor(KVALUES, dtype=torch.float32)
+    """The quantizer's lookup tables, derived from the IQ4 code book."""
+    vf = torch.tensor(IQ4_VALUES, dtype=torch.float32)
     mid = (vf[:-1] + vf[1:]) / 2
     edges = torch.arange(_LUT_LO, _LUT_HI + 1, dtype=torch.float32) / 2
     idx = torch.searchsorted(mid, edges, right=True)  # best_index on each bucket [k/2, (k+1)/2)
     c = {
-        "vf": vf,
         "idx_lut": idx.to(torch.uint8),
         "q_lut": vf[idx],  # value of the code of each bucket
         "q_next": vf[torch.clamp(idx + 1, max=15)],  # value of the next code up (113 at the top)
-        "try_num": (torch.arange(-_NTRY, _NTRY + 1) + KVALUES[0]).to(torch.float32),
+        "try_num": (torch.arange(-_NTRY, _NTRY + 1) + IQ4_VALUES[0]).to(torch.float32),
         "one": torch.ones(1),
         "c127": torch.full((1,), 127.0),
         "eps": torch.full((1,), _EPS, dtype=torch.float32),
@@ -215,15 +215,6 @@ def _f16_scale(raw2: torch.Tensor) -> torch.Tensor:
     return (bits | sign).view(torch.float32)
 
 
-def _unpack_codes(qs: torch.Tensor) -> torch.Tensor:
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).to(torch.int64)
-
-
-def _pack_nibbles(L: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (32, M) element-major -> (M, 16)."""
-    return (L[:16] | (L[16:] << 4)).t()
-
-
 def _inv_or_zero(d: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
     nz = d != 0
     return torch.where(nz, one / torch.where(nz, d, one), 0.0)
@@ -244,9 +235,9 @@ def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
 def dequantize_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
     """uint8 (nblocks, 18) -> float32 (nblocks, 32)."""
     b = _check(blocks, IQ4_NL_BYTES, torch.uint8, "dequantize_iq4_nl")
-    vf = _consts(b.device)["vf"]
+    vf = state.table("iq4", b.device)
     d = _f16_scale(b[:, :2])
-    return d[:, None] * vf[_unpack_codes(b[:, 2:])]
+    return d[:, None] * vf[unpack_nibbles(b[:, 2:]).long()]
 
 
 def quantize_iq4_nl(x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +258,7 @@ def quantize_iq4_nl(x: torch.Tensor) -> torch.Tensor:
         o = out[b0:b0 + _CHUNK]
         o[:, 0] = (h & 0xFF).to(torch.uint8)
         o[:, 1] = ((h >> 8) & 0xFF).to(torch.uint8)
-        o[:, 2:] = _pack_nibbles(L)
+        o[:, 2:] = pack_nibbles(L.t())  # L: codes (32, M), element-major
     return out
 
 
@@ -278,14 +269,14 @@ def dequantize_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
     """uint8 (nblocks, 136) -> float32 (nblocks, 256)."""
     b = _check(blocks, IQ4_XS_BYTES, torch.uint8, "dequantize_iq4_xs")
     n = b.shape[0]
-    vf = _consts(b.device)["vf"]
+    vf = state.table("iq4", b.device)
     d = _f16_scale(b[:, :2])
     sh = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)
     ib = torch.arange(QK_K // 32, device=b.device)
     lo = (b[:, 4 + ib // 2].to(torch.int32) >> (4 * (ib % 2))) & 0x0F
     hi = (sh[:, None] >> (2 * ib)) & 3
     dl = d[:, None] * ((lo | (hi << 4)) - 32).to(torch.float32)  # (n, 8)
-    codes = _unpack_codes(b[:, 8:].reshape(n, QK_K // 32, 16))
+    codes = unpack_nibbles(b[:, 8:].reshape(n, QK_K // 32, 16)).long()
     return (dl[:, :, None] * vf[codes]).reshape(n, QK_K)
 
 
@@ -327,5 +318,5 @@ def quantize_iq4_xs(x: torch.Tensor) -> torch.Tensor:
         o[:, 2] = (sh & 0xFF).to(torch.uint8)
         o[:, 3] = ((sh >> 8) & 0xFF).to(torch.uint8)
         o[:, 4:8] = (low[:, 0::2] | (low[:, 1::2] << 4)).to(torch.uint8)
-        o[:, 8:] = _pack_nibbles(L).reshape(m, nsub * 16)
+        o[:, 8:] = pack_nibbles(L.t()).reshape(m, nsub * 16)
     return out

@@ -14,9 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.torch_codecs.common import f16_bytes, pack_bits, pack_nibbles, read_f16, unpack_bits, unpack_nibbles
+from kernels.formats import QK_K
+from kernels.torch_codecs.common import (
+    f16_bytes, f16_round, first_absmax, nearest_int, pack_bits, pack_nibbles, read_f16, unpack_bits, unpack_nibbles,
+)
 
-QK_K = 256
 GROUP_MAX_EPS = 1e-15
 
 
@@ -113,22 +115,6 @@ def dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
 def _const(value, like: torch.Tensor) -> torch.Tensor:
     """A float32 constant on `like`'s device, rounded to float32 as the reference's np.float32 arithmetic does."""
     return torch.tensor(float(np.float32(value)), dtype=torch.float32, device=like.device)
-
-
-def nearest_int(values: torch.Tensor) -> torch.Tensor:
-    """ggml's `nearest_int` bit trick, exactly (also for the huge values it wraps), as int32."""
-    shifted = (values + 12582912.0).view(torch.int32)
-    return (shifted & 0x007FFFFF) - 0x00400000
-
-
-def f16_round(values: torch.Tensor) -> torch.Tensor:
-    return values.to(torch.float16).to(torch.float32)
-
-
-def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column of `(n, B)`: largest |x| and the signed value where it first occurs (torch's argmax is the first)."""
-    signed = x.gather(0, x.abs().argmax(dim=0, keepdim=True))[0]
-    return signed.abs(), signed
 
 
 def _qkx2_codes(x, origin, iscale, nmax):
