@@ -70,17 +70,12 @@ class QuantLinear(nn.Module):
         self.format, self.scale = weight.format, weight.scale
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._view = (weight.raw, weight)
 
     @property
     def weight(self) -> QTensor:
-        # The buffer is the one place the bytes live; the view is cached against the buffer object (building a
-        # QTensor costs microseconds per forward) and rebuilt once the buffer was replaced (.to(), a streamed swap).
-        raw, view = self._view
-        if raw is not self.raw:
-            view = QTensor(self.raw, self.format, (self.out_features, self.in_features), self.scale)
-            self._view = (self.raw, view)
-        return view
+        # Built on each access (microseconds) rather than cached: a cached view would keep the bytes a `.to()` moved
+        # away alive, and the buffer stays the one place they live.
+        return QTensor(self.raw, self.format, (self.out_features, self.in_features), self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.weight, self.bias)

@@ -9,6 +9,7 @@ converter.
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -415,6 +416,11 @@ def test_quantized_bytes_are_buffers():
         sd["double_blocks.0.img_attn.qkv.weight"].raw.data_ptr()
     assert sum(b.nbytes for b in model.buffers()) == sum(v.nbytes for v in sd.values() if isinstance(v, QTensor))
 
+    fresh = QuantLinear(QTensor.quantize(torch.randn(8, 32), "Q8_0"))
+    moved_away, view = weakref.ref(fresh.raw), fresh.weight
+    del view
+    fresh.to("meta")  # nothing keeps the old bytes alive
+    assert moved_away() is None and fresh.weight.device.type == "meta"
     half = QuantLinear(qkv.weight, qkv.bias).to(torch.float16)  # dtype casts leave the quantized bytes alone
     assert half.raw.dtype == torch.uint8 and half.bias.dtype == torch.float16 and half.weight.format == "Q8_0"
     vec_prefixes = tuple(f"{name}." for name, m in model.named_modules() if m in model.vec_modules())
