@@ -42,7 +42,7 @@ class DemoConfig:
                                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
                                                   relative_attention_max_distance=128))
     clip: dict = field(default_factory=lambda: dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                                    num_attention_heads=2, max_position_embeddings=77,
+                                                    num_attention_heads=1, max_position_embeddings=77,
                                                     hidden_act="quick_gelu", eos_token_id=2))
     ae: dict = field(default_factory=lambda: dict(resolution=64, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1,
                                                   norm_groups=8))
@@ -61,7 +61,7 @@ class DemoConfig:
     dit_lr: float = 5e-4
     dit_ema: float = 0.999
     prompt_dropout: float = 0.1
-    checkpoint_every: int = 500
+    checkpoint_every: int = 200
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
