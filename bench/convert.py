@@ -16,14 +16,12 @@ file writing are not included.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
 import torch
 
-from engine.convert import CHUNK_ELEMENTS, PRESETS, default_workers, encode, worker_pool
-from kernels import torch_codecs
+from engine.convert import CHUNK_ELEMENTS, PRESETS, default_workers, encode, stop_pool, warm_up, worker_pool
 from kernels.formats import get_format
 
 DEFAULT_SHAPES = "3072x3072,3072x12288,12288x3072,3072x9216"
@@ -48,15 +46,6 @@ def quantized_types() -> list[str]:
             if get_format(t).is_quantized and t not in seen:
                 seen.append(t)
     return seen
-
-
-def _warmed(fmt: str, seconds: float) -> int:
-    """Runs in a worker: quantize a little `fmt` (the first K-quant call compiles its search step, seconds that a
-    whole conversion pays once and a short measurement must not), then stay busy so the next task goes to another
-    worker."""
-    torch_codecs.quantize(torch.randn(8, 3072, generator=torch.Generator().manual_seed(0)), fmt)
-    time.sleep(seconds)
-    return os.getpid()
 
 
 def timed(x: torch.Tensor, fmt: str, pool) -> tuple[float, np.ndarray]:
@@ -96,10 +85,10 @@ def main(argv=None) -> None:
 
     pool = worker_pool(args.workers)
     try:
-        for fmt in types:  # start every worker and compile what the measurements use before timing anything
-            _warmed(fmt, 0.0)
-            if pool is not None:
-                assert len(set(pool.map(_warmed, [fmt] * args.workers, [0.5] * args.workers))) == args.workers
+        # start every worker and compile what the measurements use, here and in the workers, before timing anything
+        warm_up(types, None)
+        if pool is not None:
+            warm_up(types, pool)
         print(f"# `python -m bench.convert`: row chunks of ~{CHUNK_ELEMENTS / 1e6:.2f}M weights, {chunks} chunks per "
               f"measurement, 1 process (1 torch thread) vs {args.workers} workers (spawned, 1 thread each)\n")
         print(f"| type | shape (out×in) | rows measured | 1 process M w/s | {args.workers} workers M w/s | ratio |")
@@ -119,7 +108,7 @@ def main(argv=None) -> None:
                 print(f"| {fmt} | {n_out}×{n_in} | {rows} | {r1:.1f} | {rn:.1f} | {rn / r1:.2f}× |", flush=True)
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            stop_pool(pool)
 
     def mean_rates(fmt, mode):
         return {k: float(np.mean(v)) for k, v in rates[fmt][mode].items()}

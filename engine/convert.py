@@ -31,9 +31,9 @@ import logging
 import math
 import multiprocessing
 import os
+import secrets
 import signal
 import sys
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -85,7 +85,12 @@ def _quantize_chunk(x: np.ndarray, fmt: str, dtype: str = "float32") -> np.ndarr
     return torch_codecs.quantize(rows, fmt).numpy()
 
 
-def _init_worker() -> None:
+_BARRIER = None  # in a worker: the pool's barrier, where warm-up tasks wait for each other
+
+
+def _init_worker(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it cancels and cleans up
 
@@ -94,8 +99,50 @@ def worker_pool(workers: int) -> cf.ProcessPoolExecutor | None:
     """A pool of `workers` quantizing processes ('spawn': no forked torch state), or None for `workers` <= 1."""
     if workers <= 1:
         return None
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker)
+    context = multiprocessing.get_context("spawn")
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                  initargs=(context.Barrier(workers),))
+
+
+def stop_pool(pool: cf.ProcessPoolExecutor) -> None:
+    """Stop the workers now. `shutdown(cancel_futures=True)` alone waits for the tasks already running, which during
+    the warm-up are compiles of ~9 s: Ctrl-C would take that long. (Python 3.14 has `terminate_workers()` for this.)"""
+    for process in list(pool._processes.values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def compiled_formats(formats: Iterable[str]) -> list[str]:
+    """The formats among `formats` whose quantizer is compiled at its first call (the K-quants' scale search, with
+    torch.compile on the CPU), in order, once each."""
+    return list(dict.fromkeys(f for f in formats if get_format(f).family == "kquants"))
+
+
+def _warm(formats: list[str], barrier=None) -> int:
+    """Quantize one row chunk of Flux's width in each format: a K-quant's first call compiles its search (~9 s on 2
+    cores), which every later call reuses. With a barrier, wait for the pool's other workers: each then holds one
+    warm-up task, so all of them are warm whichever started first. Returns this process's id."""
+    x = torch.randn(CHUNK_ELEMENTS // 3072, 3072, generator=torch.Generator().manual_seed(0)) * 0.02
+    for fmt in formats:
+        torch_codecs.quantize(x, fmt)
+    if barrier is not None:
+        barrier.wait()
+    return os.getpid()
+
+
+def _warm_worker(formats: list[str]) -> int:
+    return _warm(formats, _BARRIER)
+
+
+def warm_up(formats: Iterable[str], pool: cf.ProcessPoolExecutor | None) -> list[int]:
+    """Compile the quantizers of `formats` (see `compiled_formats`) where they will run: in every worker of `pool`, or
+    in this process without one; returns the ids of the processes warmed. Before a progress bar or a timing starts.
+    A pool is warmed even when no format compiles: its workers are then started."""
+    formats = compiled_formats(formats)
+    if pool is None:
+        return [_warm(formats)]
+    futures = [pool.submit(_warm_worker, formats) for _ in range(pool._max_workers)]
+    return [future.result() for future in futures]
 
 
 def _source_rows(source, r0: int, r1: int) -> torch.Tensor:
@@ -189,6 +236,15 @@ def default_output(src: Path, type_name: str) -> Path:
     return src.with_name(f"{stem}-{type_name}.gguf")
 
 
+def _new_temporary(out: Path) -> Path:
+    """A new empty file next to `out`, to be renamed to it. Created with mode 0666 less the umask, as `open` creates
+    files: the rename keeps the mode, and mkstemp's 0600 would hide the output from other accounts (a ComfyUI
+    service). The name is unique per process and call; O_EXCL refuses to reuse a file that is there."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
 def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, progress: bool = True) -> Path:
     """Convert checkpoint `src` to GGUF file `out` with preset `type_name`; returns `out`.
 
@@ -202,6 +258,8 @@ def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, 
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():  # a typo in the path must not create a directory tree
+        raise FileNotFoundError(f"the output's directory {out.parent} does not exist")
     tensors = load_checkpoint(src)
 
     requantized = sorted({t.format for t in tensors.values() if isinstance(t, QTensor)})
@@ -212,15 +270,13 @@ def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, 
     plan = [(name, t, tensor_format(name, tuple(t.shape), preset)) for name, t in tensors.items()]
     n_quantized = sum(get_format(fmt).is_quantized for _, _, fmt in plan)
     parallel = any(get_format(fmt).family in PARALLEL_FAMILIES for _, _, fmt in plan)
+    compiled = compiled_formats(fmt for _, _, fmt in plan)
     total = sum(math.prod(t.shape) for t in tensors.values())
     log.info("%s -> %s: %s, %d tensors, %d quantized (%s), others %s, %d worker%s", src, out, type_name, len(plan),
              n_quantized, "/".join(sorted({preset.block, preset.qkv})), preset.leftover, workers,
              "" if workers == 1 else "s")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temporary(out)
     writer = pool = None
     start = time.perf_counter()
     threads = torch.get_num_threads()
@@ -241,6 +297,11 @@ def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         pool = worker_pool(workers) if parallel else None
+        if compiled:
+            log.info("compiling the %s quantizer%s in %s (about 10 s) ...", "/".join(compiled),
+                     "s" if len(compiled) > 1 else "", "this process" if pool is None else f"{workers} workers")
+            warm_up(compiled, pool)
+        # after the warm-up: a bar started before it averages the compile into its rate and shows absurd ETAs
         with tqdm(total=total, unit="w", unit_scale=True, disable=not progress, desc=type_name) as bar:
             for name, raw in encode(plan, pool, bar):
                 writer.write_tensor_data(raw)
@@ -250,7 +311,7 @@ def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, 
         os.replace(tmp, out)
     except BaseException:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            stop_pool(pool)
             pool = None
         if writer is not None:
             writer.close()

@@ -5,6 +5,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -194,6 +195,7 @@ def test_nan_weight_is_reported_by_name(tmp_path, source, capsys):
     src = tmp_path / "bad.safetensors"
     save_file(bad, src)
     out_dir = tmp_path / "out"
+    out_dir.mkdir()
     assert run(src, "--type", "Q4_0", "--out", out_dir / "x.gguf", "--workers", 1) == 1
     assert "single_blocks.0.linear2.weight" in capsys.readouterr().err
     assert _listing(out_dir) == []
@@ -209,6 +211,73 @@ def test_existing_output_needs_force(source, tmp_path, capsys):
     assert run(src, "--type", "Q8_0", "--out", out, "--workers", 1, "--force") == 0
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == 7
     assert _listing(tmp_path) == ["flux.gguf"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_output_mode_follows_the_umask(source, tmp_path, umask):
+    src, _ = source
+    out = tmp_path / "flux.gguf"
+    previous = os.umask(umask)
+    try:
+        assert run(src, "--type", "Q4_0", "--out", out, "--workers", 1) == 0
+        made_by_open = tmp_path / "plain"
+        made_by_open.write_bytes(b"")  # what any other written file gets
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == made_by_open.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_missing_output_directory_is_an_error_not_created(source, tmp_path, capsys):
+    src, _ = source
+    assert run(src, "--type", "Q4_0", "--out", tmp_path / "typo" / "deeper" / "flux.gguf", "--workers", 1) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{tmp_path / 'typo' / 'deeper'} does not exist" in err
+    assert _listing(tmp_path) == []
+
+
+def test_warm_up_reaches_every_worker():
+    # One warm-up task per worker whatever their start-up order: they wait for each other at the pool's barrier
+    # (before, a worker that started first could take every task and leave the others cold).
+    pool = convert.worker_pool(3)
+    try:
+        pids = convert.warm_up([], pool)
+        assert len(pids) == len(set(pids)) == 3
+        assert set(pids) == {p.pid for p in pool._processes.values()}
+    finally:
+        pool.shutdown()
+
+
+def test_stop_pool_does_not_wait_for_running_tasks():
+    pool = convert.worker_pool(2)
+    futures = [pool.submit(time.sleep, 300) for _ in range(2)]
+    convert.warm_up([], None)  # nothing to compile here; the sleeps are now queued or running
+    start = time.perf_counter()
+    convert.stop_pool(pool)
+    assert time.perf_counter() - start < 60  # a worker's start-up at most, not the 300 s task
+    assert all(f.cancelled() or f.done() for f in futures)
+
+
+def test_progress_starts_after_the_compile_warm_up(source, tmp_path, caplog, monkeypatch):
+    src, _ = source
+    events = {}
+    real_warm_up, real_encode = convert.warm_up, convert.encode
+
+    def warm_up(formats, pool):
+        events["formats"] = formats
+        result = real_warm_up(formats, pool)
+        events["warm"] = time.time()
+        return result
+
+    def encode(plan, pool, bar):
+        events["bar"] = bar.start_t  # tqdm's clock (time.time) starts when the bar is made: its rate counts from there
+        return real_encode(plan, pool, bar)
+
+    monkeypatch.setattr(convert, "warm_up", warm_up)
+    monkeypatch.setattr(convert, "encode", encode)
+    with caplog.at_level("INFO", logger="engine.convert"):
+        convert.convert(src, tmp_path / "k.gguf", "Q4_K_M", workers=1, progress=True)
+    assert "compiling the Q4_K/Q5_K quantizers in this process" in caplog.text
+    assert events["formats"] == ["Q4_K", "Q5_K"] and events["bar"] >= events["warm"]
 
 
 def test_default_output_name(source, tmp_path):
