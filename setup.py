@@ -19,6 +19,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45", "diffusers>=0.30"],
+        # sentencepiece + protobuf: the text encoder tests train a T5 SentencePiece model, which transformers reads via protobuf
+        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45", "diffusers>=0.30", "sentencepiece", "protobuf"],
     },
 )

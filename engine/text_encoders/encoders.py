@@ -32,10 +32,6 @@ class TextEncoder:
         self.streamer = BlockStreamer(model, models.transformer_blocks(model))
         self._resident_on: torch.device | None = None
 
-    @property
-    def width(self) -> int:
-        return self.model.config.hidden_size if self.kind == "clip" else self.model.config.d_model
-
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return tokenization.tokenize(self.tokenizer, prompts, self.max_length)
 

@@ -247,8 +247,9 @@ def _gguf_format(name: str, shape: tuple[int, ...], type: str) -> str:
 
 def save_t5_gguf(path, state_dict_or_model, tokenizer, type: str = "Q8_0", context_length: int = 512) -> Path:
     """Write a T5 encoder as a city96-layout `t5encoder` GGUF: llama.cpp names and metadata, the tokenizer embedded,
-    2-D weights quantized to `type` (a GGUF format name: Q8_0, Q4_K, F16, ...) with our torch codecs. The file is
-    written to a temporary next to `path` and renamed into place."""
+    2-D weights quantized to `type` (a GGUF format name: Q8_0, Q4_K, F16, ...) with our torch codecs; `QTensor`s
+    already in their target format are written as they are. The file is written to a temporary next to `path` and
+    renamed into place."""
     from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
     from engine.text_encoders.models import t5_config
@@ -304,8 +305,13 @@ def save_t5_gguf(path, state_dict_or_model, tokenizer, type: str = "Q8_0", conte
             gguf_name = to_gguf_name(name)
             if gguf_name is None:
                 raise ValueError(f"{name} is not a T5 encoder tensor")
+            target = _gguf_format(gguf_name, tuple(t.shape), type)
+            if isinstance(t, QTensor) and t.format == target and t.scale is None:  # already stored so: no requantizing
+                raw = t.raw.cpu().numpy()
+                writer.add_tensor(gguf_name, raw, raw_shape=raw.shape,
+                                  raw_dtype=GGMLQuantizationType(get_format(target).ggml_type))
+                continue
             dense = t.dequantize(torch.float32) if isinstance(t, QTensor) else t.detach().float().cpu()
-            target = _gguf_format(gguf_name, tuple(dense.shape), type)
             if target == "F32":
                 writer.add_tensor(gguf_name, dense.numpy())
             elif target == "F16":
