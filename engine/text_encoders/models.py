@@ -61,8 +61,12 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, weight: QTensor, dtype: torch.dtype):
         super().__init__()
-        self.weight = weight
-        self.dtype = dtype
+        self.register_buffer("raw", weight.raw)  # like QuantLinear: the bytes are a buffer, `weight` a view of them
+        self.format, self.shape, self.scale, self.dtype = weight.format, weight.shape, weight.scale, dtype
+
+    @property
+    def weight(self) -> QTensor:
+        return QTensor(self.raw, self.format, self.shape, self.scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weight

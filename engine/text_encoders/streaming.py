@@ -18,25 +18,21 @@ import torch
 from torch import nn
 
 from engine.text_encoders.models import QuantEmbedding
-from kernels.qtensor import QTensor
 
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """One weight of a module: a parameter, a buffer or a `QTensor` attribute (`QuantLinear.weight`)."""
+    """One weight of a module: a parameter or a buffer (a `QuantLinear`'s quantized bytes are its buffer `raw`)."""
 
     owner: nn.Module
-    table: str | None  # "_parameters", "_buffers", or None for a plain attribute
+    table: str  # "_parameters" or "_buffers"
     name: str
 
     def get(self):
-        return getattr(self.owner, self.table)[self.name] if self.table else getattr(self.owner, self.name)
+        return getattr(self.owner, self.table)[self.name]
 
     def set(self, value) -> None:
-        if self.table:
-            getattr(self.owner, self.table)[self.name] = value
-        else:
-            setattr(self.owner, self.name, value)
+        getattr(self.owner, self.table)[self.name] = value
 
 
 def _slots(modules) -> list[Slot]:
@@ -46,21 +42,18 @@ def _slots(modules) -> list[Slot]:
             continue
         for table in ("_parameters", "_buffers"):
             slots += [Slot(module, table, name) for name, t in getattr(module, table).items() if t is not None]
-        slots += [Slot(module, None, name) for name, value in vars(module).items() if isinstance(value, QTensor)]
     return slots
 
 
 def _map(value, fn):
-    """`fn` applied to the storage of a parameter, buffer or QTensor, keeping its kind."""
-    if isinstance(value, QTensor):
-        return dataclasses.replace(value, raw=fn(value.raw))
+    """`fn` applied to the storage of a parameter or buffer, keeping its kind."""
     if isinstance(value, nn.Parameter):
         return nn.Parameter(fn(value.data), requires_grad=False)
     return fn(value)
 
 
 def _storage(value) -> torch.Tensor:
-    return value.raw if isinstance(value, QTensor) else value.data if isinstance(value, nn.Parameter) else value
+    return value.data if isinstance(value, nn.Parameter) else value
 
 
 class BlockStreamer:
