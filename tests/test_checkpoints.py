@@ -191,6 +191,20 @@ def test_gguf_header_errors(tmp_path):
         assert_model_file_error(truncated)
 
 
+@pytest.mark.parametrize("content", [b"", b"GG", b"not a gguf file at all"])
+def test_broken_gguf_is_reported_as_gguf(tmp_path, content):
+    path = tmp_path / "flux.gguf"
+    path.write_bytes(content)
+    message = assert_model_file_error(path, "GGUF")
+    assert "safetensors" not in message
+
+
+def test_empty_safetensors_is_reported_as_safetensors(tmp_path):
+    path = tmp_path / "flux.safetensors"
+    path.write_bytes(b"")
+    assert_model_file_error(path, "too short for a safetensors file")
+
+
 def test_gguf_duplicate_tensor_names(tmp_path):
     path = tiny_gguf(tmp_path)
     raw = path.read_bytes()

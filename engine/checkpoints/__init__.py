@@ -59,7 +59,8 @@ def _read_file(path: Path) -> Checkpoint:
         head = f.read(9)
     magic = head[:4]
     is_safetensors = head[8:9] == b"{"  # a u64 header length, then the JSON header
-    if magic == GGUF_MAGIC:
+    # the GGUF reader also takes .gguf files without the magic (empty, truncated, junk): its errors name GGUF
+    if magic == GGUF_MAGIC or (path.suffix.lower() == ".gguf" and not is_safetensors):
         tensors, metadata = read_gguf(path)
         arch = metadata.get("general.architecture")
         if arch is not None and arch != "flux":

@@ -84,6 +84,8 @@ class _Cursor:
 
 def _walk_header(path: Path, data: np.ndarray) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]], int]:
     """Validate the header; returns (scalar metadata, tensor infos (name, logical shape, type id, offset), data start)."""
+    if not len(data):
+        raise ModelFileError(path, f"empty file (0 bytes); a GGUF file starts with the magic {MAGIC!r}")
     cur = _Cursor(path, data)
     cur.need(4, "magic")
     if bytes(data[:4]) != MAGIC:
@@ -142,7 +144,8 @@ def read_gguf(path: Path) -> tuple[dict[str, torch.Tensor | QTensor], dict]:
     quantized tensors become `QTensor`s over the mapping, F32/F16/BF16 plain tensors."""
     from gguf import GGUFReader
 
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    # numpy cannot map an empty file; as an empty array it fails the header walk's first check like a short one
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.empty(0, np.uint8)
     metadata, infos, data_start = _walk_header(path, data)
     try:
         reader = GGUFReader(path, "c")  # copy-on-write: tensors are writable without touching the file
