@@ -1,6 +1,6 @@
 """Compile every Triton kernel × format × activation dtype × tile config for real GPUs, without one.
 
-`python -m bench.compile_check [--archs 80,86,89,90] [--workers N]` prints a table and fails (exit 1) on a compile
+`python -m bench.compile_check [--archs sm_80,sm_86,sm_89,sm_90] [--workers N]` prints a table and fails (exit 1) on a compile
 error, a register spill or shared memory above the architecture's limit. Spills come from running Triton's bundled
 ptxas with -v on the generated PTX. tests/test_triton_compile.py runs a representative subset in CI.
 """
@@ -115,13 +115,28 @@ def run(job_list, workers: int) -> list[dict]:
         return list(pool.map(compile_one, job_list))
 
 
+def parse_archs(text: str) -> tuple[int, ...]:
+    """"sm_89,90" -> (89, 90): compute capabilities, with or without the sm_ prefix, each one SHARED_LIMIT knows."""
+    archs = []
+    for item in (a.strip() for a in text.split(",")):
+        digits = item.lower().removeprefix("sm_")
+        if not digits.isdigit() or int(digits) not in SHARED_LIMIT:
+            raise argparse.ArgumentTypeError(f"unknown architecture {item!r}; known: "
+                                             + ", ".join(f"sm_{cc}" for cc in SHARED_LIMIT))
+        archs.append(int(digits))
+    return tuple(archs)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default="80,86,89,90")
+    parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", type=parse_archs, default=tuple(SHARED_LIMIT),
+                        help="comma-separated GPU architectures, sm_89 or 89 (default: "
+                             + ",".join(f"sm_{cc}" for cc in SHARED_LIMIT) + ")")
     parser.add_argument("--formats", default=None, help="comma-separated (default: every kernel format)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="compiling processes (default: the number of CPU cores, here %(default)s)")
     args = parser.parse_args(argv)
-    archs = tuple(int(a) for a in args.archs.split(","))
+    archs = args.archs
     formats = args.formats.split(",") if args.formats else None
     rows = run(list(jobs(archs, formats)), args.workers)
     print("| kernel | format | dtype | config | sm | shared KB | registers | spills | problem |")

@@ -8,7 +8,8 @@ dequantize + F.linear path), `torch.matmul(x, W_bf16.T)` with a dense bf16 weigh
 tools do, `F.linear(x, W.dequantize(bf16))` on every call; x is bf16 `(M, K)`. All three are measured in the same run;
 the table gives quant_linear's time, TFLOP/s (2·M·N·K / time), GB/s of weight bytes read (QTensor.nbytes / time), and
 its speedup over each of the other two (reference time / quant_linear time: above 1× quant_linear is faster).
-It prints a markdown table and writes the same rows as CSV (default `bench/results/kernels-<device>.csv`). On CUDA it
+It prints a markdown table and writes the same rows as CSV (default `bench/results/kernels-<GPU name>.csv` or
+`kernels-cpu-<N>core.csv`; an existing file there is replaced only when `--csv` names it). On CUDA it
 also times the other Triton method, dequantize into a scratch buffer + torch matmul; `--write-dispatch` stores the
 faster of the two per (format, M bucket) as the GPU's dispatch table (`kernels.dispatch`), which quant_linear follows.
 
@@ -226,13 +227,23 @@ def table_header() -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def default_csv_path(device: torch.device) -> Path:
+    """bench/results/kernels-<GPU name>.csv, or kernels-cpu-<N>core.csv with this process's N usable cores."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu-{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}core"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return Path(__file__).resolve().parent / "results" / f"kernels-{slug}.csv"
+    return REPO / "bench" / "results" / f"kernels-{slug}.csv"
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repository when inside it: printed output gets committed, this machine's paths not."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _list(text: str) -> list[str]:
@@ -243,7 +254,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; returns the rows (also printed as a markdown table and written as CSV)."""
     from kernels.triton.decode import KERNEL_FORMATS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", help=f"comma-separated kernel formats (default: CUDA all of "
                         f"{','.join(KERNEL_FORMATS)}; CPU {','.join(CPU_DEFAULTS['formats'])})")
     parser.add_argument("--shapes", help=f"comma-separated layer names ({','.join(SHAPES)}) or KxN "
@@ -254,7 +266,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="default: cuda when available, else cpu")
     parser.add_argument("--repeats", type=int, help=f"timed calls per measurement (default: CUDA {CUDA_REPEATS}, "
                         f"median; CPU {CPU_DEFAULTS['repeats']}, best of)")
-    parser.add_argument("--csv", type=Path, help="CSV output (default: bench/results/kernels-<device>.csv)")
+    parser.add_argument("--csv", type=Path,
+                        help="CSV output (default: bench/results/kernels-<GPU name or cpu-<cores>core>.csv, here "
+                             f"{shown(default_csv_path(default_device))}; an existing one is replaced only when "
+                             "named here)")
     parser.add_argument("--write-dispatch", action="store_true",
                         help="CUDA: store the faster Triton method per (format, M bucket) as this GPU's dispatch table "
                              "(kernels/dispatch_tables/), which quant_linear then follows")
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("TRITON_INTERPRET is set: quant_linear would run Triton's CPU interpreter, whose timings say "
                      "nothing about the kernels. Unset it (on the CPU the torch path is then benchmarked) or run on "
                      "a GPU.")
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = args.device or default_device.type
     if device_name == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     device = torch.device(device_name)
@@ -293,6 +308,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if repeats < 1:
         parser.error("--repeats must be at least 1")
     csv_path = args.csv or default_csv_path(device)
+    if args.csv is None and csv_path.exists():  # committed results: replaced only when asked by name
+        parser.error(f"{shown(csv_path)} exists; pass --csv {shown(csv_path)} to replace it or --csv PATH to write "
+                     f"elsewhere")
 
     if on_cuda:
         import triton
@@ -320,11 +338,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print("| " + " | ".join(table_cells(row)) + " |", flush=True)
             writer.writerow({**row, "device": torch.cuda.get_device_name(device) if on_cuda else "cpu"})
             handle.flush()
-    print(f"\nCSV: {csv_path}")
+    print(f"\nCSV: {shown(csv_path)}")
     if args.write_dispatch:
         name = torch.cuda.get_device_name(device)
         path = dispatch.write_table(name, dispatch_methods(rows), "python -m bench.kernels " + " ".join(argv or []))
-        print(f"dispatch table for {name}: {path}")
+        print(f"dispatch table for {name}: {shown(path)}")
     return rows
 
 

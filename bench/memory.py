@@ -56,7 +56,7 @@ def memory_table(config: FluxConfig, width: int = 1024, height: int = 1024, card
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--schnell", action="store_true", help="Flux-schnell instead of Flux-dev")
     parser.add_argument("--size", type=int, default=1024, help="image width and height (default 1024)")
     args = parser.parse_args(argv)

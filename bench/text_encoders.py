@@ -191,10 +191,11 @@ def table(rows: list[dict], blocks: int, gpu: bool) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.text_encoders", description=__doc__.splitlines()[0])
     parser.add_argument("--t5-blocks", type=int, default=1, help="real-size T5-XXL blocks to build (of 24)")
-    parser.add_argument("--formats", default="F16,Q8_0,Q4_K,F8_E4M3")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--formats", default="F16,Q8_0,Q4_K,F8_E4M3",
+                        help="comma-separated weight formats to measure (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed encodes per measurement (default: %(default)s)")
     parser.add_argument("--only", choices=["t5", "clip"], help="one encoder only")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)

@@ -88,11 +88,18 @@ def _quantize_chunk(x: np.ndarray, fmt: str, dtype: str = "float32") -> np.ndarr
 _BARRIER = None  # in a worker: the pool's barrier, where warm-up tasks wait for each other
 
 
+def _exit(signum, frame):
+    sys.exit(128 + signum)
+
+
 def _init_worker(barrier) -> None:
     global _BARRIER
     _BARRIER = barrier
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it cancels and cleans up
+    # `stop_pool` terminates workers: leave through Python's exit, whose clean-up stops torch.compile's own compile
+    # workers (killed outright, they leave semaphores that the resource tracker reports as leaked at exit)
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def worker_pool(workers: int) -> cf.ProcessPoolExecutor | None:

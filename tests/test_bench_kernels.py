@@ -1,10 +1,14 @@
 """bench.kernels: pytest-benchmark entries for CI-sized quant_linear cases, and a smoke test of the benchmark CLI.
 
 Without a GPU tests/conftest.py sets TRITON_INTERPRET=1, so quant_linear on CPU tensors runs Triton's interpreter:
-the cases stay tiny and few rounds, and nothing here asserts on speed (pytest-benchmark only reports).
+the cases stay tiny and few rounds, and nothing here asserts on speed (pytest-benchmark only reports). pytest.ini
+disables the timing by default (each entry runs once, as a test); `--benchmark-enable` times them and prints the table.
 """
 
 import csv
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +121,13 @@ def test_write_dispatch_needs_cuda():
         pytest.skip("on a GPU --write-dispatch is allowed")
     with pytest.raises(SystemExit):
         bench_kernels.main(["--device", "cpu", "--write-dispatch", "--allow-interpreter"])
+
+
+def test_a_plain_test_run_prints_no_benchmark_table():
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_bench_kernels.py::test_benchmark_tiny_linear[dequant_matmul-Q8_0]"],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    assert "benchmark:" not in result.stdout and "Name (time in" not in result.stdout
