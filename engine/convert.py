@@ -7,15 +7,18 @@ ComfyUI-GGUF, stable-diffusion.cpp and our own loader:
 
 - metadata `general.architecture = "flux"`, `general.quantization_version = 2`, `general.file_type` (llama.cpp's
   `LlamaFileType` number of the preset); no hyperparameters (readers infer them from names and shapes); BFL names.
-- Only the 2-D weights inside `double_blocks.*` / `single_blocks.*` are quantized (304 for Flux-dev); every other
-  tensor keeps the preset's leftover type: F32 for K-quant and IQ presets, F16 for the legacy Q*_0 / Q*_1 presets,
-  as city96's files have it. F16 and BF16 store everything in that type.
+- Only the 2-D weights inside `double_blocks.*` / `single_blocks.*` are quantized (304 for Flux-dev). The rest is
+  stored as city96's files store it (`engine.presets`): in the K-quant and IQ presets, as llama-quantize with his
+  patch (ComfyUI-GGUF tools/lcpp.patch) leaves them, `img_in`, the `*_in.in_layer`s and `final_layer.linear` weights
+  F32, the other 2-D weights (`txt_in`, the `*_in.out_layer`s, `final_layer.adaLN_modulation`) F16 and every 1-D
+  tensor F32; in the legacy Q*_0 / Q*_1 presets everything F16. The published files' sizes match this to the
+  hundredth of a GB for every type; F16 and BF16 store everything in that type.
 - `_M` presets put the double blocks' `img_attn.qkv` / `txt_attn.qkv` one type up. City96's llama.cpp patch
   (ComfyUI-GGUF tools/lcpp.patch) bumps names containing "attn.qkv.weight", which no single-block tensor has (their
   q, k, v live in `linear1` together with the MLP input), and none of llama.cpp's other `_M` rules (attn_v, ffn_down,
   attn_output) match a Flux name: so single blocks stay in the base type here too.
-- A block weight whose row length is not a whole number of the type's blocks falls back to the leftover type (never
-  the case for Flux; llama.cpp's patched quantizer falls back to F16 there).
+- A block weight whose row length is not a whole number of the type's blocks falls back to F16 (BF16 in the BF16
+  preset), as llama.cpp's patched quantizer does (never the case for Flux).
 
 Tensors are quantized with the torch quantizers (byte-identical to `kernels.reference`) in row chunks, in worker
 processes when `--workers` > 1, and streamed to a temporary file next to the output that is renamed at the end; on any
@@ -44,7 +47,7 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from engine.errors import ModelFileError
-from engine.presets import PRESETS, tensor_format
+from engine.presets import F32_LAYERS, PRESETS, tensor_format
 from kernels import torch_codecs
 from kernels.formats import get_format
 from kernels.qtensor import QTensor
@@ -279,8 +282,9 @@ def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, 
     parallel = any(get_format(fmt).family in PARALLEL_FAMILIES for _, _, fmt in plan)
     compiled = compiled_formats(fmt for _, _, fmt in plan)
     total = sum(math.prod(t.shape) for t in tensors.values())
+    others = sorted({fmt for _, _, fmt in plan if not get_format(fmt).is_quantized})
     log.info("%s -> %s: %s, %d tensors, %d quantized (%s), others %s, %d worker%s", src, out, type_name, len(plan),
-             n_quantized, "/".join(sorted({preset.block, preset.qkv})), preset.leftover, workers,
+             n_quantized, "/".join(sorted({preset.block, preset.qkv})), "/".join(others), workers,
              "" if workers == 1 else "s")
 
     tmp = _new_temporary(out)
@@ -339,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine.convert",
         description="Convert a Flux transformer checkpoint to a GGUF file in the published (city96) layout.",
-        epilog="presets (block type / attn.qkv type / other tensors): "
-               + "; ".join(f"{k} {p.block}/{p.qkv}/{p.leftover}" for k, p in PRESETS.items()))
+        epilog="presets (block type / attn.qkv type / other 2-D / 1-D tensors): "
+               + "; ".join(f"{k} {p.block}/{p.qkv}/{p.matrix}/{p.vector}" for k, p in PRESETS.items())
+               + f"; K-quant and IQ presets keep {', '.join(p.rstrip('.') for p in F32_LAYERS)} in F32")
     parser.add_argument("src", type=Path, help="checkpoint: safetensors (BFL, ComfyUI, diffusers, FP8, NF4) or GGUF")
     parser.add_argument("--type", required=True, type=str.upper, choices=list(PRESETS), metavar="TYPE",
                         help=f"preset, one of: {presets}")

@@ -24,17 +24,32 @@ ROOT = Path(__file__).resolve().parents[1]
 # hidden 256: every block weight's rows (256, 512 = hidden + mlp) are whole K-quant blocks; head size 16 (axes 2/7/7).
 DIMS = dict(hidden=256, heads=16, depth=1, depth_single=1, mlp_ratio=1.0, context=64, vec=32, in_channels=64)
 N_BLOCK_WEIGHTS = 2 * 5 + 3  # one double block (img + txt, 5 linears each) and one single block (3 linears)
-LEGACY_LEFTOVER = {"Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"}
-EXPECTED = {  # preset -> (block type, qkv type, leftover type, general.file_type)
-    "Q8_0": ("Q8_0", "Q8_0", "F16", 7), "Q6_K": ("Q6_K", "Q6_K", "F32", 18),
-    "Q5_K_M": ("Q5_K", "Q6_K", "F32", 17), "Q5_K_S": ("Q5_K", "Q5_K", "F32", 16),
+EXPECTED = {  # preset -> (block type, qkv type, unquantized layout, general.file_type)
+    "Q8_0": ("Q8_0", "Q8_0", "F16", 7), "Q6_K": ("Q6_K", "Q6_K", "lcpp", 18),
+    "Q5_K_M": ("Q5_K", "Q6_K", "lcpp", 17), "Q5_K_S": ("Q5_K", "Q5_K", "lcpp", 16),
     "Q5_1": ("Q5_1", "Q5_1", "F16", 9), "Q5_0": ("Q5_0", "Q5_0", "F16", 8),
-    "Q4_K_M": ("Q4_K", "Q5_K", "F32", 15), "Q4_K_S": ("Q4_K", "Q4_K", "F32", 14),
+    "Q4_K_M": ("Q4_K", "Q5_K", "lcpp", 15), "Q4_K_S": ("Q4_K", "Q4_K", "lcpp", 14),
     "Q4_1": ("Q4_1", "Q4_1", "F16", 3), "Q4_0": ("Q4_0", "Q4_0", "F16", 2),
-    "IQ4_NL": ("IQ4_NL", "IQ4_NL", "F32", 25), "IQ4_XS": ("IQ4_XS", "IQ4_XS", "F32", 30),
-    "Q3_K_M": ("Q3_K", "Q4_K", "F32", 12), "Q3_K_S": ("Q3_K", "Q3_K", "F32", 11), "Q2_K": ("Q2_K", "Q2_K", "F32", 10),
+    "IQ4_NL": ("IQ4_NL", "IQ4_NL", "lcpp", 25), "IQ4_XS": ("IQ4_XS", "IQ4_XS", "lcpp", 30),
+    "Q3_K_M": ("Q3_K", "Q4_K", "lcpp", 12), "Q3_K_S": ("Q3_K", "Q3_K", "lcpp", 11), "Q2_K": ("Q2_K", "Q2_K", "lcpp", 10),
     "F16": ("F16", "F16", "F16", 1), "BF16": ("BF16", "BF16", "BF16", 32),
 }
+
+
+def unquantized_type(name, shape, layout):
+    """What city96's files store a non-block tensor as. "lcpp": llama-quantize with ComfyUI-GGUF's tools/lcpp.patch
+    (img_tensor_get_type: "keep in FP32" names, then "keep in FP16" names) over tools/convert.py's output (1-D
+    tensors F32, which llama-quantize does not touch). Otherwise everything in `layout`."""
+    if layout != "lcpp":
+        return layout
+    if len(shape) == 1:
+        return "F32"
+    fp32 = ("img_in.", "time_in.in_layer.", "vector_in.in_layer.", "guidance_in.in_layer.", "final_layer.linear.")
+    fp16 = ("txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+    if any(key in name for key in fp32):
+        return "F32"
+    assert any(key in name for key in fp16), name  # the patch has a rule for every non-block Flux weight
+    return "F16"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +81,7 @@ def run(*argv):
 def test_preset_table_matches_llama_cpp_file_types():
     assert set(convert.PRESETS) == set(EXPECTED)
     for name, preset in convert.PRESETS.items():
-        assert (preset.block, preset.qkv, preset.leftover, int(preset.file_type)) == EXPECTED[name]
+        assert (preset.block, preset.qkv, int(preset.file_type)) == tuple(EXPECTED[name][i] for i in (0, 1, 3))
         assert preset.file_type.name == ("MOSTLY_" + name), name  # llama.cpp's own name for the preset
 
 
@@ -75,7 +90,7 @@ def test_convert_preset(source, tmp_path, preset):
     src, tensors = source
     out = tmp_path / f"out-{preset}.gguf"
     assert run(src, "--type", preset, "--out", out, "--workers", 1) == 0
-    block, qkv, leftover, file_type = EXPECTED[preset]
+    block, qkv, layout, file_type = EXPECTED[preset]
 
     reader = gguf.GGUFReader(out)
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
@@ -93,7 +108,7 @@ def test_convert_preset(source, tmp_path, preset):
             expected_type = qkv if t.name.endswith("attn.qkv.weight") else block
             n_quantized += 1
         else:
-            expected_type = leftover
+            expected_type = unquantized_type(t.name, shape, layout)
         assert t.tensor_type.name == expected_type, t.name
         assert tuple(int(d) for d in reversed(t.shape)) == shape, t.name  # GGUF dims are innermost first
 
@@ -107,7 +122,7 @@ def test_convert_preset(source, tmp_path, preset):
         if fmt.is_quantized:  # bytes equal the independent numpy reference quantizer's
             raw = np.asarray(t.data).view(np.uint8).reshape(shape[0], -1)
             np.testing.assert_array_equal(raw, reference_bytes(t.name, source_tensor, expected_type), err_msg=t.name)
-        else:  # plain floats: the BF16 source rounded to the leftover type
+        else:  # plain floats: the BF16 source rounded to that type
             expected = source_tensor.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[fmt.name])
             np.testing.assert_array_equal(values.astype(np.float32), expected.float().numpy(), err_msg=t.name)
     assert n_quantized == N_BLOCK_WEIGHTS
@@ -124,9 +139,9 @@ def test_m_presets_bump_only_double_block_qkv():
     assert sum(t in ("Q4_K", "Q5_K") for t in types.values()) == N_BLOCK_WEIGHTS
 
 
-def test_row_length_not_whole_blocks_falls_back_to_leftover():
+def test_row_length_not_whole_blocks_falls_back_to_f16():  # as city96's patched llama-quantize does
     preset = convert.PRESETS["Q4_K_S"]
-    assert convert.tensor_format("single_blocks.0.linear2.weight", (64, 320), preset) == "F32"
+    assert convert.tensor_format("single_blocks.0.linear2.weight", (64, 320), preset) == "F16"
     assert convert.tensor_format("single_blocks.0.linear2.weight", (64, 320), convert.PRESETS["Q4_0"]) == "Q4_0"
 
 
