@@ -1,8 +1,8 @@
 """Compile every Triton kernel × format × activation dtype × tile config for real GPUs, without one.
 
-`python -m bench.compile_check [--archs sm_80,sm_86,sm_89,sm_90] [--workers N]` prints a table and fails (exit 1) on a compile
-error, a register spill or shared memory above the architecture's limit. Spills come from running Triton's bundled
-ptxas with -v on the generated PTX. tests/test_triton_compile.py runs a representative subset in CI.
+`python -m bench.compile_check [--archs sm_80,sm_86,sm_89,sm_90] [--workers N]` prints a table and fails (exit 1) on a
+compile error, a register spill or shared memory above the architecture's limit. Spills come from running Triton's
+bundled ptxas with -v on the generated PTX. tests/test_triton_compile.py runs a representative subset in CI.
 """
 
 from __future__ import annotations

@@ -308,10 +308,12 @@ def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         pool = worker_pool(workers) if parallel else None
+        warm_start = time.perf_counter()
         if compiled:
             log.info("compiling the %s quantizer%s in %s (about 10 s) ...", "/".join(compiled),
                      "s" if len(compiled) > 1 else "", "this process" if pool is None else f"{workers} workers")
             warm_up(compiled, pool)
+        warm_seconds = time.perf_counter() - warm_start
         # after the warm-up: a bar started before it averages the compile into its rate and shows absurd ETAs
         with tqdm(total=total, unit="w", unit_scale=True, disable=not progress, desc=type_name) as bar:
             for name, raw in encode(plan, pool, bar):
@@ -333,8 +335,8 @@ def convert(src, out, type_name: str, *, workers: int = 1, force: bool = False, 
         if pool is not None:
             pool.shutdown()
     seconds = time.perf_counter() - start
-    log.info("wrote %s: %.2f GB in %.0f s (%.1f M weights/s)", out, out.stat().st_size / 1e9, seconds,
-             total / max(seconds, 1e-9) / 1e6)
+    log.info("wrote %s: %.2f GB in %.0f s, %.0f s of it compiling; %.1f M weights/s after that", out,
+             out.stat().st_size / 1e9, seconds, warm_seconds, total / max(seconds - warm_seconds, 1e-9) / 1e6)
     return out
 
 
