@@ -112,9 +112,10 @@ GGUF_FORMATS = tuple(name for name, f in FORMATS.items() if f.in_gguf)
 
 
 def get_format(name: str) -> Format:
+    """The format called `name`, in any letter case ("q4_k" as typed on a command line)."""
     try:
-        return FORMATS[name]
-    except (KeyError, TypeError):
+        return FORMATS[name.upper()]
+    except (KeyError, AttributeError):
         raise ValueError(f"unknown weight format {name!r}; known formats: {', '.join(FORMATS)}") from None
 
 

@@ -92,3 +92,11 @@ def test_codecs_warm_up_runs_at_the_measured_size(monkeypatch):
     data = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32))
     bench_codecs.measure(torch_codecs, get_format("Q4_K"), "quantize", data, lambda: None)
     assert len(shapes) >= 2 and set(shapes) == {(64, 256)}  # the warm-up call included
+
+
+def test_format_names_in_any_case():  # as typed on the command lines: --formats q4_k, --types iq4_nl
+    assert get_format("q4_k") is get_format("Q4_K")
+    assert get_format("iq4_nl").name == "IQ4_NL" and get_format("f8_e4m3").name == "F8_E4M3"
+    for bad in ("q4_z", None, ["Q4_K"]):
+        with pytest.raises(ValueError, match="unknown weight format"):
+            get_format(bad)

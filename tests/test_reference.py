@@ -149,7 +149,7 @@ def test_all_zero_input_gives_zeros():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: reference.dequantize(np.zeros((1, 18), np.uint8), "Q4_9"), "unknown weight format 'Q4_9'"),
-    (lambda: reference.quantize(np.zeros((1, 32), np.float32), "q4_0"), "unknown weight format 'q4_0'"),
+    (lambda: reference.quantize(np.zeros((1, 32), np.float32), "Q4_O"), "unknown weight format 'Q4_O'"),
     (lambda: reference.dequantize(np.zeros((1, 20), np.uint8), "Q4_0"), "20 bytes is not a whole number of 18-byte"),
     (lambda: reference.quantize(np.zeros((1, 100), np.float32), "Q4_K"), "100 elements is not a whole number of 256"),
     (lambda: reference.dequantize(np.zeros((1, 18), np.float32), "Q4_0"), "must be uint8"),
