@@ -17,8 +17,8 @@ ComfyUI-GGUF, stable-diffusion.cpp and our own loader:
   (ComfyUI-GGUF tools/lcpp.patch) bumps names containing "attn.qkv.weight", which no single-block tensor has (their
   q, k, v live in `linear1` together with the MLP input), and none of llama.cpp's other `_M` rules (attn_v, ffn_down,
   attn_output) match a Flux name: so single blocks stay in the base type here too.
-- A block weight whose row length is not a whole number of the type's blocks falls back to F16 (BF16 in the BF16
-  preset), as llama.cpp's patched quantizer does (never the case for Flux).
+- A block weight whose row length is not a whole number of the type's blocks falls back to F16, as llama.cpp's
+  patched quantizer does (never the case for Flux).
 
 Tensors are quantized with the torch quantizers (byte-identical to `kernels.reference`) in row chunks, in worker
 processes when `--workers` > 1, and streamed to a temporary file next to the output that is renamed at the end; on any
