@@ -46,8 +46,10 @@ def _strip_prefix(tensors: Checkpoint) -> Checkpoint:
     return tensors
 
 
-def _what_it_looks_like(names) -> str:
-    for marker, kind in LOOKALIKES.items():
+def what_it_looks_like(names, lookalikes: dict[str, str] = LOOKALIKES) -> str:
+    """"; it looks like <kind>" from a tensor name typical of another kind of file, else the first few names: the
+    tail of an error message about a file that is not what was expected."""
+    for marker, kind in lookalikes.items():
         if marker in names:
             return f"; it looks like {kind}"
     sample = ", ".join(sorted(names)[:3])
@@ -90,7 +92,7 @@ def load_checkpoint(path) -> Checkpoint:
             tensors = diffusers.to_bfl(tensors, path)
         tensors = _strip_prefix(tensors)
         if FLUX_MARKER not in tensors:
-            raise ModelFileError(path, f"not a Flux transformer (no {FLUX_MARKER}){_what_it_looks_like(tensors)}")
+            raise ModelFileError(path, f"not a Flux transformer (no {FLUX_MARKER}){what_it_looks_like(tensors)}")
         infer_flux_config(tensors)
     except ModelFileError:
         raise

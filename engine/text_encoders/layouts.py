@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.checkpoints import forge_nf4, fp8
+from engine.checkpoints import forge_nf4, fp8, what_it_looks_like
 from engine.checkpoints.gguf_file import MAGIC as GGUF_MAGIC
 from engine.checkpoints.safetensors_file import read_safetensors
 from engine.errors import ModelFileError
@@ -105,14 +105,6 @@ def locate(path, kind: str, tokenizer=None) -> EncoderFiles:
     return EncoderFiles(kind, user_path, path, source)
 
 
-def _what_it_looks_like(names) -> str:
-    for marker, what in LOOKALIKES.items():
-        if marker in names:
-            return f"; it looks like {what}"
-    sample = ", ".join(sorted(names)[:3])
-    return f"; first tensors: {sample}" if sample else "; it holds no tensors"
-
-
 def _folder_tensors(folder: Path) -> dict:
     index = folder / (WEIGHTS + ".index.json")
     if index.is_file():
@@ -158,7 +150,7 @@ def _select(tensors: dict, files: EncoderFiles) -> dict:
             break
     else:
         other = "; it holds no text encoder" if any(k.startswith("double_blocks.") or ".double_blocks." in k
-                                                     for k in tensors) else _what_it_looks_like(tensors)
+                                                     for k in tensors) else what_it_looks_like(tensors, LOOKALIKES)
         raise ModelFileError(files.path, f"not a {'CLIP' if kind == 'clip' else 'T5'} text encoder "
                                          f"(no {MARKERS[kind]}){other}")
     chosen = fp8.apply_scales(forge_nf4.to_qtensors(chosen, files.weights), files.weights)
