@@ -26,6 +26,7 @@ class QTensor:
 
     def __post_init__(self):
         fmt = get_format(self.format)
+        object.__setattr__(self, "format", fmt.name)  # the canonical spelling: kernels look formats up by it
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         if self.raw.dtype != torch.uint8 or self.raw.dim() != 2:
             raise ValueError(f"QTensor {self.format}: raw must be 2-D uint8, got {self.raw.dtype} {tuple(self.raw.shape)}")

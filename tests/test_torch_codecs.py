@@ -158,7 +158,7 @@ def test_dequantize_reads_unaligned_and_strided_bytes(name):
 
 @pytest.mark.parametrize("call, message", [
     (lambda: torch_codecs.dequantize(torch.zeros(1, 18, dtype=torch.uint8), "Q4_9"), "unknown weight format 'Q4_9'"),
-    (lambda: torch_codecs.quantize(torch.zeros(1, 32), "q4_0"), "unknown weight format 'q4_0'"),
+    (lambda: torch_codecs.quantize(torch.zeros(1, 32), "Q4_O"), "unknown weight format 'Q4_O'"),
     (lambda: torch_codecs.dequantize(torch.zeros(1, 20, dtype=torch.uint8), "Q4_0"),
      "20 bytes is not a whole number of 18-byte"),
     (lambda: torch_codecs.quantize(torch.zeros(1, 100), "Q4_K"), "100 elements is not a whole number of 256"),
@@ -188,3 +188,9 @@ def test_k_quant_search_without_a_compiler_falls_back_to_eager(monkeypatch):
         raw = torch_codecs.quantize(torch.from_numpy(x), "Q4_K")
     assert kquants._COMPILED[kquants._qkx2_step] is kquants._qkx2_step
     assert np.array_equal(raw.numpy(), reference.quantize(x, "Q4_K"))
+
+
+def test_qtensor_stores_the_canonical_format_name():
+    from kernels import QTensor
+
+    assert QTensor(torch.zeros(1, 18, dtype=torch.uint8), "q4_0", (1, 32)).format == "Q4_0"
