@@ -50,12 +50,18 @@ def run_steps(model, tensors, modulations, steps):
     return [model(*tensors, modulations=modulations, step=s) for s in range(steps)]
 
 
-def test_streamed_blocks_give_identical_outputs_on_cpu():
-    model = tiny_flux()
+def resident_run(model, steps, offload=None):
+    """Inputs, precomputed modulations (weights then offloaded to `offload`, if given) and the resident outputs."""
     tensors, vec_inputs = inputs()
     mods = model.precompute_modulations(*vec_inputs)
-    model.offload_modulation_weights("cpu")
-    expected = run_steps(model, tensors, mods, 2)
+    if offload is not None:
+        model.offload_modulation_weights(offload)
+    return tensors, mods, run_steps(model, tensors, mods, steps)
+
+
+def test_streamed_blocks_give_identical_outputs_on_cpu():
+    model = tiny_flux()
+    tensors, mods, expected = resident_run(model, 2, offload="cpu")
 
     streamed = ["double_blocks.1", "single_blocks.0", "single_blocks.2", "single_blocks.3"]
     handle = stream_blocks(model, streamed, "cpu")
@@ -77,9 +83,7 @@ def test_streamed_blocks_give_identical_outputs_on_cpu():
 @pytest.mark.parametrize("n", [1, 2])
 def test_one_or_two_streamed_blocks_stay_in_their_slots(n):
     model = tiny_flux(quantize=False)
-    tensors, vec_inputs = inputs()
-    mods = model.precompute_modulations(*vec_inputs)
-    expected = run_steps(model, tensors, mods, 2)
+    tensors, mods, expected = resident_run(model, 2)
     handle = stream_blocks(model, [f"single_blocks.{i}" for i in range(n)], "cpu")
     loads = []
     original = handle._load
@@ -95,10 +99,7 @@ def test_unknown_block_name_is_refused():
 
 def test_apply_plan_streams_what_the_plan_streams():
     model = tiny_flux()
-    tensors, vec_inputs = inputs()
-    mods = model.precompute_modulations(*vec_inputs)
-    model.offload_modulation_weights("meta")
-    expected = run_steps(model, tensors, mods, 1)
+    tensors, mods, expected = resident_run(model, 1, offload="meta")
     plan = plan_memory(model, width=128, height=128, txt_len=16, num_steps=1, budget=GiB, device="cpu")
     plan = dataclasses.replace(plan, streamed_single=(1, 3))  # a tiny model always fits: pretend two did not
     handle = apply_plan(model, plan, "cpu")
