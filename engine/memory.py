@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -151,13 +152,20 @@ def transformer_bytes(model: Flux) -> TransformerBytes:
 def flux_for_preset(config: FluxConfig, preset: str, dtype: torch.dtype = torch.bfloat16) -> Flux:
     """A Flux on the meta device holding what loading a GGUF of `preset` would hold: quantized weights as
     QuantLinears of that format, every other tensor dense in `dtype` (the loader casts F16/F32 leftovers to it)."""
+    return flux_with_formats(config, lambda name, shape: tensor_format(name, shape, PRESETS[preset]), dtype)
+
+
+def flux_with_formats(config: FluxConfig, format_of: Callable[[str, tuple[int, ...]], str],
+                      dtype: torch.dtype = torch.bfloat16) -> Flux:
+    """A Flux on the meta device whose Linear weights are stored as `format_of(weight name, shape)` says
+    (QuantLinears for quantized formats); every other tensor dense in `dtype`."""
     with torch.device("meta"):
         model = Flux(config).to(dtype)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         shape = tuple(module.weight.shape)
-        fmt = get_format(tensor_format(f"{name}.weight", shape, PRESETS[preset]))
+        fmt = get_format(format_of(f"{name}.weight", shape))
         if fmt.is_quantized:
             raw = torch.empty((shape[0], fmt.row_bytes(shape[1])), dtype=torch.uint8, device="meta")
             parent, _, leaf = name.rpartition(".")
