@@ -8,6 +8,10 @@ One call: the text encoders (kept in CPU RAM, results cached) give `txt` and `ve
 is computed up front and the modulation weights (27% of Flux-dev) leave the GPU; the memory planner places the rest
 of the transformer (resident, or partly streamed from pinned RAM) and decides whether the VAE decodes in tiles; BFL's
 Euler loop runs; the VAE decodes.
+
+LoRAs: `pipe.load_lora("style.safetensors", weight=0.8)` (calls stack), `pipe.set_lora_weights(0.8, -0.3)`,
+`pipe.unload_loras()`; `pipe.lora_mode = "merge"` bakes them into the weights instead of adding them at each step
+(see `engine.lora`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tqdm import tqdm
 
 from engine import sampling
 from engine.loading import load_ae, load_flux
+from engine.lora import LoRA, LoRAStack, read_lora
 from engine.memory import MemoryPlan, plan_memory
 from engine.streaming import apply_plan
 from engine.text_encoders import TextConditioner
@@ -69,9 +74,10 @@ def check_size(width: int, height: int) -> None:
 class FluxPipeline:
     def __init__(self, transformer: Flux, ae: AutoEncoder, conditioner: TextConditioner, device=None,
                  dtype: torch.dtype = torch.bfloat16, vram: float | None = None,
-                 defaults: SamplingDefaults | None = None, files: dict[str, str] | None = None):
+                 defaults: SamplingDefaults | None = None, files: dict[str, str] | None = None,
+                 lora_mode: str = "runtime"):
         """`transformer` as loaded (on the CPU: the pipeline places it), `vram`: the GPU budget in GB (default: what
-        the device has free at each call)."""
+        the device has free at each call), `lora_mode`: "runtime" or "merge" (see `engine.lora.LoRAStack`)."""
         self.transformer = transformer
         self.ae = ae
         self.conditioner = conditioner
@@ -83,6 +89,7 @@ class FluxPipeline:
         self.timings: dict[str, float] = {}
         self._placed: MemoryPlan | None = None
         self._placement = None
+        self.loras = LoRAStack(transformer, lora_mode)
 
     # ---------------------------------------------------------------------------------------------- loading
 
@@ -113,6 +120,43 @@ class FluxPipeline:
         conditioner = TextConditioner(path, path, max_length=defaults.t5_max_length, dtype=dtype, cache=prompt_cache)
         files = {name: str(path / name) for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
         return cls(model, autoencoder, conditioner, device, dtype, vram, defaults, files)
+
+    # ---------------------------------------------------------------------------------------------- LoRAs
+
+    def load_lora(self, path, weight: float = 1.0) -> LoRA:
+        """Apply the LoRA in safetensors file `path` (diffusers / PEFT, kohya, XLabs or BFL layout) with `weight`, on
+        top of those loaded before. ModelFileError for a file that is not a Flux LoRA."""
+        lora = read_lora(path, self.transformer)
+        self._unplace()
+        self.loras.add(lora, weight)
+        return lora
+
+    def set_lora_weights(self, *weights: float) -> None:
+        """New weights for the loaded LoRAs, one each, in loading order (0 turns one off)."""
+        if self.loras.mode == "merge":
+            self._unplace()
+        self.loras.set_weights(weights)
+
+    def unload_loras(self) -> None:
+        self._unplace()
+        self.loras.clear()
+
+    @property
+    def lora_mode(self) -> str:
+        """"runtime": LoRAs added at each step on top of the stored weights; "merge": baked into the weights and
+        requantized to their format (slower to load or change, no cost per step, lossy on quantized weights)."""
+        return self.loras.mode
+
+    @lora_mode.setter
+    def lora_mode(self, mode: str) -> None:
+        self._unplace()
+        self.loras.set_mode(mode)
+
+    def _unplace(self) -> None:
+        """Forget the placement: LoRAs change the transformer's modules, so the next call places them again."""
+        if self._placement is not None:
+            self._placement.remove()
+        self._placement = self._placed = None
 
     # ---------------------------------------------------------------------------------------------- memory
 

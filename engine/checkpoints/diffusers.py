@@ -20,7 +20,7 @@ from engine.checkpoints.safetensors_file import read_safetensors
 from engine.errors import ModelFileError
 from kernels.qtensor import QTensor
 
-__all__ = ["read_folder", "is_diffusers", "to_bfl"]
+__all__ = ["read_folder", "is_diffusers", "to_bfl", "bfl_name", "swap_halves", "SWAPPED"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -41,9 +41,9 @@ _TOP = {
     "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
     "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",  # halves swapped, see _swap_halves
+    "norm_out.linear": "final_layer.adaLN_modulation.1",  # halves swapped, see swap_halves
 }
-_SWAPPED = "final_layer.adaLN_modulation.1"
+SWAPPED = "final_layer.adaLN_modulation.1"
 # transformer_blocks.N.<stem> -> double_blocks.N.<stem>, part, parts (parts > 1: concatenated along dim 0).
 _DOUBLE = {
     "norm1.linear": ("img_mod.lin", 0, 1),
@@ -178,7 +178,7 @@ def is_diffusers(tensors) -> bool:
     return _prefix(tensors) is not None
 
 
-def _bfl_name(name: str):
+def bfl_name(name: str):
     """(BFL name, part, parts) for a prefix-free diffusers name, or None when it is not a Flux transformer's."""
     if m := _BLOCK.fullmatch(name):
         kind, index, rest = m.groups()
@@ -213,7 +213,7 @@ def _cat(parts: list, name: str, path):
                                                                f" {t.dtype}") for t in parts))
 
 
-def _swap_halves(t, name: str, path):
+def swap_halves(t, name: str, path):
     """diffusers' `norm_out.linear` (scale, shift) -> BFL's `final_layer.adaLN_modulation.1` (shift, scale):
     the inverse of diffusers' `swap_scale_shift`, which is its own inverse."""
     rows = t.shape[0]
@@ -241,7 +241,7 @@ def to_bfl(tensors, path) -> dict:
         if not full_name.startswith(prefix):
             continue
         name = full_name[len(prefix):]
-        target = _bfl_name(name)
+        target = bfl_name(name)
         if target is None:
             unknown.append(full_name)
             continue
@@ -261,7 +261,7 @@ def to_bfl(tensors, path) -> dict:
                                        f"{', '.join(have)} is present")
         parts = [t for _, t in slots]
         tensor = parts[0] if len(parts) == 1 else _cat(parts, bfl, path)
-        if bfl.startswith(_SWAPPED + "."):
-            tensor = _swap_halves(tensor, bfl, path)
+        if bfl.startswith(SWAPPED + "."):
+            tensor = swap_halves(tensor, bfl, path)
         out[bfl] = tensor
     return out
