@@ -19,7 +19,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # sentencepiece + protobuf: the text encoder tests train a T5 SentencePiece model, which transformers reads via protobuf
-        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45", "diffusers>=0.30", "sentencepiece", "protobuf"],
+        # sentencepiece + protobuf: the text encoder tests train a T5 SentencePiece model, which transformers reads via protobuf;
+        # peft: diffusers' load_lora_weights needs it (the LoRA tests' reference)
+        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45", "diffusers>=0.30", "sentencepiece", "protobuf", "peft"],
     },
 )
