@@ -6,11 +6,12 @@ image size, batch and text length, and a budget (the card's VRAM, or what the de
 memory through two staging slots (`engine.streaming`), the VAE decoded in tiles when the whole decode would not fit.
 When nothing fits, one `InsufficientMemoryError` states the minimum VRAM.
 
-Bytes are counted from the model's own tensors (parameters, buffers, quantized weights); the transformer is counted
-after `Flux.offload_modulation_weights` (the pipeline precomputes every modulation first), activations come from the
-formulas in `engine.activations`. Everything loaded (transformer part, staging slots, modulations, VAE weights,
-kernel scratch) is counted as present for the whole run; on top of it come the text encoders while encoding, the
-transformer's activations while denoising, the VAE's while decoding.
+Bytes are counted from the model's own tensors (parameters, buffers, quantized weights, runtime LoRA factors: the
+resident ones get a line of their own); the transformer is counted after `Flux.offload_modulation_weights` (the
+pipeline precomputes every modulation first), activations come from the formulas in `engine.activations`.
+Everything loaded (transformer part, staging slots, modulations, VAE weights, kernel scratch) is counted as present
+for the whole run; on top of it come the text encoders while encoding, the transformer's activations while
+denoising, the VAE's while decoding.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from engine.activations import (flux_forward_bytes, image_tokens, sampler_state_bytes, vae_decode_bytes,
                                 vae_tiled_decode_bytes)
+from engine.lora.runtime import LoRALinear
 from engine.module_tensors import tensor_nbytes, unique_tensors
 from engine.presets import PRESETS, tensor_format
 from flux_model import Flux, FluxConfig
@@ -126,6 +128,10 @@ class TransformerBytes:
     other: int  # img_in, txt_in, final layer: always resident
     modulation_weights: int  # embedders and adaLN Linears: only needed to precompute modulations
     largest_quantized_linear: int  # elements of the largest QuantLinear weight (its dequantize scratch)
+    # runtime LoRA factors (`engine.lora.LoRALinear`), already counted above: per block, and outside the blocks
+    lora_double: tuple[int, ...] = ()
+    lora_single: tuple[int, ...] = ()
+    lora_other: int = 0
 
     @property
     def total(self) -> int:
@@ -144,9 +150,17 @@ def transformer_bytes(model: Flux) -> TransformerBytes:
     other = sum(t.numel() * t.element_size() for t in unique_tensors(model)
                 if id(t) not in vec_ids and id(t) not in block_ids)
     quantized = [m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear)]
+    vec_loras = {id(m) for m in vec.modules() if isinstance(m, LoRALinear)}
+
+    def loras(module: nn.Module) -> int:
+        return sum(m.lora_nbytes for m in module.modules() if isinstance(m, LoRALinear) and id(m) not in vec_loras)
+
+    lora_double, lora_single = tuple(map(loras, model.double_blocks)), tuple(map(loras, model.single_blocks))
     return TransformerBytes(double=tuple(without_vec(b) for b in model.double_blocks),
                             single=tuple(without_vec(b) for b in model.single_blocks), other=other,
-                            modulation_weights=tensor_nbytes(vec), largest_quantized_linear=max(quantized, default=0))
+                            modulation_weights=tensor_nbytes(vec), largest_quantized_linear=max(quantized, default=0),
+                            lora_double=lora_double, lora_single=lora_single,
+                            lora_other=loras(model) - sum(lora_double) - sum(lora_single))
 
 
 def flux_for_preset(config: FluxConfig, preset: str, dtype: torch.dtype = torch.bfloat16) -> Flux:
@@ -263,7 +277,11 @@ def plan_memory(transformer: Flux, *, width: int, height: int, batch_size: int =
         decode = decode_bytes(tile)
         reserve = int(ALLOCATOR_RESERVE * max(activations, decode, text_encoder_bytes))
         n_double = sum(kind == "double" for kind, _ in streamed)
-        parts = [Component("transformer, resident", where, sizes.total - streamed_bytes),
+        lora_bytes = {("double", i): b for i, b in enumerate(sizes.lora_double)}
+        lora_bytes.update({("single", i): b for i, b in enumerate(sizes.lora_single)})
+        resident_loras = sizes.lora_other + sum(b for block, b in lora_bytes.items() if block not in streamed)
+        parts = [Component("transformer, resident", where, sizes.total - streamed_bytes - resident_loras),
+                 Component("LoRA factors, resident", where, resident_loras),
                  Component(f"transformer, {n_streamed - n_double} single + {n_double} double blocks streamed",
                            "cpu (pinned)", streamed_bytes),
                  Component("staging slots (2 blocks)", where, slots),

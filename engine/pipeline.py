@@ -133,8 +133,7 @@ class FluxPipeline:
 
     def set_lora_weights(self, *weights: float) -> None:
         """New weights for the loaded LoRAs, one each, in loading order (0 turns one off)."""
-        if self.loras.mode == "merge":
-            self._unplace()
+        self._unplace()  # streamed blocks' staged copies hold the old weights
         self.loras.set_weights(weights)
 
     def unload_loras(self) -> None:
@@ -153,7 +152,7 @@ class FluxPipeline:
         self.loras.set_mode(mode)
 
     def _unplace(self) -> None:
-        """Forget the placement: LoRAs change the transformer's modules, so the next call places them again."""
+        """Forget the placement: LoRAs change the transformer's tensors, so the next call places them again."""
         if self._placement is not None:
             self._placement.remove()
         self._placement = self._placed = None

@@ -26,7 +26,8 @@ class LoRAStack:
     originals wait in CPU memory, so that a weight change re-merges from them and `clear()` puts them back.
 
     The modulation Linears are targeted like any other, so modulations precomputed afterwards include their LoRAs.
-    The module structure changes: a caller that placed the model (block streaming) places it again."""
+    A caller that placed the model places it again after any change: new modules appear, and block streaming's
+    staged copies would keep the old weights."""
 
     def __init__(self, model: nn.Module, mode: str = "runtime"):
         self.model = model
