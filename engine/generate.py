@@ -3,13 +3,16 @@
 Without model flags it runs the small demo model that ships with the project. Prints the memory plan, a progress bar
 with s/it, the time per step and the total; writes each PNG atomically with its parameters in PNG text chunks
 ("parameters" in the A1111 / Forge style that image viewers and other Flux tools read, and "flux-quant-engine" as
-JSON). Any bad input exits with status 2 and one line naming the problem, having written nothing.
+JSON, both listing the LoRAs and their weights). `--lora FILE[:WEIGHT]` (repeatable) stacks LoRAs, added at each
+step or, with `--lora-mode merge`, baked into the weights. Any bad input exits with status 2 and one line naming the
+problem, having written nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -23,6 +26,7 @@ from PIL import PngImagePlugin
 
 from engine import demo
 from engine.errors import ModelFileError
+from engine.lora import MODES
 from engine.memory import InsufficientMemoryError
 from engine.sampling import get_noise
 
@@ -65,7 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram", type=float, help="GPU memory budget in GB (default: what the GPU has free)")
     p.add_argument("--plan", action="store_true", help="print the memory plan and exit (no GPU needed with --vram)")
     p.add_argument("--no-prompt-cache", action="store_true", help="don't read or write the prompt embedding cache")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA .safetensors (diffusers/PEFT, kohya, XLabs or BFL names) and its weight (default 1); "
+                        "repeat the flag to stack several")
+    p.add_argument("--lora-mode", choices=MODES, default="runtime",
+                   help="runtime (default): LoRAs added at each step on top of the stored weights, exactly; merge: "
+                        "baked into the weights once and requantized to their format (slower load, no cost per "
+                        "step, lossy on quantized weights)")
     return p
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """"style.safetensors:0.8" -> (path, 0.8); without ":WEIGHT" (or when the whole text names a file) weight 1."""
+    path, colon, weight = spec.rpartition(":")
+    if colon and not Path(spec).exists():
+        try:
+            value = float(weight)
+        except ValueError:
+            raise UsageError(f"--lora {spec}: the weight after ':' must be a number, got {weight!r}") from None
+        if not math.isfinite(value):
+            raise UsageError(f"--lora {spec}: the weight must be a finite number")
+        return Path(path), value
+    return Path(spec), 1.0
 
 
 def read_prompts(args) -> list[str]:
@@ -105,6 +130,9 @@ def check_args(args) -> None:
             raise UsageError(f"--device {args.device!r}: only cuda and cpu are supported")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: no CUDA GPU is available (use --device cpu)")
+    for path, _ in map(parse_lora, args.lora):
+        if not path.is_file():
+            raise UsageError(f"--lora {path}: no such file")
     for flag in ("model", "t5", "clip", "ae", "clip_tokenizer", "t5_tokenizer"):
         path = getattr(args, flag)
         if path is not None and not path.exists():
@@ -165,7 +193,10 @@ def png_info(prompt: str, seed: int, params: dict) -> PngImagePlugin.PngInfo:
              + f"Steps: {params['steps']}, Sampler: Euler, Schedule type: {params['schedule']}, "
                f"CFG scale: {params['true_cfg']}, Distilled CFG Scale: {params['guidance']}, Seed: {seed}, "
                f"Size: {params['width']}x{params['height']}, Model: {Path(params['files']['transformer']).name}, "
-               f"Model format: {params['transformer_formats']}, Version: flux-quant-engine {params['version']}")
+               f"Model format: {params['transformer_formats']}"
+             + "".join(f", LoRA: {lora['name']}:{lora['weight']:g}" for lora in params["loras"])
+             + (f", LoRA mode: {params['lora_mode']}" if params["loras"] else "")
+             + f", Version: flux-quant-engine {params['version']}")
     info.add_text("parameters", a1111)
     info.add_text("flux-quant-engine", json.dumps({"prompt": prompt, "seed": seed, **params}))
     return info
@@ -207,6 +238,12 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     started = time.perf_counter()
     pipe = load_pipeline(args, device, dtype)
+    pipe.lora_mode = args.lora_mode
+    for path, weight in map(parse_lora, args.lora):
+        lora = pipe.load_lora(path, weight)
+        print(f"LoRA {lora.name} ({lora.format}) on {len(lora.modules)} Linear(s) at weight {weight:g}, "
+              f"{args.lora_mode}" + (": merged and requantized (lossy on quantized weights)"
+                                     if args.lora_mode == "merge" else ""))
     loaded = time.perf_counter()
     defaults = pipe.defaults
     width, height = args.width or defaults.width, args.height or defaults.height
@@ -226,7 +263,7 @@ def run(args) -> int:
     params = dict(steps=steps, guidance=guidance, true_cfg=true_cfg, negative_prompt=args.negative_prompt,
                   width=width, height=height, schedule="shifted" if defaults.shift else "linear",
                   files=pipe.files, transformer_formats=weight_formats(pipe.transformer), version=engine_version(),
-                  dtype=str(dtype).removeprefix("torch."))
+                  dtype=str(dtype).removeprefix("torch."), loras=pipe.loras.describe(), lora_mode=pipe.lora_mode)
     if args.out.suffix.lower() != ".png":
         args.out.mkdir(exist_ok=True)
     paths = output_paths(args.out, len(prompts) * args.num_images)

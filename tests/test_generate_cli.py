@@ -6,9 +6,11 @@ import os
 import stat
 
 import pytest
+import torch
 from PIL import Image
 
 from engine.generate import main
+from tests.lora_fixtures import random_factors, write
 from tests.test_pipeline import write_diffusers_folder
 
 
@@ -100,3 +102,51 @@ def test_schnell_model_ignores_guidance_with_a_warning(tmp_path_factory, capsys,
     assert code == 0
     assert "--guidance is ignored" in err
     assert json.loads(Image.open(tmp_path / "s.png").text["flux-quant-engine"])["guidance"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    """Two kohya LoRAs for the tiny folder's transformer (hidden 64): one on double block 0's image qkv, one on single
+    block 0's linear2."""
+    folder = tmp_path_factory.mktemp("loras")
+    generator = torch.Generator().manual_seed(0)
+    files = []
+    for name, (n_out, n_in) in {"qkv": (192, 64), "linear2": (64, 320)}.items():
+        module = "double_blocks_0_img_attn_qkv" if name == "qkv" else "single_blocks_0_linear2"
+        down, up = random_factors(n_out, n_in, 4, generator)
+        files.append(write({f"lora_unet_{module}.lora_down.weight": down, f"lora_unet_{module}.lora_up.weight": up},
+                           folder / f"{name}.safetensors"))
+    return files
+
+
+@pytest.mark.parametrize("mode", ["runtime", "merge"])
+def test_loras_are_applied_and_listed_in_the_png(folder, lora_files, tmp_path, capsys, mode):
+    args = ["a red circle", "--model", folder, "--width", 32, "--height", 32, "--steps", 1, "--device", "cpu"]
+    code, _, err = run(capsys, *args, "--out", tmp_path / "plain.png")
+    assert code == 0, err
+    qkv, linear2 = lora_files
+    code, out, err = run(capsys, *args, "--lora", f"{qkv}:0.5", "--lora", linear2, "--lora-mode", mode,
+                         "--out", tmp_path / "lora.png")
+    assert code == 0, err
+    assert "LoRA qkv (kohya) on 1 Linear(s) at weight 0.5" in out
+    image = Image.open(tmp_path / "lora.png")
+    params = json.loads(image.text["flux-quant-engine"])
+    assert [(lora["name"], lora["weight"]) for lora in params["loras"]] == [("qkv", 0.5), ("linear2", 1.0)]
+    assert params["lora_mode"] == mode
+    assert "LoRA: qkv:0.5, LoRA: linear2:1" in image.text["parameters"]
+    assert image.tobytes() != Image.open(tmp_path / "plain.png").tobytes()
+
+
+def test_bad_lora_flags_are_one_line_and_exit_2(folder, tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    write({"unknown.weight": torch.zeros(2)}, junk)
+    for argv, message in [
+        (["--lora", tmp_path / "missing.safetensors"], "missing.safetensors: no such file"),
+        (["--lora", f"{junk}:strong"], "the weight after ':' must be a number, got 'strong'"),
+        (["--lora", junk], "1 key(s) not understood as a Flux transformer LoRA: unknown.weight"),
+        (["--lora-mode", "fuse"], "invalid choice: 'fuse'"),
+    ]:
+        code, _, err = run(capsys, "x", "--model", folder, "--device", "cpu", *argv, "--out", tmp_path / "o")
+        assert code == 2, err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
