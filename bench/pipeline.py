@@ -6,6 +6,10 @@ weight, so building Flux-dev on a GPU takes seconds) run BFL's Euler loop with p
 pipeline does. On CUDA: Flux-dev shapes at --size, peak VRAM measured (torch.cuda.max_memory_allocated) against
 `plan_memory`'s denoising peak (without the CUDA context, which torch does not count). On the CPU: a small Flux (hidden
 256, the demo's shape class) at 64x64 pixels, time only. Ratios are against BF16 measured in the same run.
+
+`--lora-presets Q8_0,...` adds a table per preset: 0, 1 and 4 random rank-32 LoRAs on every block Linear, applied at
+run time (`LoRALinear`) or merged into the weights, ratios against no LoRA on the same model in the same run, and the
+time applying them took (merge: decode, add, requantize on the CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 from torch import nn
 
 from engine import sampling
+from engine.lora import LoRA, LoRAStack, LoRAUpdate
+from engine.lora.runtime import linear_modules
 from engine.memory import CUDA_CONTEXT_BYTES, GiB, plan_memory
 from engine.presets import PRESETS, tensor_format
 from engine.streaming import apply_plan
@@ -85,6 +91,57 @@ def time_steps(model: Flux, width: int, height: int, txt_len: int, steps: int, d
     return [b - a for a, b in zip(stamps[1:-1], stamps[2:])]  # the first step warms up (compiles, allocates)
 
 
+def random_loras(model: Flux, count: int, rank: int, seed: int = 0) -> list[LoRA]:
+    """`count` LoRAs of `rank` on every Linear inside the blocks (modulation Linears included), scale 1."""
+    generator = torch.Generator().manual_seed(seed)
+    loras = []
+    for i in range(count):
+        updates = tuple(LoRAUpdate(name, torch.randn(rank, m.in_features, generator=generator) / m.in_features**0.5,
+                                   torch.randn(m.out_features, rank, generator=generator) * 0.01, scale=1.0)
+                        for name, m in block_linears(model).items())
+        loras.append(LoRA(f"random-{i}", "", "bfl", updates))
+    return loras
+
+
+def block_linears(model: Flux) -> dict[str, nn.Module]:
+    return {name: m for name, m in linear_modules(model).items() if name.startswith(("double_blocks.",
+                                                                                      "single_blocks."))}
+
+
+def lora_flops_share(model: Flux, rank: int) -> float:
+    """Extra multiply-adds of a rank-`rank` LoRA on every block Linear per token, over the Linears' own (modulation
+    Linears left out: they run once per step, not per token)."""
+    linears = [m for name, m in block_linears(model).items() if not name.endswith(("mod.lin", "modulation.lin"))]
+    return sum(rank * (m.in_features + m.out_features) for m in linears) / sum(m.in_features * m.out_features
+                                                                                for m in linears)
+
+
+def lora_rows(model: Flux, loras: list[LoRA], modes: list[str], rounds: int, size: int, txt_len: int, steps: int,
+              device, dtype, budget) -> list[tuple[int, str, float, float]]:
+    """(LoRAs, mode, median s/step, seconds applying them) for 0 LoRAs, then 1 and all of `loras` in each mode. The
+    configurations take turns for `rounds` rounds, so that load from other processes spreads over all of them."""
+    stack = LoRAStack(model)
+    configs = [(0, "none")] + [(n, mode) for mode in modes for n in (1, len(loras))]
+    times: dict[tuple[int, str], list[float]] = {config: [] for config in configs}
+    applied: dict[tuple[int, str], float] = {}
+    for _ in range(rounds):
+        for count, mode in configs:
+            stack.clear()
+            stack.set_mode("runtime")
+            start = time.perf_counter()
+            for lora in loras[:count]:
+                stack.add(lora)
+            stack.set_mode(mode if count else "runtime")
+            applied[count, mode] = time.perf_counter() - start
+            plan = plan_memory(model, width=size, height=size, txt_len=txt_len, num_steps=steps, budget=budget,
+                               device=device)
+            handle = apply_plan(model, plan, device)
+            times[count, mode] += time_steps(model, size, size, txt_len, steps, device, dtype)
+            handle.remove()
+    stack.clear()
+    return [(count, mode, statistics.median(times[count, mode]), applied[count, mode]) for count, mode in configs]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="BF16,Q8_0,Q6_K,Q5_K_S,Q4_K_S,Q4_0,Q3_K_S,Q2_K",
@@ -92,6 +149,17 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, help="image side in pixels (default: 1024 on CUDA, 64 on the CPU)")
     parser.add_argument("--steps", type=int, default=5, help="denoising steps per preset (the first is not timed)")
     parser.add_argument("--vram", type=float, help="plan for this budget in GB (CUDA; default: free VRAM)")
+    parser.add_argument("--lora-presets", default="",
+                        help="comma-separated presets to time with 0, 1 and 4 LoRAs on every block Linear (default: "
+                             "none)")
+    parser.add_argument("--lora-rank", type=int,
+                        help="rank of each LoRA (default: 32 on CUDA; on the CPU 32 scaled to the small Flux's width, "
+                             "which keeps Flux-dev's share of extra FLOPs)")
+    parser.add_argument("--lora-modes", default="runtime,merge",
+                        help="LoRA modes to time: runtime, merge or both (default: both; merge requantizes every "
+                             "block Linear on the CPU, minutes for Flux-dev)")
+    parser.add_argument("--lora-rounds", type=int, default=3,
+                        help="rounds in which the LoRA configurations take turns (default 3)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -125,6 +193,19 @@ def main(argv=None) -> None:
         streamed = len(plan.streamed_double) + len(plan.streamed_single)
         print(f"| {preset} | {per_step:.4f} | {per_step / baseline:.2f} | {predicted} | {measured} | {streamed} |")
         del model, handle
+    rank = args.lora_rank or max(1, round(32 * config.hidden_size / FluxConfig.dev().hidden_size))
+    for preset in filter(None, args.lora_presets.split(",")):
+        model = random_flux(config, preset, "cpu" if cuda else device, dtype)
+        budget = int(args.vram * GiB) if args.vram else (None if cuda else 2**62)
+        rows = lora_rows(model, random_loras(model, 4, rank), args.lora_modes.split(","), args.lora_rounds, size,
+                         txt_len, args.steps, device, dtype, budget)
+        print(f"\n{preset}: rank-{rank} LoRAs on every block Linear, {100 * lora_flops_share(model, rank):.1f}% more "
+              f"Linear FLOPs each; median of {args.lora_rounds} x {args.steps - 1} timed steps\n")
+        print("| LoRAs | mode | s/step | vs no LoRA | applied in |")
+        print("|---:|---|---:|---:|---:|")
+        for count, mode, per_step, applied in rows:
+            print(f"| {count} | {mode} | {per_step:.4f} | {per_step / rows[0][2]:.3f} | {applied:.1f} s |")
+        del model
 
 
 if __name__ == "__main__":

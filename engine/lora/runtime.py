@@ -1,9 +1,9 @@
 """`LoRALinear`: a Linear, left in its stored format, plus the low-rank terms of the active LoRAs added at each call.
 
 No weight is ever dequantized to apply a LoRA: the base Linear runs as it would (Triton kernels on a quantized
-weight), and `scale · (x Aᵀ) Bᵀ` is added for every LoRA, batched: the down-projections of all LoRAs are stacked into
-one matrix (one matmul), and the up-projections onto each output-row range (the q, k, v or MLP slice of a fused
-weight, or all rows) are one matmul each, accumulated into the base output in place.
+weight), and `scale · (x Aᵀ) Bᵀ` is added for every LoRA, batched: the down-projections of all LoRAs, their scales
+folded in, are stacked into one matrix (one matmul), and the up-projections onto each output-row range (the q, k, v or
+MLP slice of a fused weight, or all rows) are one matmul each, accumulated into the base output in place.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def module_device(module: nn.Module) -> torch.device:
 class LoRALinear(nn.Module):
     """`base` (an nn.Linear or QuantLinear, not modified) plus `updates`, each from LoRA number `source` of a stack.
 
-    Buffers (so `.to()`, block streaming and the memory planner see them): `down` (all ranks, in_features), `scales`
-    (all ranks,) float32 = the file's scale times its LoRA's weight, and `up0`, `up1`, ... one per output-row range
-    with the columns of every update landing there."""
+    Buffers (so `.to()`, block streaming and the memory planner see them): `down` (all ranks, in_features), each
+    update's down-projection times its file scale and its LoRA's weight, and `up0`, `up1`, ... one per output-row
+    range, holding the up-projections of every update that lands there side by side."""
 
     def __init__(self, base: nn.Module, updates: list[tuple[LoRAUpdate, int]], weights: list[float],
                  dtype: torch.dtype):
@@ -39,10 +39,8 @@ class LoRALinear(nn.Module):
         by_rows: dict[tuple[int, int], list[tuple[LoRAUpdate, int]]] = {}
         for update, source in updates:
             by_rows.setdefault((update.row_start, update.row_stop), []).append((update, source))
-        ordered = [item for rows in sorted(by_rows) for item in by_rows[rows]]
-        self._columns = [(source, update.scale, update.rank) for update, source in ordered]
-        self.register_buffer("down", torch.cat([u.down for u, _ in ordered]).to(device, dtype))
-        self.register_buffer("scales", torch.empty(len(self.down), device=device))
+        self._updates = [item for rows in sorted(by_rows) for item in by_rows[rows]]  # in `down`'s row order
+        self.register_buffer("down", self._scaled_down(weights).to(device, dtype))
         self._segments = []  # (first row, row after the last, first column, column after the last)
         column = 0
         for i, (rows, group) in enumerate(sorted(by_rows.items())):
@@ -50,12 +48,13 @@ class LoRALinear(nn.Module):
             self.register_buffer(f"up{i}", up.to(device, dtype))
             self._segments.append((*rows, column, column + up.shape[1]))
             column += up.shape[1]
-        self.set_weights(weights)
+
+    def _scaled_down(self, weights: list[float]) -> torch.Tensor:
+        return torch.cat([update.down * (update.scale * weights[source]) for update, source in self._updates])
 
     def set_weights(self, weights: list[float]) -> None:
         """Weight of LoRA number i of the stack: weights[i] (0 turns it off, negative inverts it)."""
-        scales = [scale * weights[source] for source, scale, rank in self._columns for _ in range(rank)]
-        self.scales.copy_(torch.tensor(scales, dtype=torch.float32))
+        self.down.copy_(self._scaled_down(weights))
 
     @property
     def lora_nbytes(self) -> int:
@@ -67,7 +66,7 @@ class LoRALinear(nn.Module):
         if not y.is_contiguous():
             y = y.contiguous()
         down = self.down if self.down.dtype == x.dtype else self.down.to(x.dtype)
-        h = F.linear(x, down).mul_(self.scales).reshape(-1, down.shape[0])
+        h = F.linear(x, down).reshape(-1, down.shape[0])
         y2d = y.view(-1, self.out_features)
         for i, (r0, r1, c0, c1) in enumerate(self._segments):
             up = getattr(self, f"up{i}")
