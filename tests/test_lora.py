@@ -61,6 +61,21 @@ def relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def with_lora(pipe, path, latents) -> tuple[LoRA, torch.Tensor]:
+    """The LoRA in `path` and our latents with it loaded; unloaded again after."""
+    lora = pipe.load_lora(path)
+    try:
+        return lora, ours(pipe, latents)
+    finally:
+        pipe.unload_loras()
+
+
+def assert_matches(got, want, what: str, tolerance: float = 1e-4) -> None:
+    rel = relative(got, want)
+    print(f"{what}: relative error {rel:.2e}")
+    assert rel <= tolerance, rel
+
+
 @pytest.fixture(scope="module")
 def pipe(folder):
     return FluxPipeline.from_folder(folder, device="cpu", dtype=torch.float32, prompt_cache=False)
@@ -80,15 +95,9 @@ def peft_reference(folder, peft_file, start_latents):
 
 def test_peft_lora_equals_diffusers_load_lora_weights(pipe, peft_file, peft_reference, start_latents):
     base = ours(pipe, start_latents)
-    lora = pipe.load_lora(peft_file)
-    try:
-        got = ours(pipe, start_latents)
-    finally:
-        pipe.unload_loras()
+    lora, got = with_lora(pipe, peft_file, start_latents)
     assert lora.format == "diffusers" and set(lora.modules) == set(linear_modules(pipe.transformer))  # every Linear
-    rel = relative(got, peft_reference)
-    print(f"PEFT LoRA vs diffusers: max relative error {rel:.2e}")
-    assert rel <= 1e-4, rel
+    assert_matches(got, peft_reference, "PEFT LoRA vs diffusers")
     assert relative(base, peft_reference) > 0.05  # the LoRA really changed the result
     assert relative(ours(pipe, start_latents), base) == 0  # unloaded: the model is as it was
 
@@ -99,15 +108,9 @@ def test_kohya_rewrite_on_bfl_names_gives_the_same_latents(pipe, peft_file, peft
     rows = diffusers_rows(**TINY)
     out_features = {name[:-len(".weight")]: shape[0] for name, shape in flux_shapes(**TINY).items()}
     path = write(kohya_from_peft(load_file(str(peft_file)), rows, out_features), tmp_path / "kohya.safetensors")
-    lora = pipe.load_lora(path)
-    try:
-        got = ours(pipe, start_latents)
-    finally:
-        pipe.unload_loras()
+    lora, got = with_lora(pipe, path, start_latents)
     assert lora.format == "kohya"
-    rel = relative(got, peft_reference)
-    print(f"kohya rewrite vs diffusers' PEFT result: relative error {rel:.2e}")
-    assert rel <= 1e-4, rel
+    assert_matches(got, peft_reference, "kohya rewrite vs diffusers' PEFT result")
 
 
 def xlabs_lora(hidden: int, depth: int, depth_single: int, rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -131,16 +134,9 @@ def xlabs_lora(hidden: int, depth: int, depth_single: int, rank: int, seed: int)
 
 def test_xlabs_lora_equals_diffusers(folder, pipe, start_latents, tmp_path):
     path = write(xlabs_lora(TINY["hidden"], 1, 2, rank=4, seed=11), tmp_path / "xlabs.safetensors")
-    want = theirs(folder, path, start_latents)
-    lora = pipe.load_lora(path)
-    try:
-        got = ours(pipe, start_latents)
-    finally:
-        pipe.unload_loras()
+    lora, got = with_lora(pipe, path, start_latents)
     assert lora.format == "xlabs"
-    rel = relative(got, want)
-    print(f"XLabs LoRA vs diffusers: relative error {rel:.2e}")
-    assert rel <= 1e-4, rel
+    assert_matches(got, theirs(folder, path, start_latents), "XLabs LoRA vs diffusers")
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -203,10 +199,9 @@ def test_two_weighted_loras_equal_their_deltas_on_dense_weights(folder, pipe, st
     assert pipe.load_lora(write(first, tmp_path / "a.safetensors"), weight=0.7).format == "kohya"
     assert pipe.load_lora(write(second, tmp_path / "b.safetensors"), weight=-0.3).format == "bfl"
     try:
-        rel = relative(ours(pipe, start_latents), want)
-        assert rel <= 1e-4, rel
+        assert_matches(ours(pipe, start_latents), want, "two LoRAs (0.7, -0.3) vs dense weights plus their deltas")
         pipe.lora_mode = "merge"  # dense float32 weights: merging is exact up to rounding
-        assert relative(ours(pipe, start_latents), want) <= 1e-4
+        assert_matches(ours(pipe, start_latents), want, "the same, merged")
         pipe.set_lora_weights(0.0, 0.0)
         assert relative(ours(pipe, start_latents), base) <= 1e-6
         pipe.lora_mode = "runtime"
@@ -219,7 +214,6 @@ def test_two_weighted_loras_equal_their_deltas_on_dense_weights(folder, pipe, st
         pipe.unload_loras()
         pipe.lora_mode = "runtime"
     assert relative(ours(pipe, start_latents), base) == 0
-    print(f"two LoRAs (0.7, -0.3) vs dense weights plus deltas: relative error {rel:.2e}")
 
 
 # ------------------------------------------------------------------------------------------------ quantized bases
@@ -334,6 +328,16 @@ def test_pickles_and_non_safetensors_files_are_refused(pipe, tmp_path):
         pipe.load_lora(tmp_path / "lora.safetensors")
     with pytest.raises(ModelFileError, match="no such file"):
         pipe.load_lora(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("metadata", ["{not json", '{"transformer.lora_alpha": "many"}',
+                                      '{"transformer.alpha_pattern": {"(": 2}}'])
+def test_malformed_peft_metadata_is_a_model_file_error(pipe, tmp_path, metadata):
+    tensors = {"transformer.x_embedder.lora_A.weight": torch.zeros(2, 64),
+               "transformer.x_embedder.lora_B.weight": torch.zeros(64, 2)}
+    path = write(tensors, tmp_path / "meta.safetensors", {"lora_adapter_metadata": metadata})
+    with pytest.raises(ModelFileError, match="malformed lora_adapter_metadata metadata"):
+        read_lora(path, pipe.transformer)
 
 
 def test_text_encoder_parts_are_skipped_with_a_warning(pipe, tmp_path, caplog):

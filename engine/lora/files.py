@@ -97,26 +97,29 @@ class _PeftScaling:
     alpha_pattern entry matching the module name, over r (over sqrt(r) with use_rslora)."""
 
     def __init__(self, metadata: dict, path):
+        self.alpha, self.patterns, self.rslora = None, [], False
         raw = metadata.get(PEFT_METADATA)
-        self.config = None
-        if raw:
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ModelFileError(path, f"malformed {PEFT_METADATA} metadata: {e}") from None
+        if not raw:
+            return
+        try:
+            data = json.loads(raw)
             config = {k.removeprefix("transformer."): v for k, v in data.items() if k.startswith("transformer.")}
-            self.config = {**PEFT_DEFAULTS, **config} if config else None
+            if not config:
+                return
+            config = {**PEFT_DEFAULTS, **config}
+            self.alpha = float(config["lora_alpha"])
+            self.patterns = [(re.compile(rf"(.*\.)?({pattern})$"), float(value))  # peft's get_pattern_key
+                             for pattern, value in (config.get("alpha_pattern") or {}).items()]
+            self.rslora = bool(config.get("use_rslora"))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError, re.error) as e:
+            raise ModelFileError(path, f"malformed {PEFT_METADATA} metadata: {e}") from None
 
     def scale(self, module_key: str, rank: int) -> float:
-        if self.config is None:
+        if self.alpha is None:
             return 1.0
         module = module_key.removeprefix("transformer.")
-        alpha = self.config["lora_alpha"]
-        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):  # peft's get_pattern_key
-                alpha = value
-                break
-        return alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+        alpha = next((value for pattern, value in self.patterns if pattern.match(module)), self.alpha)
+        return alpha / (math.sqrt(rank) if self.rslora else rank)
 
 
 def _few(names: list[str], n: int = 5) -> str:
@@ -129,8 +132,9 @@ def _check_factors(key: str, factors: dict, linear: nn.Module, rows: int) -> str
     if "down" not in factors or "up" not in factors:
         return f"{key}: {'up' if 'down' in factors else 'down'}-projection missing"
     down, up = factors["down"], factors["up"]
-    if not (down.is_floating_point() and up.is_floating_point()) or down.dim() != 2 or up.dim() != 2:
-        return f"{key}: factors must be 2-D float tensors, got {down.dtype}{list(down.shape)}, {up.dtype}{list(up.shape)}"
+    if not (down.is_floating_point() and up.is_floating_point()) or down.dim() != 2 or up.dim() != 2 or not len(down):
+        return (f"{key}: factors must be 2-D float tensors of rank 1 or more, got {down.dtype}{list(down.shape)} and "
+                f"{up.dtype}{list(up.shape)}")
     if down.shape[1] != linear.in_features or up.shape != (rows, down.shape[0]):
         return (f"{key}: factors {list(down.shape)} and {list(up.shape)} do not fit a ({rows} x {linear.in_features}) "
                 f"update of the model's ({linear.out_features} x {linear.in_features}) Linear")
