@@ -1,9 +1,15 @@
-"""Throughput of the numpy reference codecs and the torch codecs on one Flux-like weight matrix.
+"""Throughput of the numpy reference codecs and the torch codecs on one Flux-like weight matrix, and the torch
+dequantization against ComfyUI-GGUF's.
 
     python -m bench.codecs [--formats Q4_0,Q8_0] [--rows 3072] [--cols 3072] [--device cpu|cuda] [--threads N]
+                           [--tables codecs,comfyui]
 
-Prints a markdown table: quantize and dequantize speed of each backend in M weights/s and the torch/numpy ratio, all
-measured in the same run; "—" where a backend has no codec for the format (yet). numpy always runs on the CPU.
+Prints markdown tables, everything measured in the same run:
+- codecs: quantize and dequantize speed of each backend in M weights/s and the torch/numpy ratio; "—" where a
+  backend has no codec for the format (yet). numpy always runs on the CPU.
+- comfyui: `QTensor.dequantize` (the torch codecs) against ComfyUI-GGUF's torch dequantization
+  (`bench.comfyui_gguf_baseline`, its algorithm re-implemented for this comparison) on the same bytes, into float32
+  and into bfloat16, in ms per weight, timed alternately so that both see the same machine load.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import time
 import numpy as np
 import torch
 
+from bench import comfyui_gguf_baseline
 from kernels import reference, torch_codecs
 from kernels.formats import FORMATS, Format, get_format
+from kernels.qtensor import QTensor
 
 MISSING = "—"
 TIME_BUDGET_S = 1.0  # per measurement: repeat while within it (at least once, at most MAX_RUNS) and keep the best
 MAX_RUNS = 10
+TABLES = ("codecs", "comfyui")
 
 
 def has_codec(backend, fmt: Format, verb: str) -> bool:
@@ -87,6 +96,43 @@ def table_rows(formats: list[Format], weight: np.ndarray, device: torch.device):
                speed(dq_numpy), speed(dq_torch), ratio(dq_torch, dq_numpy))
 
 
+def best_alternating(calls, wait) -> list[float]:
+    """Best seconds of each of `calls`, run one after another in turn (after one warm-up round) until TIME_BUDGET_S
+    per call is used (at least 3 rounds, at most MAX_RUNS): a busy machine slows them alike."""
+    for call in calls:
+        call()
+    wait()
+    times = [[] for _ in calls]
+    while len(times[0]) < 3 or (sum(times[0]) < TIME_BUDGET_S and len(times[0]) < MAX_RUNS):
+        for call, spent in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            wait()
+            spent.append(time.perf_counter() - start)
+    return [min(spent) for spent in times]
+
+
+def comfyui_rows(formats: list[Format], weight: torch.Tensor, wait):
+    """Per format ComfyUI-GGUF dequantizes: its time and ours into float32 and bfloat16, and the speed-ups."""
+    for fmt in formats:
+        if fmt.name not in comfyui_gguf_baseline.FORMATS_COVERED:
+            continue
+        qtensor = QTensor.quantize(weight, fmt.name)
+        row = [fmt.name]
+        for dtype in (torch.float32, torch.bfloat16):
+            theirs, ours = best_alternating([lambda: comfyui_gguf_baseline.dequantize(qtensor.raw, fmt.name, dtype),
+                                             lambda: qtensor.dequantize(dtype)], wait)
+            row += [f"{theirs * 1e3:.1f}", f"{ours * 1e3:.1f}", f"{theirs / ours:.1f}×"]
+        yield row
+
+
+def print_table(header, rows) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.codecs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated format names (default: all)")
@@ -95,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="its row length, a multiple of every benchmarked block size (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the torch codecs run")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice)")
+    parser.add_argument("--tables", default=",".join(TABLES),
+                        help="which tables, comma-separated: codecs (numpy vs torch), comfyui (dequantization vs "
+                             "ComfyUI-GGUF's) (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         formats = [get_format(name.strip()) for name in args.formats.split(",")]
@@ -102,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
             fmt.row_bytes(args.cols)
     except ValueError as error:
         parser.error(str(error))
+    tables = [name.strip() for name in args.tables.split(",")]
+    if not tables or set(tables) - set(TABLES):
+        parser.error(f"--tables: choose from {', '.join(TABLES)}, got {args.tables!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     device = torch.device(args.device)
@@ -113,12 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} thread(s)"
     print(f"{args.rows}×{args.cols} float32 weight (normal × 0.02); M weights/s, best of up to {MAX_RUNS} runs; "
           f"numpy {np.__version__} on CPU (1 thread), torch {torch.__version__} on {where}\n")
-    header = ("format", "bits/weight", "quantize numpy", "quantize torch", "torch/numpy",
-              "dequantize numpy", "dequantize torch", "torch/numpy")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    for row in table_rows(formats, weight, device):
-        print("| " + " | ".join(row) + " |", flush=True)
+    if "codecs" in tables:
+        print_table(("format", "bits/weight", "quantize numpy", "quantize torch", "torch/numpy",
+                     "dequantize numpy", "dequantize torch", "torch/numpy"), table_rows(formats, weight, device))
+    if "comfyui" in tables:
+        wait = torch.cuda.synchronize if device.type == "cuda" else finished_on_return
+        print(f"\nDequantization, ms per {args.rows}×{args.cols} weight: ComfyUI-GGUF's torch code (its default "
+              f"configuration: fp16 arithmetic, then cast) vs QTensor.dequantize, alternately, best of up to "
+              f"{MAX_RUNS}\n")
+        print_table(("format", "ComfyUI-GGUF → f32", "ours → f32", "speed-up", "ComfyUI-GGUF → bf16", "ours → bf16",
+                     "speed-up"), comfyui_rows(formats, torch.from_numpy(weight).to(device), wait))
 
 
 if __name__ == "__main__":

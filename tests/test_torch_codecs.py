@@ -156,6 +156,37 @@ def test_dequantize_reads_unaligned_and_strided_bytes(name):
         assert_same_floats(torch_codecs.dequantize(view, name), expected, nan_payloads_match(name, "cpu"))
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_dequantize_in_steps_is_bit_identical(name, monkeypatch):
+    """Large weights are decoded a step at a time into one result (float32 directly, other dtypes through a float32
+    step buffer): steps of 3 blocks over 32 blocks leave a partial last step."""
+    fmt = get_format(name)
+    monkeypatch.setitem(torch_codecs._DEQUANTIZE_CHUNK_ELEMENTS, "cpu", 3 * fmt.block_size)
+    raw = random_raw(fmt, 32, seed=11).reshape(4, -1)
+    expected = reference.dequantize(raw, name)
+    assert_same_floats(torch_codecs.dequantize(torch.from_numpy(raw), name), expected, nan_payloads_match(name, "cpu"))
+    for dtype in (torch.bfloat16, torch.float16):
+        actual = torch_codecs.dequantize(torch.from_numpy(raw), name, dtype)
+        cast = torch.from_numpy(expected).to(dtype)
+        assert actual.dtype == dtype and torch.equal(actual.isnan(), cast.isnan())
+        assert torch.equal(actual[~cast.isnan()], cast[~cast.isnan()])
+
+
+@pytest.mark.parametrize("name, dtype", [("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16)])
+def test_float_formats_in_their_own_dtype_are_views(name, dtype):
+    raw = torch.from_numpy(random_raw(get_format(name), 64, seed=2).reshape(2, -1))
+    assert torch_codecs.dequantize(raw, name, dtype).untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()
+
+
+def test_huge_page_output_is_an_ordinary_tensor():
+    from kernels.torch_codecs import huge_pages
+
+    t = huge_pages.empty((3, huge_pages.SMALLEST_ADVISED // 3 + 5), torch.float32, torch.device("cpu"))
+    assert t.shape == (3, huge_pages.SMALLEST_ADVISED // 3 + 5) and t.is_contiguous()
+    t.fill_(2.0)
+    assert float(t.sum()) == 2.0 * t.numel()
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: torch_codecs.dequantize(torch.zeros(1, 18, dtype=torch.uint8), "Q4_9"), "unknown weight format 'Q4_9'"),
     (lambda: torch_codecs.quantize(torch.zeros(1, 32), "Q4_O"), "unknown weight format 'Q4_O'"),

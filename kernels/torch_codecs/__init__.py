@@ -2,9 +2,14 @@
 
 Same conventions as the numpy ground truth in `kernels.reference`, whose results these match bit for bit:
 `dequantize(raw, fmt)` and `quantize(x, fmt)` work on the last axis (whole blocks of bytes / of elements) and keep
-leading axes; each family module `kernels.torch_codecs.<family>` provides `dequantize_<fmt>(blocks)` (uint8
-`(nblocks, block_bytes)` -> float32 `(nblocks, block_size)`) and `quantize_<fmt>(x)` (the reverse), vectorised over
-blocks with torch operations only, so everything runs on the input's device.
+leading axes; each family module `kernels.torch_codecs.<family>` provides `dequantize_<fmt>(blocks, out)` (uint8
+`(nblocks, block_bytes)` -> float32 `(nblocks, block_size)`, written into `out` and returned) and `quantize_<fmt>(x)`
+(the reverse), vectorised over blocks with torch operations only, so everything runs on the input's device.
+
+On the CPU `dequantize` decodes a large weight in steps of a few hundred thousand elements into one output on huge
+pages (`huge_pages`): each step's temporaries then stay in cache and are reused by the allocator, where decoding the
+whole weight at once would map fresh pages for every full-size temporary - that, not the arithmetic, was most of
+the time (`python -m bench.codecs` compares with ComfyUI-GGUF's decoder).
 """
 
 from __future__ import annotations
@@ -14,11 +19,18 @@ import importlib
 import torch
 
 from kernels.formats import Format, get_format
+from kernels.torch_codecs import huge_pages
+from kernels.torch_codecs.common import view_bytes_as
+from kernels.torch_codecs.floats import STORED_DTYPES
 
 
 # The K-quant searches make a dozen passes per candidate scale over their working set: on the CPU it must stay in
 # cache (measured best around 2**18 elements on 2 cores); on a GPU larger chunks only amortise launches.
 _QUANTIZE_CHUNK_ELEMENTS = {"cpu": 1 << 18}
+# Decoding makes a few passes over each step's codes and values: 2**19 elements (2 MB of float32) amortises the
+# per-operation overhead of the ~20 operations a step takes and keeps their temporaries cached (measured on 2 cores:
+# 2**16 was 1.5-2x slower, 2**20 no faster).
+_DEQUANTIZE_CHUNK_ELEMENTS = {"cpu": 1 << 19}
 
 
 def _codec(fmt: Format, verb: str):
@@ -33,7 +45,8 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 
 def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 `(..., row_bytes)` in format `fmt` -> `(..., n)` in `dtype` (computed in float32, then cast)."""
+    """uint8 `(..., row_bytes)` in format `fmt` -> `(..., n)` in `dtype` (computed in float32, then cast). A plain
+    float format asked for its own dtype gives a view of the bytes where they are aligned, as the reference does."""
     f = get_format(fmt)
     raw = torch.as_tensor(raw)
     if raw.dtype != torch.uint8:
@@ -42,10 +55,23 @@ def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) 
         raise ValueError(f"dequantize {f.name}: raw data must have at least one axis")
     if not dtype.is_floating_point:
         raise ValueError(f"dequantize {f.name}: output dtype must be floating point, got {dtype}")
-    n = f.elements(raw.shape[-1])
+    shape = (*raw.shape[:-1], f.elements(raw.shape[-1]))
     blocks = raw.contiguous().reshape(-1, f.block_bytes)
-    values = _codec(f, "dequantize")(blocks)
-    return values.reshape(*raw.shape[:-1], n).to(dtype)
+    if STORED_DTYPES.get(f.name) == dtype:
+        return view_bytes_as(blocks, dtype).reshape(shape)
+    codec = _codec(f, "dequantize")
+    nblocks = blocks.shape[0]
+    step = max(1, _DEQUANTIZE_CHUNK_ELEMENTS.get(raw.device.type, 1 << 62) // f.block_size)
+    values = huge_pages.empty((nblocks, f.block_size), dtype, raw.device)
+    if dtype != torch.float32:  # decoded in float32 a step at a time, then rounded once
+        work = torch.empty((min(step, nblocks), f.block_size), device=raw.device)
+    for start in range(0, nblocks, step):
+        chunk, target = blocks[start:start + step], values[start:start + step]
+        if dtype == torch.float32:
+            codec(chunk, target)
+        else:
+            target.copy_(codec(chunk, work[:chunk.shape[0]]))
+    return values.reshape(shape)
 
 
 def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:

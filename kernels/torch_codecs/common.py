@@ -53,6 +53,12 @@ def nearest_int(values: torch.Tensor) -> torch.Tensor:
     return (shifted & 0x007FFFFF) - 0x00400000
 
 
+def as_float(values: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`values` (integer codes, or floats of another width) as float32: written into `out` (as many elements, the
+    result the dispatcher hands out or its work buffer) when given, else a new tensor; shaped like `values`."""
+    return values.float() if out is None else out.view(values.shape).copy_(values)
+
+
 def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column of `(n, B)`: largest |x| and the signed value where it first occurs (torch's argmax is the first)."""
     signed = x.gather(0, x.abs().argmax(dim=0, keepdim=True))[0]
@@ -61,7 +67,20 @@ def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """uint8 `(..., m)` -> `(..., 2m)`: the low nibbles of all bytes, then the high nibbles (ggml's order)."""
-    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
+    return torch.cat(bit_fields(packed, 4), dim=-1)
+
+
+def lookup(table: torch.Tensor, codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`table[codes]` for a 1-D `table` and uint8 `codes`, shaped like `codes` (or written into contiguous `out` of
+    as many elements).
+
+    `index_select` with int32 indices: several times faster on the CPU than indexing with int64 (`table[codes.long()]`
+    writes and reads 8-byte indices and takes the general advanced-indexing path). A table of wider words (several
+    values per code) is best looked up as one integer word per code: index_select copies rows element by element."""
+    index = codes.reshape(-1).to(torch.int32)
+    if out is None:
+        return torch.index_select(table, 0, index).view(codes.shape)
+    return torch.index_select(table, 0, index, out=out.view(-1)).view(out.shape)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -70,13 +89,40 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return codes[..., :half] | (codes[..., half:] << 4)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 `(..., m)` holding `8 // bits` fields per byte -> `(..., 8 // bits, m)`: field k of every byte in row k.
+# A block field of every block is a strided view (rows of 4 to 128 bytes at the block's stride): decoders copy it to
+# contiguous bytes before splitting its bit fields, as byte operations and torch.stack on the strided view run
+# several times slower on the CPU (row by row).
 
-    One shift by a Python number per field: torch's shifts by a broadcast tensor of shifts are several times slower.
+def bit_fields(packed: torch.Tensor, bits: int, at: int = 0) -> list[torch.Tensor]:
+    """The `8 // bits` fields of every byte of uint8 `packed`, field k (bits `k * bits` and up) as the k-th uint8
+    tensor shaped like `packed`, moved to bit `at` (`at=4`: a code's 5th and 6th bits, ready to be or-ed onto its
+    nibble). One shift by a Python number per field: shifts by a broadcast tensor of shifts are several times slower.
     """
-    mask = (1 << bits) - 1
-    return torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-2)
+    mask = ((1 << bits) - 1) << at
+    fields = []
+    for low_bit in range(0, 8, bits):
+        shift = low_bit - at
+        moved = packed >> shift if shift > 0 else packed << -shift if shift < 0 else packed
+        fields.append(moved & mask)
+    return fields
+
+
+def interleave_runs(fields: list[torch.Tensor], run: int) -> torch.Tensor:
+    """Element codes from the fields of the same bytes, uint8 `(nb, m)` each (`bit_fields`): every span of `run`
+    bytes holds `run` elements in field 0, then `run` in field 1, ... -> `(nb, len(fields) * m)`."""
+    nb = fields[0].shape[0]
+    return torch.stack([field.reshape(nb, -1, run) for field in fields], dim=2).reshape(nb, -1)
+
+
+def nibble_codes(blocks: torch.Tensor, start: int, stop: int, run: int) -> torch.Tensor:
+    """The element codes of the nibbles in bytes `start:stop` of every block, `(nblocks, 2 * (stop - start))` uint8:
+    each span of `run` bytes holds `run` elements in its low nibbles, then `run` in its high nibbles."""
+    return interleave_runs(bit_fields(blocks[:, start:stop].contiguous(), 4), run)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 `(..., m)` holding `8 // bits` fields per byte -> `(..., 8 // bits, m)`: field k of every byte in row k."""
+    return torch.stack(bit_fields(packed, bits), dim=-2)
 
 
 def pack_bits(fields: torch.Tensor, bits: int) -> torch.Tensor:

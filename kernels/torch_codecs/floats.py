@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.torch_codecs.common import view_bytes_as
+from kernels.torch_codecs.common import as_float, view_bytes_as
+
+# The torch dtype each format's bytes are: asked for that dtype, `dequantize` returns a view of them.
+STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn}
 
 
-def dequantize_f32(blocks: torch.Tensor) -> torch.Tensor:
-    return view_bytes_as(blocks, torch.float32)  # a view of the bytes where aligned, as the reference's
+def dequantize_f32(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return as_float(view_bytes_as(blocks, torch.float32), out)
 
 
 def quantize_f32(x: torch.Tensor) -> torch.Tensor:
@@ -18,17 +21,17 @@ def quantize_f32(x: torch.Tensor) -> torch.Tensor:
 # fp16 <-> fp32 in torch rounds as numpy does; only signalling NaNs differ: torch's conversions quiet them (the
 # CPU's F16C instructions do), numpy's keep them signalling.
 
-def dequantize_f16(blocks: torch.Tensor) -> torch.Tensor:
-    return view_bytes_as(blocks, torch.float16).float()
+def dequantize_f16(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return as_float(view_bytes_as(blocks, torch.float16), out)
 
 
 def quantize_f16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).view(torch.uint8)
 
 
-def dequantize_bf16(blocks: torch.Tensor) -> torch.Tensor:
+def dequantize_bf16(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # bf16 -> f32 is the 16-bit shift of the reference on every device, NaN payloads included
-    return view_bytes_as(blocks, torch.bfloat16).float()
+    return as_float(view_bytes_as(blocks, torch.bfloat16), out)
 
 
 def quantize_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +49,8 @@ def quantize_bf16(x: torch.Tensor) -> torch.Tensor:
 
 # float8 e4m3fn <-> fp32: torch's conversions are the reference's (saturating, round to nearest even, NaN payloads).
 
-def dequantize_f8_e4m3(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks.view(torch.float8_e4m3fn).float()
+def dequantize_f8_e4m3(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return as_float(blocks.view(torch.float8_e4m3fn), out)
 
 
 def quantize_f8_e4m3(x: torch.Tensor) -> torch.Tensor:

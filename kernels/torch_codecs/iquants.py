@@ -30,7 +30,7 @@ import torch
 
 from kernels import state
 from kernels.formats import FORMATS, IQ4_VALUES, QK4_NL, QK_K
-from kernels.torch_codecs.common import pack_nibbles, unpack_nibbles
+from kernels.torch_codecs.common import lookup, nibble_codes, pack_nibbles
 
 __all__ = ["dequantize_iq4_nl", "quantize_iq4_nl", "dequantize_iq4_xs", "quantize_iq4_xs"]
 
@@ -232,12 +232,17 @@ def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- IQ4_NL
 
 
-def dequantize_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
-    """uint8 (nblocks, 18) -> float32 (nblocks, 32)."""
+def _levels(blocks: torch.Tensor, start: int, out: torch.Tensor | None) -> torch.Tensor:
+    """The code-book values of the nibble codes in bytes `start:` of every block (runs of 16 bytes), `(nb, 32 *
+    sub-blocks)` float32, written into `out` when given."""
+    codes = nibble_codes(blocks, start, blocks.shape[1], QK4_NL // 2)
+    return lookup(state.table("iq4", blocks.device), codes, out=out)
+
+
+def dequantize_iq4_nl(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (nblocks, 18) -> float32 (nblocks, 32), in `out` when given."""
     b = _check(blocks, IQ4_NL_BYTES, torch.uint8, "dequantize_iq4_nl")
-    vf = state.table("iq4", b.device)
-    d = _f16_scale(b[:, :2])
-    return d[:, None] * vf[unpack_nibbles(b[:, 2:]).long()]
+    return _levels(b, 2, out).mul_(_f16_scale(b[:, :2])[:, None])
 
 
 def quantize_iq4_nl(x: torch.Tensor) -> torch.Tensor:
@@ -265,19 +270,17 @@ def quantize_iq4_nl(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- IQ4_XS
 
 
-def dequantize_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
-    """uint8 (nblocks, 136) -> float32 (nblocks, 256)."""
+def dequantize_iq4_xs(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (nblocks, 136) -> float32 (nblocks, 256), in `out` when given."""
     b = _check(blocks, IQ4_XS_BYTES, torch.uint8, "dequantize_iq4_xs")
     n = b.shape[0]
-    vf = state.table("iq4", b.device)
     d = _f16_scale(b[:, :2])
     sh = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)
     ib = torch.arange(QK_K // 32, device=b.device)
     lo = (b[:, 4 + ib // 2].to(torch.int32) >> (4 * (ib % 2))) & 0x0F
     hi = (sh[:, None] >> (2 * ib)) & 3
     dl = d[:, None] * ((lo | (hi << 4)) - 32).to(torch.float32)  # (n, 8)
-    codes = unpack_nibbles(b[:, 8:].reshape(n, QK_K // 32, 16)).long()
-    return (dl[:, :, None] * vf[codes]).reshape(n, QK_K)
+    return _levels(b, 8, out).view(n, QK_K // 32, 32).mul_(dl[:, :, None]).view(n, QK_K)
 
 
 def quantize_iq4_xs(x: torch.Tensor) -> torch.Tensor:

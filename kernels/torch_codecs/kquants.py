@@ -16,28 +16,27 @@ import torch
 
 from kernels.formats import QK_K
 from kernels.torch_codecs.common import (
-    f16_bytes, f16_round, first_absmax, nearest_int, pack_bits, pack_nibbles, read_f16, unpack_bits, unpack_nibbles,
+    as_float, bit_fields, f16_bytes, f16_round, first_absmax, interleave_runs, nearest_int, nibble_codes, pack_bits,
+    pack_nibbles, read_f16, unpack_bits, unpack_nibbles,
 )
 
 GROUP_MAX_EPS = 1e-15
 
 
-# ---------------------------------------------------------------------------------------------------- bit planes
+# ------------------------------------------------------------------------------------------------ dequantizers
+# Bit planes: element order in the reference's module docstring; 5th/6th code bits come out of `bit_fields` already
+# shifted to bit 4, Q3_K's 3rd bit to bit 2.
 
-def _unpack_crumbs(qs: torch.Tensor) -> torch.Tensor:
-    """2-bit plane `(nb, 64)` -> codes `(nb, 256)`: half h, run r, element l is bits 2r of byte 32h + l."""
-    return unpack_bits(qs.reshape(-1, 2, 32), 2).reshape(-1, QK_K)
-
-
-def _unpack_high_bits(plane: torch.Tensor) -> torch.Tensor:
-    """1-bit plane `(nb, 32)` -> `(nb, 256)`: element e is bit e // 32 of byte e % 32."""
-    return unpack_bits(plane, 1).reshape(-1, QK_K)
+def _crumb_codes(blocks: torch.Tensor, start: int, at: int = 0) -> torch.Tensor:
+    """2-bit plane of 64 bytes at `start` -> codes `(nb, 256)`, moved to bit `at`: half h, run r, element l is bits
+    2r of byte 32h + l."""
+    return interleave_runs(bit_fields(blocks[:, start:start + QK_K // 4].contiguous(), 2, at), 32)
 
 
-def _unpack_nibble_runs(qs: torch.Tensor, run: int) -> torch.Tensor:
-    """Nibble plane -> codes: each span of `run` bytes holds `run` elements in low nibbles, then `run` in high."""
-    nb, n_bytes = qs.shape
-    return unpack_nibbles(qs.reshape(nb, n_bytes // run, run)).reshape(nb, 2 * n_bytes)
+def _high_bit_codes(blocks: torch.Tensor, start: int, at: int) -> torch.Tensor:
+    """1-bit plane of 32 bytes at `start` -> `(nb, 256)`, each bit moved to bit `at`: element e is bit e // 32 of
+    byte e % 32."""
+    return interleave_runs(bit_fields(blocks[:, start:start + 32].contiguous(), 1, at), 32)
 
 
 def _unpack_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,58 +55,55 @@ def _unpack_q3_scales(scales: torch.Tensor) -> torch.Tensor:
     return (low | (high << 4)).view(torch.int8) - 32
 
 
-# ------------------------------------------------------------------------------------------------ dequantizers
-
 def _sub_block_scales(d: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """`d * code` for the integer sub-block scale (or min) codes `(nb, n_sub)`, as `(nb, n_sub, 1)` float32."""
     return (d * codes.float())[..., None]
 
 
-def _scale_codes(q: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor | None = None) -> torch.Tensor:
-    """`dl * q - ml` (or `dl * q`) for integer codes `q` `(nb, 256)` and per-sub-block `dl`, `ml` `(nb, n_sub, 1)`.
-    (Where both terms are NaN, torch's sub returns ml's NaN and numpy's the first term's: only NaN payloads differ.)"""
+def _scale_codes(q: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """`dl * q - ml` (or `dl * q`) for integer codes `q` `(nb, 256)` and per-sub-block `dl`, `ml` `(nb, n_sub, 1)`
+    (see `as_float` for `out`). (Where both terms are NaN, torch's sub returns ml's NaN and numpy's the first
+    term's: only NaN payloads differ.)"""
     nb, n_sub = dl.shape[:2]
-    values = q.reshape(nb, n_sub, QK_K // n_sub).float().mul_(dl)
+    values = as_float(q.view(nb, n_sub, QK_K // n_sub), out).mul_(dl)
     if ml is not None:
         values.sub_(ml)
-    return values.reshape(nb, QK_K)
+    return values.view(nb, QK_K)
 
 
-def dequantize_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+def dequantize_q2_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     scales = blocks[:, :16]
     d, dmin = read_f16(blocks, 80), read_f16(blocks, 82)
-    return _scale_codes(_unpack_crumbs(blocks[:, 16:80]), _sub_block_scales(d, scales & 0x0F),
-                        _sub_block_scales(dmin, scales >> 4))
+    return _scale_codes(_crumb_codes(blocks, 16), _sub_block_scales(d, scales & 0x0F),
+                        _sub_block_scales(dmin, scales >> 4), out)
 
 
-def dequantize_q3_k(blocks: torch.Tensor) -> torch.Tensor:
-    high = _unpack_high_bits(blocks[:, :32])
-    low = _unpack_crumbs(blocks[:, 32:96])
-    q = low.view(torch.int8) - ((high ^ 1) << 2).view(torch.int8)  # a clear high bit means "minus 4"
-    return _scale_codes(q, _sub_block_scales(read_f16(blocks, 108), _unpack_q3_scales(blocks[:, 96:108])))
+def dequantize_q3_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    # low | high << 2, less 4: a clear high bit means "minus 4"
+    q = _crumb_codes(blocks, 32).bitwise_or_(_high_bit_codes(blocks, 0, 2)).view(torch.int8).sub_(4)
+    dl = _sub_block_scales(read_f16(blocks, 108), _unpack_q3_scales(blocks[:, 96:108]))
+    return _scale_codes(q, dl, None, out)
 
 
-def _dequantize_q45_k(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _dequantize_q45_k(blocks: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     d, dmin = read_f16(blocks, 0), read_f16(blocks, 2)
     sc, m = _unpack_scale_min(blocks[:, 4:16])
-    return _scale_codes(q, _sub_block_scales(d, sc), _sub_block_scales(dmin, m))
+    return _scale_codes(q, _sub_block_scales(d, sc), _sub_block_scales(dmin, m), out)
 
 
-def dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
-    return _dequantize_q45_k(blocks, _unpack_nibble_runs(blocks[:, 16:144], 32))
+def dequantize_q4_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return _dequantize_q45_k(blocks, nibble_codes(blocks, 16, 144, 32), out)
 
 
-def dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
-    q = _unpack_nibble_runs(blocks[:, 48:176], 32) | (_unpack_high_bits(blocks[:, 16:48]) << 4)
-    return _dequantize_q45_k(blocks, q)
+def dequantize_q5_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    q = nibble_codes(blocks, 48, 176, 32).bitwise_or_(_high_bit_codes(blocks, 16, 4))
+    return _dequantize_q45_k(blocks, q, out)
 
 
-def dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
-    nb = blocks.shape[0]
-    low = _unpack_nibble_runs(blocks[:, :128], 64)
-    high = unpack_bits(blocks[:, 128:192].reshape(nb, 2, 32), 2).reshape(nb, QK_K)
-    q = (low | (high << 4)).view(torch.int8) - 32
-    return _scale_codes(q, _sub_block_scales(read_f16(blocks, 208), blocks[:, 192:208].view(torch.int8)))
+def dequantize_q6_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    high = _crumb_codes(blocks, 128, at=4)
+    q = nibble_codes(blocks, 0, 128, 64).bitwise_or_(high).view(torch.int8).sub_(32)
+    return _scale_codes(q, _sub_block_scales(read_f16(blocks, 208), blocks[:, 192:208].view(torch.int8)), None, out)
 
 
 # ---------------------------------------------------------------------------------------------- search helpers

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import torch
 
+from kernels import state
 from kernels.torch_codecs.common import (
-    divide, f16_bytes, pack_bits, pack_nibbles, read_f16, unpack_bits, unpack_nibbles,
+    as_float, divide, f16_bytes, lookup, nibble_codes, pack_bits, pack_nibbles, read_f16,
 )
+
+
+def _fifth_bit_bytes(device: torch.device) -> torch.Tensor:
+    """`(256,)` int64 whose byte k is 16 times bit k of the index: a byte of fifth bits as its 8 elements' 16s."""
+    return state.constants("legacy_fifth_bits", device, lambda d: torch.tensor(
+        [sum(((byte >> k) & 1) << (8 * k + 4) for k in range(8)) for byte in range(256)], dtype=torch.int64,
+        device=d))
 
 
 def _high_bits(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The 32 fifth bits stored as a little-endian u32 at `offset`, as `(nblocks, 32)` values 0 or 16: element e is
-    bit e % 8 of byte e // 8 (each byte unpacked on its own, so its 8 bits come out in element order)."""
-    return unpack_bits(blocks[:, offset:offset + 4, None], 1).reshape(-1, 32) << 4
+    bit e % 8 of byte e // 8, so each byte's 8 elements are one 8-byte word of a table lookup."""
+    return lookup(_fifth_bit_bytes(blocks.device), blocks[:, offset:offset + 4]).view(torch.uint8)
 
 
 def _pack_high_bits(codes: torch.Tensor) -> torch.Tensor:
@@ -60,19 +68,19 @@ def _codes(scaled: torch.Tensor, offset: float, qmax: int) -> torch.Tensor:
     return _c_cast(scaled.add_(offset), torch.int8).clamp_(max=qmax).view(torch.uint8)
 
 
-def _dequantize_symmetric(d: torch.Tensor, q: torch.Tensor, bias: int) -> torch.Tensor:
-    """`(q - bias) * d` for uint8 codes `q`."""
-    return (q.view(torch.int8) - bias).float().mul_(d)  # codes < 128: the same values as int8
+def _dequantize_symmetric(d: torch.Tensor, q: torch.Tensor, bias: int, out: torch.Tensor | None) -> torch.Tensor:
+    """`(q - bias) * d` for uint8 codes `q` (see `as_float` for `out`)."""
+    return as_float(q.view(torch.int8).sub_(bias), out).mul_(d)  # codes < 128: the same values as int8
 
 
-def _dequantize_affine(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """`q * d + m` for uint8 codes `q`. (Where both terms are NaN, torch's add returns m's NaN and numpy's the first
-    term's: only NaN payloads can differ.)"""
-    return q.float().mul_(d).add_(m)
+def _dequantize_affine(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`q * d + m` for uint8 codes `q` (see `as_float` for `out`). (Where both terms are NaN, torch's add returns m's
+    NaN and numpy's the first term's: only NaN payloads can differ.)"""
+    return as_float(q, out).mul_(d).add_(m)
 
 
-def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    return _dequantize_symmetric(read_f16(blocks, 0), unpack_nibbles(blocks[:, 2:]), 8)
+def dequantize_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return _dequantize_symmetric(read_f16(blocks, 0), nibble_codes(blocks, 2, 18, 16), 8, out)
 
 
 def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +89,8 @@ def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([f16_bytes(d), pack_nibbles(q)], dim=-1)
 
 
-def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    return _dequantize_affine(read_f16(blocks, 0), read_f16(blocks, 2), unpack_nibbles(blocks[:, 4:]))
+def dequantize_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return _dequantize_affine(read_f16(blocks, 0), read_f16(blocks, 2), nibble_codes(blocks, 4, 20, 16), out)
 
 
 def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
@@ -92,9 +100,9 @@ def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([f16_bytes(d), f16_bytes(lo), pack_nibbles(q)], dim=-1)
 
 
-def dequantize_q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    q = unpack_nibbles(blocks[:, 6:]) | _high_bits(blocks, 2)
-    return _dequantize_symmetric(read_f16(blocks, 0), q, 16)
+def dequantize_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    q = nibble_codes(blocks, 6, 22, 16).bitwise_or_(_high_bits(blocks, 2))
+    return _dequantize_symmetric(read_f16(blocks, 0), q, 16, out)
 
 
 def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +111,9 @@ def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([f16_bytes(d), _pack_high_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
 
 
-def dequantize_q5_1(blocks: torch.Tensor) -> torch.Tensor:
-    q = unpack_nibbles(blocks[:, 8:]) | _high_bits(blocks, 4)
-    return _dequantize_affine(read_f16(blocks, 0), read_f16(blocks, 2), q)
+def dequantize_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    q = nibble_codes(blocks, 8, 24, 16).bitwise_or_(_high_bits(blocks, 4))
+    return _dequantize_affine(read_f16(blocks, 0), read_f16(blocks, 2), q, out)
 
 
 def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
@@ -116,8 +124,8 @@ def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([f16_bytes(d), f16_bytes(lo), _pack_high_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
 
 
-def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks[:, 2:].view(torch.int8).float().mul_(read_f16(blocks, 0))
+def dequantize_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return as_float(blocks[:, 2:].view(torch.int8), out).mul_(read_f16(blocks, 0))
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:

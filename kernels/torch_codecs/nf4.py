@@ -8,6 +8,7 @@ import torch
 
 from kernels import state
 from kernels.formats import NF4_NESTED_BLOCK, NF4_SMALLEST_ABSMAX_DIVISOR, get_format
+from kernels.torch_codecs.common import lookup
 
 _FORMAT = get_format("NF4")
 BLOCK_SIZE, BLOCK_BYTES = _FORMAT.block_size, _FORMAT.block_bytes
@@ -20,20 +21,30 @@ def _midpoints(device: torch.device) -> torch.Tensor:
     return state.constants("nf4_midpoints", device, lambda d: (values[:-1] + values[1:]) / 2)
 
 
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """`(256,)` int64 whose 8 bytes are the float32 values of a code byte's two elements (high nibble first,
+    bitsandbytes' order): looked up as one 8-byte word, which `index_select` copies far faster than a row of two."""
+    values = state.table("nf4", device)
+    return state.constants("nf4_byte_values", device, lambda d: torch.stack(
+        [values.repeat_interleave(16), values.repeat(16)], dim=-1).view(torch.int64).reshape(256))
+
+
 def _require(t, name: str, dtype: torch.dtype, row: int) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.ndim != 2 or t.shape[1] != row:
         got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"NF4: {name} must be a {dtype} tensor of shape (nblocks, {row}), got {got}")
 
 
-def dequantize_nf4(blocks: torch.Tensor) -> torch.Tensor:
-    """uint8 `(nblocks, 36)` raw NF4 blocks -> float32 `(nblocks, 64)` on the same device."""
+def dequantize_nf4(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 `(nblocks, 36)` raw NF4 blocks -> float32 `(nblocks, 64)` on the same device, written into `out` when
+    given (as `torch_codecs.dequantize` passes it)."""
     _require(blocks, "blocks", torch.uint8, BLOCK_BYTES)
     # (nblocks, 1): view() reinterprets in native byte order, little-endian on every CPU and GPU torch supports.
     absmax = blocks[:, :ABSMAX_BYTES].contiguous().view(torch.float32)
-    packed = blocks[:, ABSMAX_BYTES:]
-    codes = torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(blocks.shape[0], BLOCK_SIZE)
-    return state.table("nf4", blocks.device)[codes.long()] * absmax
+    # one lookup per byte gives both of its elements, already in element order
+    words = None if out is None else out.view(torch.int64)
+    pairs = lookup(_byte_values(blocks.device), blocks[:, ABSMAX_BYTES:], words)
+    return pairs.view(torch.float32).view(blocks.shape[0], BLOCK_SIZE).mul_(absmax)
 
 
 def quantize_nf4(x: torch.Tensor) -> torch.Tensor:
