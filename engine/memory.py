@@ -41,6 +41,8 @@ ALLOCATOR_RESERVE = 0.10  # caching-allocator rounding and fragmentation, as a f
 FREE_VRAM_MARGIN = GiB // 4  # left unused of the measured free VRAM, for other processes' small allocations
 VAE_TILES = (96, 64, 48, 32, 16)  # latent positions per tile side, tried largest first when a full decode won't fit
 PHASES = ("text encoding", "denoising", "decoding")
+# Formats loaders keep as plain torch tensors; every other one (FP8 included) stays a QTensor inside a QuantLinear
+DENSE_FORMATS = ("F32", "F16", "BF16")
 
 
 class InsufficientMemoryError(ValueError):
@@ -180,7 +182,7 @@ def flux_with_formats(config: FluxConfig, format_of: Callable[[str, tuple[int, .
             continue
         shape = tuple(module.weight.shape)
         fmt = get_format(format_of(f"{name}.weight", shape))
-        if fmt.is_quantized:
+        if fmt.name not in DENSE_FORMATS:
             raw = torch.empty((shape[0], fmt.row_bytes(shape[1])), dtype=torch.uint8, device="meta")
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, QuantLinear(QTensor(raw, fmt.name, shape), module.bias))
