@@ -6,7 +6,11 @@ setup(
     description="Quantized inference engine for Flux.1: GGUF / NF4 / FP8 weights, fused Triton dequant-matmul kernels",
     python_requires=">=3.10",
     packages=find_packages(include=["engine*", "kernels*", "flux_model*", "bench*"]),
-    package_data={"kernels": ["dispatch_tables/*.json"]},  # measured per GPU by `python -m bench.kernels --write-dispatch`
+    package_data={
+        "kernels": ["dispatch_tables/*.json"],  # measured per GPU by `python -m bench.kernels --write-dispatch`
+        # the demo model `python -m engine.generate` runs without --model (written by `python -m bench.export_demo`)
+        "engine": ["demo/*.json", "demo/*.gguf", "demo/*.safetensors", "demo/clip_tokenizer/*"],
+    },
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
