@@ -261,7 +261,7 @@ def test_runtime_lora_on_quantized_weights_equals_dequantize_add_matmul(fmt):
     assert relative(got, want) <= 2e-6, relative(got, want)
     assert relative(F.linear(x, q.dequantize(), bias), want) > 0.01  # the updates are not negligible
     assert torch.equal(layer.base.raw, q.raw)  # the stored weight is untouched
-    assert [(r0, r1) for r0, r1, _, _ in layer._segments] == [(0, 16), (0, 64), (16, 48)]
+    assert [(r0, r1) for _, r0, r1, _, _ in layer._segments] == [(0, 16), (0, 64), (16, 48)]
     layer.set_weights([0.0, 1.0])
     assert relative(layer(x), F.linear(x, dense_reference(q.dequantize(), updates, [0.0, 1.0]), bias)) <= 2e-6
 

@@ -41,12 +41,12 @@ class LoRALinear(nn.Module):
             by_rows.setdefault((update.row_start, update.row_stop), []).append((update, source))
         self._updates = [item for rows in sorted(by_rows) for item in by_rows[rows]]  # in `down`'s row order
         self.register_buffer("down", self._scaled_down(weights).to(device, dtype))
-        self._segments = []  # (first row, row after the last, first column, column after the last)
+        self._segments = []  # (buffer, first row, row after the last, first column, column after the last)
         column = 0
         for i, (rows, group) in enumerate(sorted(by_rows.items())):
             up = torch.cat([u.up for u, _ in group], dim=1)
             self.register_buffer(f"up{i}", up.to(device, dtype))
-            self._segments.append((*rows, column, column + up.shape[1]))
+            self._segments.append((f"up{i}", *rows, column, column + up.shape[1]))
             column += up.shape[1]
 
     def _scaled_down(self, weights: list[float]) -> torch.Tensor:
@@ -68,15 +68,15 @@ class LoRALinear(nn.Module):
         down = self.down if self.down.dtype == x.dtype else self.down.to(x.dtype)
         h = F.linear(x, down).reshape(-1, down.shape[0])
         y2d = y.view(-1, self.out_features)
-        for i, (r0, r1, c0, c1) in enumerate(self._segments):
-            up = getattr(self, f"up{i}")
+        for name, r0, r1, c0, c1 in self._segments:
+            up = self._buffers[name]
             up = up if up.dtype == y.dtype else up.to(y.dtype)
             target = y2d if (r0, r1) == (0, self.out_features) else y2d[:, r0:r1]
             target.addmm_(h[:, c0:c1], up.t())
         return y
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"rows {r0}:{r1} rank {c1 - c0}" for r0, r1, c0, c1 in self._segments)
+        ranks = ", ".join(f"rows {r0}:{r1} rank {c1 - c0}" for _, r0, r1, c0, c1 in self._segments)
         return f"LoRA {ranks}"
 
 
