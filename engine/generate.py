@@ -238,12 +238,12 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     started = time.perf_counter()
     pipe = load_pipeline(args, device, dtype)
-    pipe.lora_mode = args.lora_mode
     for path, weight in map(parse_lora, args.lora):
         lora = pipe.load_lora(path, weight)
-        print(f"LoRA {lora.name} ({lora.format}) on {len(lora.modules)} Linear(s) at weight {weight:g}, "
-              f"{args.lora_mode}" + (": merged and requantized (lossy on quantized weights)"
-                                     if args.lora_mode == "merge" else ""))
+        print(f"LoRA {lora.name} ({lora.format}) on {len(lora.modules)} Linear(s) at weight {weight:g}")
+    pipe.lora_mode = args.lora_mode  # after loading them all: one merge
+    if args.lora and args.lora_mode == "merge":
+        print("LoRAs merged into the weights and requantized to their formats (lossy on quantized weights)")
     loaded = time.perf_counter()
     defaults = pipe.defaults
     width, height = args.width or defaults.width, args.height or defaults.height

@@ -143,7 +143,8 @@ class FluxPipeline:
     @property
     def lora_mode(self) -> str:
         """"runtime": LoRAs added at each step on top of the stored weights; "merge": baked into the weights and
-        requantized to their format (slower to load or change, no cost per step, lossy on quantized weights)."""
+        requantized to their format (slower to load or change, no cost per step, lossy on quantized weights). In merge
+        mode every load or weight change merges again: load the LoRAs first, then switch."""
         return self.loras.mode
 
     @lora_mode.setter
