@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kernels import dispatch, state
+from kernels.formats import get_format
 from kernels.qtensor import QTensor
 
 
@@ -35,6 +36,7 @@ def quant_linear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = N
 
     One contract for every method (`quant_linear_method`): `x` is fp16, bf16 or fp32 and the result has its dtype;
     `bias` (N,) may be any float dtype (a file's F32 bias with bf16 activations) and is cast to x's dtype first.
+    The product runs as the custom operator `torch.ops.flux_quant.linear`, which torch.compile keeps in its graph.
     """
     if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quant_linear: x {tuple(x.shape)} does not match weight {list(weight.shape)}")
@@ -44,7 +46,16 @@ def quant_linear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = N
         raise ValueError(f"quant_linear: bias must be a float ({weight.shape[0]},) tensor, got {bias.dtype} "
                          f"{tuple(bias.shape)}")
     state.common_device(x, weight.raw, bias)
-    bias = None if bias is None else bias.to(x.dtype)
+    return linear(x, weight.raw, weight.format, weight.scale, None if bias is None else bias.to(x.dtype))
+
+
+# The operator behind `quant_linear`: the weight as its bytes and format (a QTensor is no tensor to torch), the bias
+# already in x's dtype. torch.compile traces through the call without looking inside (Triton launches, dispatch
+# tables, the torch codecs), knowing the result's shape and dtype from `_linear_shape`.
+@torch.library.custom_op("flux_quant::linear", mutates_args=())
+def linear(x: torch.Tensor, raw: torch.Tensor, fmt: str, scale: float | None, bias: torch.Tensor | None
+           ) -> torch.Tensor:
+    weight = _weight(raw, fmt, scale)
     method = quant_linear_method(x, weight)
     if method == "torch":
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
@@ -53,6 +64,45 @@ def quant_linear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = N
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     y = (dequant_matmul_triton if method == "dequant_matmul" else quant_linear_triton)(x2d, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear.register_fake
+def _linear_shape(x, raw, fmt, scale, bias):
+    return x.new_empty((*x.shape[:-1], raw.shape[0]))
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, raw, fmt, scale, bias = inputs
+    ctx.save_for_backward(raw)
+    ctx.fmt, ctx.scale, ctx.has_bias = fmt, scale, bias is not None
+
+
+def _linear_backward(ctx, grad):
+    """Gradients for x and the bias (the weight is frozen bytes): `grad @ W` and `grad` summed over the rows."""
+    (raw,) = ctx.saved_tensors
+    grad_x = grad @ dequantized(raw, ctx.fmt, ctx.scale, grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, grad_bias
+
+
+linear.register_autograd(_linear_backward, setup_context=_save_for_backward)
+
+
+# The weight decoded for the backward pass, as an operator of its own: traced, the torch codecs' cached tables would
+# meet fake tensors.
+@torch.library.custom_op("flux_quant::dequantize", mutates_args=())
+def dequantized(raw: torch.Tensor, fmt: str, scale: float | None, dtype: torch.dtype) -> torch.Tensor:
+    return _weight(raw, fmt, scale).dequantize(dtype)
+
+
+@dequantized.register_fake
+def _dequantized_shape(raw, fmt, scale, dtype):
+    return raw.new_empty((raw.shape[0], get_format(fmt).elements(raw.shape[1])), dtype=dtype)
+
+
+def _weight(raw: torch.Tensor, fmt: str, scale: float | None) -> QTensor:
+    """The 2-D QTensor the operators' arguments describe."""
+    return QTensor(raw, fmt, (raw.shape[0], get_format(fmt).elements(raw.shape[1])), scale)
 
 
 class QuantLinear(nn.Module):
