@@ -7,7 +7,9 @@ For every (shape, M, format): `quant_linear(x, W)` (on CUDA the fused Triton ker
 dequantize + F.linear path), `torch.matmul(x, W_bf16.T)` with a dense bf16 weight of the same shape, and what today's
 tools do, `F.linear(x, W.dequantize(bf16))` on every call; x is bf16 `(M, K)`. All three are measured in the same run;
 the table gives quant_linear's time, TFLOP/s (2·M·N·K / time), GB/s of weight bytes read (QTensor.nbytes / time), and
-its speedup over each of the other two (reference time / quant_linear time: above 1× quant_linear is faster).
+its speedup over each of the other two (reference time / quant_linear time: above 1× quant_linear is faster), and
+a `QuantLinear` compiled with `torch.compile(fullgraph=True)` against the same call eager (quant_linear is a custom
+operator, so the compiled graph calls the same kernels: the difference is Python and dispatch overhead).
 It prints a markdown table and writes the same rows as CSV (default `bench/results/kernels-<GPU name>.csv` or
 `kernels-cpu-<N>core.csv`; an existing file there is replaced only when `--csv` names it). On CUDA it
 also times the other Triton method, dequantize into a scratch buffer + torch matmul; `--write-dispatch` stores the
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from kernels.formats import get_format
 from kernels.qtensor import QTensor
 from kernels import dispatch
-from kernels.quant_linear import quant_linear, quant_linear_method
+from kernels.quant_linear import QuantLinear, quant_linear, quant_linear_method
 
 # Flux.1's Linear layers, name -> (K in, N out)
 SHAPES: dict[str, tuple[int, int]] = {
@@ -73,8 +75,10 @@ COLUMNS = (  # (table header, CSV / row key)
     ("bf16 matmul (ms)", "bf16_ms"),
     ("dequant+matmul (ms)", "dequant_ms"),
     ("triton dequant+matmul (ms)", "scratch_ms"),
+    ("compiled (ms)", "compiled_ms"),
     ("vs bf16 matmul", "speedup_vs_bf16"),
     ("vs dequant+matmul", "speedup_vs_dequant"),
+    ("compiled vs eager", "speedup_compiled"),
 )
 
 
@@ -170,6 +174,8 @@ def bench_rows(formats: list[str], shapes: list[tuple[str, int, int]], ms: list[
     generator = torch.Generator().manual_seed(1)
     for label, K, N in shapes:
         weights = {fmt: make_weight(fmt, K, N, device) for fmt in formats}
+        # one compiled module per weight; dynamo makes M dynamic after the first new M
+        compiled = {fmt: torch.compile(QuantLinear(weight), fullgraph=True) for fmt, weight in weights.items()}
         dense = weights[formats[0]].dequantize(DTYPE)  # realistic values, dense bf16, same shape
         for M in ms:
             x = (torch.randn((M, K), generator=generator)).to(device=device, dtype=DTYPE)
@@ -186,14 +192,17 @@ def bench_rows(formats: list[str], shapes: list[tuple[str, int, int]], ms: list[
 
                     fused_ms = measure(lambda: quant_linear_triton(x, weight, None), device, repeats)
                     scratch_ms = measure(lambda: dequant_matmul_triton(x, weight, None), device, repeats)
+                    eager_ms = measure(lambda: quant_linear(x, weight), device, repeats)
                 else:
-                    fused_ms = measure(lambda: quant_linear(x, weight), device, repeats)
+                    fused_ms = eager_ms = measure(lambda: quant_linear(x, weight), device, repeats)
+                compiled_ms = measure(lambda: compiled[fmt](x), device, repeats)
                 yield dict(format=fmt, shape=label, K=K, N=N, M=M, path=path, ms=fused_ms,
                            tflops=2 * M * N * K / (fused_ms * 1e-3) / 1e12,
                            weight_gbps=weight.nbytes / (fused_ms * 1e-3) / 1e9,
-                           bf16_ms=bf16_ms, dequant_ms=dequant_ms, scratch_ms=scratch_ms,
-                           speedup_vs_bf16=bf16_ms / fused_ms, speedup_vs_dequant=dequant_ms / fused_ms)
-        del weights, dense
+                           bf16_ms=bf16_ms, dequant_ms=dequant_ms, scratch_ms=scratch_ms, compiled_ms=compiled_ms,
+                           speedup_vs_bf16=bf16_ms / fused_ms, speedup_vs_dequant=dequant_ms / fused_ms,
+                           speedup_compiled=eager_ms / compiled_ms)
+        del weights, dense, compiled
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(line)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     keys = ["format", "shape", "K", "N", "M", "path", "ms", "tflops", "weight_gbps", "bf16_ms", "dequant_ms",
-            "scratch_ms", "speedup_vs_bf16", "speedup_vs_dequant", "device"]
+            "scratch_ms", "compiled_ms", "speedup_vs_bf16", "speedup_vs_dequant", "speedup_compiled", "device"]
     rows = []
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)

@@ -67,11 +67,11 @@ def test_shapes_are_fluxs_layers():
 
 def test_table_cells_without_timing():
     row = dict(format="Q4_K", shape="proj", K=3072, N=3072, M=16, path="torch", ms=2.5, tflops=0.12,
-               weight_gbps=2.1, bf16_ms=1.25, dequant_ms=2.5, scratch_ms=None, speedup_vs_bf16=0.5,
-               speedup_vs_dequant=1.0)
+               weight_gbps=2.1, bf16_ms=1.25, dequant_ms=2.5, scratch_ms=None, compiled_ms=2.0,
+               speedup_vs_bf16=0.5, speedup_vs_dequant=1.0, speedup_compiled=1.25)
     cells = bench_kernels.table_cells(row)
-    assert cells == ["Q4_K", "proj (3072→3072)", "16", "torch", "2.50", "0.120", "2.10", "1.25", "2.50", "—", "0.50×",
-                     "1.00×"]
+    assert cells == ["Q4_K", "proj (3072→3072)", "16", "torch", "2.50", "0.120", "2.10", "1.25", "2.50", "—", "2.00",
+                     "0.50×", "1.00×", "1.25×"]
     assert len(cells) == len(bench_kernels.COLUMNS)
 
 
@@ -92,7 +92,8 @@ def test_main_smoke(tmp_path, capsys):
     header = next(line for line in printed.splitlines() if line.startswith("| format"))
     columns = [cell.strip() for cell in header.strip("|").split("|")]
     assert columns == ["format", "shape", "M", "path", "time (ms)", "TFLOP/s", "GB/s (weight)", "bf16 matmul (ms)",
-                       "dequant+matmul (ms)", "triton dequant+matmul (ms)", "vs bf16 matmul", "vs dequant+matmul"]
+                       "dequant+matmul (ms)", "triton dequant+matmul (ms)", "compiled (ms)", "vs bf16 matmul",
+                       "vs dequant+matmul", "compiled vs eager"]
     table = [line for line in printed.splitlines() if line.startswith("| Q")]
     assert [line.split("|")[1].strip() for line in table] == ["Q8_0", "Q4_K"]
     if not ON_CUDA:
@@ -103,7 +104,8 @@ def test_main_smoke(tmp_path, capsys):
         written = list(csv.DictReader(handle))
     assert [(r["format"], r["K"], r["N"], r["M"]) for r in written] == [("Q8_0", "512", "256", "1"),
                                                                          ("Q4_K", "512", "256", "1")]
-    assert all(float(r["ms"]) > 0 and float(r["speedup_vs_dequant"]) > 0 for r in written)
+    assert all(float(r["ms"]) > 0 and float(r["speedup_vs_dequant"]) > 0 and float(r["compiled_ms"]) > 0
+               for r in written)
 
 
 def test_dispatch_methods_pick_the_faster_triton_method_per_format_and_m_bucket():
