@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "named here)")
     parser.add_argument("--write-dispatch", action="store_true",
                         help="CUDA: store the faster Triton method per (format, M bucket) as this GPU's dispatch table "
-                             "(kernels/dispatch_tables/), which quant_linear then follows")
+                             "(in the user cache directory, see kernels.dispatch), which quant_linear then follows")
     parser.add_argument("--allow-interpreter", action="store_true",
                         help="for the test suite only: run under TRITON_INTERPRET=1 (timings meaningless)")
     args = parser.parse_args(argv)

@@ -1,16 +1,19 @@
-"""Which Triton method runs a `quant_linear` call on a GPU, decided by tables measured on that GPU.
+"""Which Triton method runs a `quant_linear` call on a GPU: a table measured on that GPU where there is one, else the
+static cost model's choice.
 
 The two methods: "fused" (the dequant-matmul kernels: split-K for M <= 16, tensor-core GEMM above) and
 "dequant_matmul" (decode the weight into a reusable scratch buffer with the dequantize kernel, then torch.matmul).
 `python -m bench.kernels --write-dispatch` times both for every (format, M bucket) on the GPU it runs on and writes
-`kernels/dispatch_tables/<gpu>.json`; `quant_linear` follows the table of its GPU. Where no table has been measured,
-the fused kernels run.
+the table to the user's cache directory (`$XDG_CACHE_HOME/flux-quant-engine/dispatch/<gpu>.json`: the installed
+package may be read-only); tables shipped in `kernels/dispatch_tables/` are only read. An entry of the user's table
+wins over the shipped one; where neither has the (format, M bucket), `default_method` decides.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -20,40 +23,61 @@ from kernels import state
 
 METHODS = ("fused", "dequant_matmul")
 M_BUCKETS = (1, 16, 512, 4096)  # a call with M rows falls in the first bucket >= M (the last for larger M)
-TABLE_DIR = Path(__file__).parent / "dispatch_tables"
+FUSED_UP_TO = 16  # the static model's default: the fused kernels (the split-K GEMV) up to this many rows
+SHIPPED_DIR = Path(__file__).parent / "dispatch_tables"
+
+
+def user_table_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+    return Path(base) / "flux-quant-engine" / "dispatch"
 
 
 def m_bucket(M: int) -> int:
     return next((bound for bound in M_BUCKETS if M <= bound), M_BUCKETS[-1])
 
 
-def table_path(device_name: str) -> Path:
-    return TABLE_DIR / (re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() + ".json")
+def table_name(device_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() + ".json"
+
+
+def default_method(fmt: str, M: int) -> str:
+    """The method without a measured table, from the static model of `python -m bench.sass`
+    (bench/results/sass-*.md): for M <= 16 the split-K GEMV streams the quantized weight, fewer bytes than a bf16
+    matmul reads; for large M the fused GEMM's per-element decode costs several times a bf16 matmul's time, while
+    decoding once into scratch and running torch's matmul stays within a few percent of it. The same for every
+    format today (the model puts every format on the same side of M = 16)."""
+    return "fused" if m_bucket(M) <= FUSED_UP_TO else "dequant_matmul"
+
+
+def _read(path: Path) -> dict[str, str]:
+    return json.loads(path.read_text())["methods"] if path.exists() else {}
 
 
 @functools.lru_cache(maxsize=None)
 def load_table(device_name: str) -> dict[str, str]:
-    path = table_path(device_name)
-    return json.loads(path.read_text())["methods"] if path.exists() else {}
+    """The measured entries for `device_name`: the shipped table's, overridden by the user's."""
+    return _read(SHIPPED_DIR / table_name(device_name)) | _read(user_table_dir() / table_name(device_name))
 
 
 def method(fmt: str, M: int, device_name: str) -> str:
-    return load_table(device_name).get(f"{fmt}@{m_bucket(M)}", "fused")
+    return load_table(device_name).get(f"{fmt}@{m_bucket(M)}") or default_method(fmt, M)
 
 
 def method_for(fmt: str, M: int, device: torch.device) -> str:
-    """The method for one quant_linear call (on its hot path: the device's name is looked up once)."""
+    """The method for one quant_linear call (on its hot path: the device's name is looked up once). Off CUDA (the
+    interpreter) the fused kernels, which is what the tests check there."""
     if device.type != "cuda":
         return "fused"
     return method(fmt, M, state.device_name(device))
 
 
 def write_table(device_name: str, methods: dict[str, str], source: str) -> Path:
-    """Store `{"<format>@<M bucket>": method}` measured on `device_name`; `source` says how (the bench command)."""
+    """Store `{"<format>@<M bucket>": method}` measured on `device_name` in the user's table directory; `source` says
+    how (the bench command)."""
     unknown = {m for m in methods.values() if m not in METHODS}
     if unknown:
         raise ValueError(f"unknown dispatch methods {sorted(unknown)}; known: {METHODS}")
-    path = table_path(device_name)
+    path = user_table_dir() / table_name(device_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": device_name, "source": source, "methods": dict(sorted(methods.items()))},
                                indent=1) + "\n")

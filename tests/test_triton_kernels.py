@@ -115,16 +115,24 @@ def test_dequantize_into_scratch_then_matmul(fmt):
 
 
 def test_quant_linear_follows_the_measured_dispatch_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(dispatch, "TABLE_DIR", tmp_path)
-    dispatch.write_table("Fake GPU 80GB", {"Q4_K@16": "dequant_matmul", "Q4_K@512": "fused"}, "test")
-    assert dispatch.table_path("Fake GPU 80GB").name == "fake-gpu-80gb.json"
-    # buckets: M=1 -> 1 (no entry), 3 and 16 -> 16, 17 -> 512, 9000 -> 4096 (no entry)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(dispatch, "SHIPPED_DIR", tmp_path / "shipped")
+    dispatch.load_table.cache_clear()
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "fake-gpu-80gb.json").write_text(
+        '{"device": "Fake GPU 80GB", "source": "shipped", "methods": {"Q4_K@1": "dequant_matmul", "Q4_K@16": "fused"}}')
+    path = dispatch.write_table("Fake GPU 80GB", {"Q4_K@16": "dequant_matmul", "Q4_K@512": "fused"}, "test")
+    assert path == tmp_path / "cache" / "flux-quant-engine" / "dispatch" / "fake-gpu-80gb.json"
+    # buckets: M=1 -> 1 (shipped entry), 3 and 16 -> 16 (the user's entry wins), 17 -> 512, 9000 -> 4096 (no entry)
     assert [dispatch.method("Q4_K", M, "Fake GPU 80GB") for M in (1, 3, 16, 17, 9000)] == [
-        "fused", "dequant_matmul", "dequant_matmul", "fused", "fused"]
-    assert dispatch.method("Q8_0", 16, "Fake GPU 80GB") == "fused"  # formats without an entry: fused
-    assert dispatch.method("Q4_K", 16, "Unmeasured GPU") == "fused"
+        "dequant_matmul", "dequant_matmul", "dequant_matmul", "fused", "dequant_matmul"]
+    # without an entry, the static model's default: the fused GEMV up to M = 16, dequantize + matmul above
+    assert [dispatch.method("Q8_0", M, "Fake GPU 80GB") for M in (1, 16, 17, 4608)] == [
+        "fused", "fused", "dequant_matmul", "dequant_matmul"]
+    assert dispatch.method("Q4_K", 512, "Unmeasured GPU") == "dequant_matmul"
     with pytest.raises(ValueError, match="unknown dispatch methods"):
         dispatch.write_table("Fake GPU 80GB", {"Q4_K@16": "cublas"}, "test")
+    dispatch.load_table.cache_clear()
 
     weight, dense = quantized_weight("Q4_K")
     calls = []
