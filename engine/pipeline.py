@@ -132,7 +132,9 @@ class FluxPipeline:
         return lora
 
     def set_lora_weights(self, *weights: float) -> None:
-        """New weights for the loaded LoRAs, one each, in loading order (0 turns one off)."""
+        """New weights for the loaded LoRAs, one each, in loading order (0 turns one off); a list works too."""
+        if len(weights) == 1 and isinstance(weights[0], (list, tuple)):
+            weights = tuple(weights[0])
         self._unplace()  # streamed blocks' staged copies hold the old weights
         self.loras.set_weights(weights)
 

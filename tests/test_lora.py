@@ -205,7 +205,7 @@ def test_two_weighted_loras_equal_their_deltas_on_dense_weights(folder, pipe, st
         pipe.set_lora_weights(0.0, 0.0)
         assert relative(ours(pipe, start_latents), base) <= 1e-6
         pipe.lora_mode = "runtime"
-        pipe.set_lora_weights(0.7, -0.3)
+        pipe.set_lora_weights([0.7, -0.3])
         assert relative(ours(pipe, start_latents), want) <= 1e-4
         with pytest.raises(ValueError, match="2 loaded"):
             pipe.set_lora_weights(1.0)
