@@ -46,8 +46,11 @@ def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
     return regs, spills
 
 
-def compile_one(job) -> dict:
-    kernel_name, fmt, dtype, config_index, cc = job
+def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc: int,
+                   divisible_by_16: tuple[str, ...] = ()):
+    """Triton's compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`, `.metadata`) for one job, as launched by
+    kernels.triton.ops; `divisible_by_16` names the arguments to specialise as the JIT does at run time for values
+    (pointers, sizes) that are multiples of 16."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -80,11 +83,16 @@ def compile_one(job) -> dict:
             constexprs |= {k: v for k, v in GEMV_CONFIG.items() if k.startswith("BLOCK")}
     for name in constexprs:
         signature[name] = "constexpr"
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def compile_one(job) -> dict:
+    kernel_name, fmt, dtype, config_index, cc = job
     row = dict(kernel=kernel_name, format=fmt, dtype=dtype, config=config_index, cc=cc)
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", cc, 32),
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        compiled = compile_kernel(*job)
         regs, spills = _ptxas_stats(compiled.asm["ptx"], cc)
     except Exception as e:  # reported per job: one broken config must not hide the others
         return row | dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])

@@ -41,11 +41,10 @@ def table_name(device_name: str) -> str:
 
 
 def default_method(fmt: str, M: int) -> str:
-    """The method without a measured table, from the static model of `python -m bench.sass`
-    (bench/results/sass-*.md): for M <= 16 the split-K GEMV streams the quantized weight, fewer bytes than a bf16
-    matmul reads; for large M the fused GEMM's per-element decode costs several times a bf16 matmul's time, while
-    decoding once into scratch and running torch's matmul stays within a few percent of it. The same for every
-    format today (the model puts every format on the same side of M = 16)."""
+    """The method without a measured table: for M <= 16 the fused split-K GEMV, which reads only the quantized
+    bytes; above, decoding once into scratch + torch's matmul, as the fused GEMM decodes the weight again for every
+    M tile and its decode costs more instructions than its tensor-core work (`python -m bench.sass`,
+    bench/results/sass-sm90.md). One rule for every format until a GPU has timed them."""
     return "fused" if m_bucket(M) <= FUSED_UP_TO else "dequant_matmul"
 
 

@@ -1,0 +1,262 @@
+"""Static speed of the Triton kernels without a GPU: their SASS main loops, and a throughput model on five GPUs.
+
+    python -m bench.sass [--archs sm_90] [--formats Q4_K,Q8_0] [--m 1,16,256,4608] [--workers N]
+
+Each kernel launch `quant_linear` makes with bf16 activations (the GEMM's first tile config for M > 16, the split-K
+GEMV for M <= 16, the dequantize kernel of "dequantize + matmul") is compiled for the architecture as Triton's JIT
+specialises it for Flux's shapes (every pointer and every size that is a multiple of 16 marked so: K, N, strides,
+`row_bytes` where the format's row length is), with Triton's bundled ptxas, and disassembled with its cuobjdump.
+The main loop is the backward branch's body holding the most tensor-core instructions (the dequantize kernel has no
+loop: its whole body, one tile per program). Per weight element decoded in one iteration: SASS instructions x
+threads per program / (BLOCK_N x BLOCK_K), by class. A bf16 kernel of the GEMM's structure (same tiles, the weight
+tile loaded as bf16) is compiled the same way as the baseline.
+
+Throughput model (written down in GPUS): a launch takes the longest of
+- issue: instructions per element x elements decoded (N x K per M tile of the GEMM, once for the GEMV and the
+  dequantize kernel) / (SMs x 4 warp schedulers x 32 lanes x clock);
+- tensor cores: 2 x M (padded to the tile) x N x K / dense bf16 rate with fp32 accumulation;
+- memory: weight bytes (read once: L2 holds a weight tile for the M tiles that share it), activations and result /
+  DRAM bandwidth.
+The bf16 matmul baseline is the bf16 kernel through the same model; "dequantize + matmul" is the dequantize kernel
+followed by that bf16 kernel. Estimates, not measurements: a GPU run overrules them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+
+import triton
+import triton.language as tl
+
+from bench.compile_check import _compiler_process, _ptxas_stats, compile_kernel, parse_archs
+from bench.kernels import SHAPES
+
+# name -> (compute capability, SMs, boost clock GHz, dense bf16 TFLOP/s with fp32 accumulation, DRAM TB/s)
+GPUS = {
+    "H100 SXM": (90, 132, 1.83, 989.0, 3.35),
+    "A100 SXM 80GB": (80, 108, 1.41, 312.0, 2.04),
+    "RTX 4090": (89, 128, 2.52, 165.2, 1.01),  # GeForce: fp32 accumulation at half the fp16-accumulate rate
+    "RTX 3090": (86, 82, 1.70, 71.0, 0.936),
+    "RTX 4060 Ti": (89, 34, 2.54, 44.0, 0.288),
+}
+LANES_PER_CLOCK = 4 * 32  # 4 warp schedulers per SM, one warp instruction each per clock
+M_VALUES = (1, 16, 256, 4608)
+FLUX_K, FLUX_N = SHAPES["proj"]  # specialisation and the per-launch estimates use this shape
+
+CLASSES = {  # opcode (before the first '.') -> class
+    "global load": ("LDG", "LDGSTS", "LDGDEPBAR"),
+    "shared": ("LDS", "STS", "LDSM", "STSM"),
+    "tensor": ("HMMA", "HGMMA", "IMMA", "WGMMA"),
+    "convert": ("I2F", "F2F", "F2I", "I2FP", "F2FP", "I2I", "FRND"),
+    "float": ("FADD", "FMUL", "FFMA", "FMNMX", "HADD2", "HMUL2", "HFMA2", "FSEL", "FSETP", "MUFU", "FCHK"),
+    "int": ("IADD3", "IMAD", "LOP3", "SHF", "SHL", "SHR", "ISETP", "IABS", "LEA", "PRMT", "SEL", "IMNMX", "VIADD",
+            "SGXT", "BMSK", "POPC", "FLO", "IADD", "VIMNMX", "BREV", "LOP"),
+}
+CLASS_OF = {opcode: name for name, opcodes in CLASSES.items() for opcode in opcodes}
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+def bf16_mm_kernel_source():
+    """The baseline: qmm_kernel's structure with a bf16 weight (N, K) instead of a decoded one."""
+
+    @triton.jit
+    def bf16_mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_n, pid_m = pid // num_m, pid % num_m
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
+                        other=0.0)
+            x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
+                        mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+            acc = tl.dot(w, tl.trans(x), acc)
+        y = y_ptr + m[None, :].to(tl.int64) * stride_ym + n[:, None]
+        tl.store(y, acc.to(tl.bfloat16), mask=(n[:, None] < N) & (m[None, :] < M))
+
+    return bf16_mm_kernel
+
+
+def divisible_arguments(kernel_name: str, fmt: str) -> tuple[str, ...]:
+    """The arguments Triton's JIT marks as multiples of 16 on Flux's layers (K, N multiples of 256; bf16 rows)."""
+    from kernels.formats import get_format
+
+    pointers = {"qmm": ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "nf4_ptr"), "qmv": ("x_ptr", "w_ptr", "bias_ptr",
+                "y_ptr", "nf4_ptr"), "dequant": ("w_ptr", "out_ptr", "nf4_ptr")}[kernel_name]
+    sizes = {"qmm": ("N", "K", "stride_xm", "stride_ym"), "qmv": ("N", "K", "stride_xm", "k_per_split"),
+             "dequant": ("N", "K")}[kernel_name]
+    row_bytes = ("row_bytes",) if get_format(fmt).row_bytes(FLUX_K) % 16 == 0 else ()
+    return pointers + sizes + row_bytes
+
+
+def disassemble(cubin: bytes) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cuobjdump = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        return subprocess.run([cuobjdump, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """The opcodes (with modifiers) of the main loop: the body of the backward branch with the most tensor-core
+    instructions (ties: the longest); the whole kernel where there is no loop."""
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        if label := LABEL.match(line):
+            labels[label[1]] = len(instructions)
+        elif match := INSTRUCTION.search(line):
+            instructions.append((match[2], match[3]))
+    loops = []
+    for end, (opcode, operands) in enumerate(instructions):
+        target = re.search(r"(\.L_x_\d+)", operands) if opcode.startswith("BRA") else None
+        if target and labels.get(target[1], end + 1) <= end:
+            body = [op for op, _ in instructions[labels[target[1]]:end + 1]]
+            loops.append((sum(CLASS_OF.get(op.split(".")[0]) == "tensor" for op in body), len(body), body))
+    return max(loops)[2] if loops else [op for op, _ in instructions if op not in ("NOP", "EXIT", "BRA")]
+
+
+def load_width(opcode: str) -> int:
+    """Bits per lane of a global load: .U8/.S8 8, .U16/.S16 16, .64 64, .128 128, otherwise 32."""
+    parts = set(opcode.split(".")[1:])
+    return 8 if parts & {"U8", "S8"} else 16 if parts & {"U16", "S16"} else 64 if "64" in parts else \
+        128 if "128" in parts else 32
+
+
+def analyse(job) -> dict:
+    """Compile one (kernel, format, cc) and count its main loop."""
+    kernel_name, fmt, cc = job
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIG
+
+    if kernel_name == "bf16":
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        kernel = bf16_mm_kernel_source()
+        bn, bm, bk, _, warps, stages = GEMM_CONFIGS["bf16"][0]
+        signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                     "stride_xm": "i32", "stride_ym": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                     "BLOCK_K": "constexpr"}
+        divisible = ("x_ptr", "w_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym")
+        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=dict(
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), attrs=attrs), target=GPUTarget("cuda", cc, 32),
+            options=dict(num_warps=warps, num_stages=stages))
+    else:
+        compiled = compile_kernel(kernel_name, fmt, "bf16", 0, cc, divisible_arguments(kernel_name, fmt))
+        if kernel_name == "qmm":
+            bn, bm, bk, _, warps, _ = GEMM_CONFIGS["bf16"][0]
+        else:
+            config = GEMV_CONFIG if kernel_name == "qmv" else DEQUANT_CONFIG
+            bn, bk, warps, bm = config["BLOCK_N"], config["BLOCK_K"], config["num_warps"], config.get("BLOCK_M", 0)
+    loop = main_loop(disassemble(compiled.asm["cubin"]))
+    registers, spills = _ptxas_stats(compiled.asm["ptx"], cc)
+    per_element = 32 * warps / (bn * bk)
+    classes = Counter(CLASS_OF.get(op.split(".")[0], "other") for op in loop)
+    widths = Counter(load_width(op) for op in loop if op.startswith("LDG"))
+    return dict(kernel=kernel_name, format=fmt, cc=cc, block_m=bm, block_n=bn, block_k=bk, warps=warps,
+                loop=len(loop), per_element=len(loop) * per_element,
+                by_class={name: count * per_element for name, count in classes.items()},
+                load_widths=dict(sorted(widths.items())), registers=registers, spills=spills,
+                shared=compiled.metadata.shared)
+
+
+def launch_ms(row: dict, gpu: tuple, M: int, weight_bytes: float, K: int = FLUX_K, N: int = FLUX_N) -> float:
+    """The model's time of one launch of `row`'s kernel for an (M, K) x (K, N) product."""
+    _, sms, ghz, tflops, tbs = gpu
+    if row["kernel"] == "dequant":
+        decoded, flops, moved = N * K, 0, weight_bytes + 2 * N * K
+    else:
+        m_tiles = math.ceil(M / row["block_m"]) if row["kernel"] in ("qmm", "bf16") else 1
+        decoded, flops = N * K * m_tiles, 2 * m_tiles * row["block_m"] * N * K
+        moved = weight_bytes + 2 * M * K + 2 * M * N
+    issue = row["per_element"] * decoded / (sms * LANES_PER_CLOCK * ghz * 1e9)
+    return 1e3 * max(issue, flops / (tflops * 1e12), moved / (tbs * 1e12))
+
+
+def estimate_rows(rows: list[dict], ms: list[int]):
+    """Per (GPU, format, M): the fused kernel's, dequantize + bf16 matmul's and the best one's time over the bf16
+    kernel's, on the `proj` shape (the matmul after the dequantize kernel is the bf16 kernel too, so that both sides
+    of each ratio go through the same model)."""
+    from kernels.formats import get_format
+
+    by_key = {(r["kernel"], r["format"], r["cc"]): r for r in rows}
+    for gpu_name, gpu in GPUS.items():
+        cc = gpu[0]
+        bf16 = by_key.get(("bf16", "BF16", cc))
+        if bf16 is None:
+            continue
+        for fmt in sorted({r["format"] for r in rows if r["cc"] == cc and r["kernel"] != "bf16"}):
+            weight_bytes = get_format(fmt).row_bytes(FLUX_K) * FLUX_N
+            for M in ms:
+                base = launch_ms(bf16, gpu, M, 2 * FLUX_N * FLUX_K)
+                fused = launch_ms(by_key[("qmv" if M <= 16 else "qmm", fmt, cc)], gpu, M, weight_bytes)
+                scratch = launch_ms(by_key[("dequant", fmt, cc)], gpu, M, weight_bytes) + base
+                yield (gpu_name, fmt, M, base, fused / base, scratch / base, min(fused, scratch) / base)
+
+
+def jobs(archs, formats):
+    for cc in archs:
+        yield ("bf16", "BF16", cc)
+        for fmt in formats:
+            for kernel in ("qmm", "qmv", "dequant"):
+                yield (kernel, fmt, cc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kernels.triton.decode import KERNEL_FORMATS
+
+    parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", type=parse_archs, default=(90,),
+                        help="comma-separated GPU architectures, sm_89 or 89 (default: sm_90)")
+    parser.add_argument("--formats", help="comma-separated kernel formats (default: all)")
+    parser.add_argument("--m", default=",".join(map(str, M_VALUES)),
+                        help="token counts M for the estimates (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="compiling processes (default: the number of CPU cores, here %(default)s)")
+    args = parser.parse_args(argv)
+    formats = args.formats.split(",") if args.formats else list(KERNEL_FORMATS)
+    unknown = set(formats) - set(KERNEL_FORMATS)
+    if unknown:
+        parser.error(f"no Triton kernel for {', '.join(sorted(unknown))}; kernel formats: {', '.join(KERNEL_FORMATS)}")
+    ms = [int(m) for m in args.m.split(",")]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, args.workers), mp_context=context, initializer=_compiler_process) as pool:
+        rows = list(pool.map(analyse, list(jobs(args.archs, formats))))
+
+    classes = list(CLASSES) + ["other"]
+    print(f"SASS main loops, bf16 activations, specialised for Flux's {FLUX_K}->{FLUX_N} layer; instructions per "
+          f"weight element = loop instructions x threads / (BLOCK_N x BLOCK_K)\n")
+    print("| sm | kernel | format | tile N×K (M) | warps | loop instr | per element | "
+          + " | ".join(classes) + " | global load widths (bits: count) | registers | spills | shared KB |")
+    print("|---:|---|---|---|---:|---:|---:|" + "---:|" * len(classes) + "---|---:|---:|---:|")
+    for r in rows:
+        cells = [f"{r['by_class'].get(name, 0):.2f}" for name in classes]
+        widths = ", ".join(f"{bits}: {count}" for bits, count in r["load_widths"].items())
+        print(f"| {r['cc']} | {r['kernel']} | {r['format']} | {r['block_n']}×{r['block_k']} ({r['block_m']}) | "
+              f"{r['warps']} | {r['loop']} | {r['per_element']:.2f} | " + " | ".join(cells)
+              + f" | {widths} | {r['registers']} | {r['spills']} | {r['shared'] / 1024:.0f} |")
+
+    print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: split-K GEMV for M <= 16, GEMM above)\n")
+    print("| GPU | format | M | bf16 kernel (ms) | fused / bf16 | dequantize + matmul / bf16 | best / bf16 |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for gpu, fmt, M, base, fused, scratch, best in estimate_rows(rows, ms):
+        print(f"| {gpu} | {fmt} | {M} | {base:.4f} | {fused:.2f} | {scratch:.2f} | {best:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

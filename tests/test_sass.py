@@ -1,0 +1,50 @@
+"""bench.sass on a CI-sized subset: the loop finder on hand-written SASS, one real kernel compiled for sm_90 and
+disassembled with Triton's bundled tools, and the throughput model's arithmetic. No GPU needed."""
+
+import pytest
+
+from bench import sass
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R0, 0x4, RZ ;
+.L_x_1:
+        /*0020*/                   LDG.E.U8 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0040*/                   I2FP.F32.U32 R5, R4 ;
+        /*0050*/                   HMMA.16816.F32.BF16 R12, R8, R10, R12 ;
+        /*0060*/              @!P0 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_main_loop_is_the_backward_branch_body():
+    loop = sass.main_loop(SASS)
+    assert loop == ["LDG.E.U8", "LDG.E.128", "I2FP.F32.U32", "HMMA.16816.F32.BF16", "BRA"]
+    assert [sass.load_width(op) for op in loop[:2]] == [8, 128]
+    assert [sass.CLASS_OF.get(op.split(".")[0], "other") for op in loop] == [
+        "global load", "global load", "convert", "tensor", "other"]
+
+
+def test_model_takes_the_slowest_of_issue_tensor_and_memory():
+    gpu = (90, 100, 1.0, 100.0, 1.0)  # 100 SMs at 1 GHz: 12.8e12 lane-instructions/s; 100 TFLOP/s; 1 TB/s
+    row = dict(kernel="qmm", block_m=128, per_element=12.8)
+    # issue: 12.8 * 1000 * 1000 * 1 tile / 12.8e12 = 1 us; tensor 2*128*1e6 / 1e14 = 2.56 us; memory ~0.5 us
+    assert sass.launch_ms(row, gpu, 100, 5e5, K=1000, N=1000) == pytest.approx(2.56e-3)
+    gemv = dict(kernel="qmv", block_m=16, per_element=1.0)
+    assert sass.launch_ms(gemv, gpu, 1, 1e7, K=1000, N=1000) == pytest.approx(1e7 * 1e3 / 1e12, rel=1e-3)
+
+
+def test_compiles_and_counts_a_kernel_for_sm_90():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from bench.compile_check import _compiler_process
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_compiler_process) as pool:
+        row = pool.submit(sass.analyse, ("dequant", "Q8_0", 90)).result()
+    assert row["loop"] > 0 and row["spills"] == 0 and row["registers"] > 0
+    assert row["per_element"] == pytest.approx(sum(row["by_class"].values()))
+    assert row["load_widths"]  # the decode reads the weight with global loads
