@@ -23,16 +23,8 @@ class LoRAUpdate:
     row_start: int = 0
 
     @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
     def row_stop(self) -> int:
         return self.row_start + self.up.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.down.nbytes + self.up.nbytes
 
     def delta(self) -> torch.Tensor:
         """The dense float32 (rows, in_features) update: the slow, obvious form of what `LoRALinear` adds."""
@@ -52,10 +44,6 @@ class LoRA:
     @property
     def modules(self) -> list[str]:
         return sorted({u.module for u in self.updates})
-
-    @property
-    def nbytes(self) -> int:
-        return sum(u.nbytes for u in self.updates)
 
 
 def is_linear(module: nn.Module) -> bool:
