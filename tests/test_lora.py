@@ -393,3 +393,15 @@ def test_streamed_blocks_carry_their_loras(pipe, tmp_path, start_latents, monkey
         pipe.unload_loras()
         monkeypatch.undo()
         pipe._unplace()
+
+
+def test_bench_pipeline_prints_the_lora_table(capsys):
+    from bench.pipeline import main
+
+    main(["--presets", "BF16", "--lora-presets", "BF16", "--steps", "2", "--lora-rounds", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and ("runtime" in line or "merge" in line
+                                                                             or "none" in line)]
+    assert [row.split("|")[1:3] for row in rows] == [[" 0 ", " none "], [" 1 ", " runtime "], [" 4 ", " runtime "],
+                                                     [" 1 ", " merge "], [" 4 ", " merge "]]
+    assert "rank-3 LoRAs on every block Linear" in out
