@@ -20,7 +20,8 @@ def merged_weight(module: nn.Module, updates: list[tuple[LoRAUpdate, float]]) ->
     """`module`'s weight in float32 on the CPU with Σ weight · ΔW added to its rows."""
     weight = module.weight
     if isinstance(weight, QTensor):
-        weight = weight.to("cpu").dequantize()
+        # a copy: for a plain float format dequantize returns a view of the stored bytes, which += would change
+        weight = weight.to("cpu").dequantize().clone()
     else:
         weight = weight.detach().to("cpu", torch.float32, copy=True)
     for update, strength in updates:
