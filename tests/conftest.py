@@ -22,3 +22,12 @@ GOLDEN_VECTORS = Path(__file__).parent / "data" / "ggml_quant_vectors.npz"
 def golden():
     """ggml's C reference quantizer applied to 40 rows of 1024 floats: x, q_<TYPE> bytes, y_<TYPE> dequantized."""
     return dict(np.load(GOLDEN_VECTORS))
+
+
+@pytest.fixture(scope="module")
+def linears_in_torch():
+    """Whole-model runs on the CPU with the quantized Linears decoded by the torch codecs, as outside the test suite,
+    instead of in Triton's interpreter (minutes per model there; tests/test_triton_kernels.py checks the kernels)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("kernels.quant_linear.quant_linear_method", lambda x, weight: "torch")
+        yield

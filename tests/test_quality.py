@@ -91,7 +91,7 @@ def test_step_flops_match_torch_flop_counter():
 
 
 @pytest.fixture(scope="module")
-def report_folder(tmp_path_factory):
+def report_folder(tmp_path_factory, linears_in_torch):
     out = tmp_path_factory.mktemp("quality")
     assert main(["--levels", "Q8_0,NF4,FP8", "--prompts", "2", "--seeds", "2", "--steps", "2", "--out", str(out),
                  "--cache", str(out / "cache")]) == 0
@@ -114,7 +114,7 @@ def test_every_output_file_is_written(report_folder):
     assert Image.open(report_folder / "grid.png").size[1] == 4 * 128  # reference and three levels, one row each
 
 
-def test_reference_outputs_come_from_the_cache(report_folder, capsys):
+def test_reference_outputs_come_from_the_cache(report_folder, linears_in_torch):
     cached = sorted((report_folder / "cache").rglob("reference-*/*.safetensors"))
     assert len(cached) == 4
     before = [p.stat().st_mtime_ns for p in cached]
