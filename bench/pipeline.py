@@ -7,6 +7,9 @@ pipeline does. On CUDA: Flux-dev shapes at --size, peak VRAM measured (torch.cud
 `plan_memory`'s denoising peak (without the CUDA context, which torch does not count). On the CPU: a small Flux (hidden
 256, the demo's shape class) at 64x64 pixels, time only. Ratios are against BF16 measured in the same run.
 
+`--compile` also times each preset's model under `torch.compile` (quantized Linears are the custom operator
+`flux_quant::linear`, so the whole forward is one graph): a first run compiles, the second is timed, against eager.
+
 `--lora-presets Q8_0,...` adds a table per preset: 0, 1 and 4 random rank-32 LoRAs on every block Linear, applied at
 run time (`LoRALinear`) or merged into the weights, ratios against no LoRA on the same model in the same run, and the
 time applying them took (merge: decode, add, requantize on the CPU).
@@ -150,6 +153,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, help="image side in pixels (default: 1024 on CUDA, 64 on the CPU)")
     parser.add_argument("--steps", type=int, default=5, help="denoising steps per preset (the first is not timed)")
     parser.add_argument("--vram", type=float, help="plan for this budget in GB (CUDA; default: free VRAM)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every preset under torch.compile (compiles once per preset: minutes)")
     parser.add_argument("--lora-presets", default="",
                         help="comma-separated presets to time with 0, 1 and 4 LoRAs on every block Linear (default: "
                              "none)")
@@ -171,8 +176,9 @@ def main(argv=None) -> None:
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"Flux {'dev' if cuda else 'small (hidden 256, 2+4 blocks)'} at {size}x{size}, {txt_len} text tokens, "
           f"{dtype}, on {where}; median of {args.steps - 1} timed steps\n")
-    print("| preset | s/step | vs BF16 | predicted peak | measured peak | streamed blocks |")
-    print("|---|---:|---:|---:|---:|---:|")
+    compiled_columns = " compiled s/step | compiled vs eager |" if args.compile else ""
+    print(f"| preset | s/step | vs BF16 | predicted peak | measured peak | streamed blocks |{compiled_columns}")
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.compile else ""))
     baseline = None
     for preset in args.presets.split(","):
         model = random_flux(config, preset, "cpu" if cuda else device, dtype)
@@ -183,6 +189,12 @@ def main(argv=None) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         handle = apply_plan(model, plan, device)
         per_step = statistics.median(time_steps(model, size, size, txt_len, args.steps, device, dtype))
+        compiled = ""
+        if args.compile:
+            fast = torch.compile(model)
+            time_steps(fast, size, size, txt_len, args.steps, device, dtype)  # compiles (the step index goes dynamic)
+            fast_step = statistics.median(time_steps(fast, size, size, txt_len, args.steps, device, dtype))
+            compiled = f" {fast_step:.4f} | {fast_step / per_step:.2f} |"
         handle.remove()
         baseline = baseline or per_step
         if cuda:
@@ -192,7 +204,8 @@ def main(argv=None) -> None:
         else:
             predicted = measured = "n/a (CPU)"
         streamed = len(plan.streamed_double) + len(plan.streamed_single)
-        print(f"| {preset} | {per_step:.4f} | {per_step / baseline:.2f} | {predicted} | {measured} | {streamed} |")
+        print(f"| {preset} | {per_step:.4f} | {per_step / baseline:.2f} | {predicted} | {measured} | {streamed} |"
+              f"{compiled}")
         del model, handle
     rank = args.lora_rank or max(1, round(32 * config.hidden_size / FluxConfig.dev().hidden_size))
     for preset in filter(None, args.lora_presets.split(",")):

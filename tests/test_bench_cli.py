@@ -100,3 +100,12 @@ def test_format_names_in_any_case():  # as typed on the command lines: --formats
     for bad in ("q4_z", None, ["Q4_K"]):
         with pytest.raises(ValueError, match="unknown weight format"):
             get_format(bad)
+
+
+def test_bench_pipeline_times_the_compiled_model(capsys):
+    from bench.pipeline import main
+
+    main(["--presets", "BF16", "--steps", "3", "--compile"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| BF16 "))
+    compiled, ratio = (float(cell) for cell in row.strip(" |").split("|")[-2:])
+    assert compiled > 0 and ratio == pytest.approx(compiled / float(row.split("|")[2]), rel=0.02)
