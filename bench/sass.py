@@ -209,6 +209,20 @@ def estimate_rows(rows: list[dict], ms: list[int]):
                 yield (gpu_name, fmt, M, base, fused / base, scratch / base, min(fused, scratch) / base)
 
 
+def dequantize_rows(rows: list[dict]):
+    """Per (GPU, format): the dequantize kernel's estimated time on the `proj` weight against the time to read its
+    quantized bytes and write them as bf16 at the GPU's bandwidth (memory speed is a ratio of 1)."""
+    from kernels.formats import get_format
+
+    for gpu_name, gpu in GPUS.items():
+        for r in rows:
+            if r["kernel"] == "dequant" and r["cc"] == gpu[0]:
+                weight_bytes = get_format(r["format"]).row_bytes(FLUX_K) * FLUX_N
+                memory = 1e3 * (weight_bytes + 2 * FLUX_N * FLUX_K) / (gpu[4] * 1e12)
+                estimate = launch_ms(r, gpu, 0, weight_bytes)
+                yield gpu_name, r["format"], estimate, memory, estimate / memory
+
+
 def jobs(archs, formats):
     for cc in archs:
         yield ("bf16", "BF16", cc)
@@ -256,6 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for gpu, fmt, M, base, fused, scratch, best in estimate_rows(rows, ms):
         print(f"| {gpu} | {fmt} | {M} | {base:.4f} | {fused:.2f} | {scratch:.2f} | {best:.2f} |")
+
+    print(f"\nThe dequantize kernel against memory speed ({FLUX_K}->{FLUX_N} weight: read the quantized bytes, write "
+          f"bf16; target <= 1.2)\n")
+    print("| GPU | format | dequantize (ms) | memory time (ms) | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for gpu, fmt, estimate, memory, ratio in dequantize_rows(rows):
+        print(f"| {gpu} | {fmt} | {estimate:.4f} | {memory:.4f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,12 @@ def test_compiles_and_counts_a_kernel_for_sm_90():
     assert row["loop"] > 0 and row["spills"] == 0 and row["registers"] > 0
     assert row["per_element"] == pytest.approx(sum(row["by_class"].values()))
     assert row["load_widths"]  # the decode reads the weight with global loads
+
+
+def test_dequantize_kernel_against_memory_speed():
+    """A dequantize kernel whose issue time is below the memory time runs at memory speed (ratio 1)."""
+    row = dict(kernel="dequant", format="Q8_0", cc=90, per_element=0.0)
+    (gpu, fmt, estimate, memory, ratio), *_ = sass.dequantize_rows([row])
+    assert (fmt, ratio) == ("Q8_0", pytest.approx(1.0))
+    bytes_moved = (3072 * 34 // 32 + 2 * 3072) * 3072
+    assert memory == pytest.approx(1e3 * bytes_moved / (sass.GPUS[gpu][4] * 1e12))
