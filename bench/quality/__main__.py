@@ -111,7 +111,8 @@ def main(argv=None) -> int:
         width=args.size or ref_pipe.defaults.width, height=args.size or ref_pipe.defaults.height)
     cache = args.cache / lv.cache_key(reference_path)
     n_runs = len(settings.runs())
-    results = {"reference": str(reference_path), "demo": demo, "device": str(device), "dtype": str(dtype),
+    results = {"reference": "the shipped demo model, " + reference_path.name if demo else str(args.reference),
+               "demo": demo, "device": str(device), "dtype": str(dtype),
                "settings": {"prompts": list(settings.prompts), "seeds": list(settings.seeds), "steps": settings.steps,
                             "width": settings.width, "height": settings.height,
                             "true_cfg": ref_pipe.defaults.true_cfg, "guidance": ref_pipe.defaults.guidance},
