@@ -209,6 +209,19 @@ def estimate_rows(rows: list[dict], ms: list[int]):
                 yield (gpu_name, fmt, M, base, fused / base, scratch / base, min(fused, scratch) / base)
 
 
+def static_methods(rows: list[dict]) -> tuple[str, dict[str, str]]:
+    """The dispatch method the model prefers per (format, M bucket) on the first GPU of GPUS whose architecture
+    `rows` cover: {"<format>@<bucket>": "fused" or "dequant_matmul"}, and that GPU's name."""
+    from kernels.dispatch import M_BUCKETS
+
+    estimates = list(estimate_rows(rows, list(M_BUCKETS)))
+    if not estimates:
+        raise ValueError("no bf16 baseline compiled: cannot choose methods")
+    gpu = estimates[0][0]
+    return gpu, {f"{fmt}@{M}": "fused" if fused <= scratch else "dequant_matmul"
+                 for name, fmt, M, _, fused, scratch, _ in estimates if name == gpu}
+
+
 def dequantize_rows(rows: list[dict]):
     """Per (GPU, format): the dequantize kernel's estimated time on the `proj` weight against the time to read its
     quantized bytes and write them as bf16 at the GPU's bandwidth (memory speed is a ratio of 1)."""
@@ -240,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--formats", help="comma-separated kernel formats (default: all)")
     parser.add_argument("--m", default=",".join(map(str, M_VALUES)),
                         help="token counts M for the estimates (default: %(default)s)")
+    parser.add_argument("--write-static-dispatch", action="store_true",
+                        help="store the model's preferred method per (format, M bucket) as quant_linear's default "
+                             "where no GPU has measured a table (kernels/dispatch_tables/static-model.json)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="compiling processes (default: the number of CPU cores, here %(default)s)")
     args = parser.parse_args(argv)
@@ -277,6 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|")
     for gpu, fmt, estimate, memory, ratio in dequantize_rows(rows):
         print(f"| {gpu} | {fmt} | {estimate:.4f} | {memory:.4f} | {ratio:.2f} |")
+    if args.write_static_dispatch:
+        from kernels.dispatch import write_static_table
+
+        gpu, methods = static_methods(rows)
+        path = write_static_table(methods, f"python -m bench.sass --write-static-dispatch: {gpu} throughput model")
+        print(f"\nwrote {path} ({gpu} model): " + ", ".join(f"{k} {v}" for k, v in sorted(methods.items())))
 
 
 if __name__ == "__main__":

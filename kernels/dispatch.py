@@ -6,7 +6,9 @@ The two methods: "fused" (the dequant-matmul kernels: split-K for M <= 16, tenso
 `python -m bench.kernels --write-dispatch` times both for every (format, M bucket) on the GPU it runs on and writes
 the table to the user's cache directory (`$XDG_CACHE_HOME/flux-quant-engine/dispatch/<gpu>.json`: the installed
 package may be read-only); tables shipped in `kernels/dispatch_tables/` are only read. An entry of the user's table
-wins over the shipped one; where neither has the (format, M bucket), `default_method` decides.
+wins over the shipped one; where neither has the (format, M bucket), `default_method` decides: the static cost
+model's choice per (format, M bucket) written by `python -m bench.sass --write-static-dispatch` into
+`kernels/dispatch_tables/static-model.json`, else one rule for every format.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ METHODS = ("fused", "dequant_matmul")
 M_BUCKETS = (1, 16, 512, 4096)  # a call with M rows falls in the first bucket >= M (the last for larger M)
 FUSED_UP_TO = 16  # the static model's default: the fused kernels (the split-K GEMV) up to this many rows
 SHIPPED_DIR = Path(__file__).parent / "dispatch_tables"
+STATIC_TABLE = SHIPPED_DIR / "static-model.json"  # no GPU's name slugs to this
 
 
 def user_table_dir() -> Path:
@@ -41,11 +44,16 @@ def table_name(device_name: str) -> str:
 
 
 def default_method(fmt: str, M: int) -> str:
-    """The method without a measured table: for M <= 16 the fused split-K GEMV, which reads only the quantized
-    bytes; above, decoding once into scratch + torch's matmul, as the fused GEMM decodes the weight again for every
-    M tile and its decode costs more instructions than its tensor-core work (`python -m bench.sass`,
-    bench/results/sass-sm90.md). One rule for every format until a GPU has timed them."""
-    return "fused" if m_bucket(M) <= FUSED_UP_TO else "dequant_matmul"
+    """The method without a measured table: the static model's choice for (format, M bucket) (`python -m bench.sass
+    --write-static-dispatch`), else for M <= 16 the fused split-K GEMV, which reads only the quantized bytes, and
+    above, decoding once into scratch + torch's matmul, as the fused GEMM decodes the weight again for every M tile
+    and its decode costs more instructions than its tensor-core work (bench/results/sass-sm90.md)."""
+    return static_table().get(f"{fmt}@{m_bucket(M)}") or ("fused" if m_bucket(M) <= FUSED_UP_TO else "dequant_matmul")
+
+
+@functools.lru_cache(maxsize=None)
+def static_table() -> dict[str, str]:
+    return _read(STATIC_TABLE)
 
 
 def _read(path: Path) -> dict[str, str]:
@@ -70,15 +78,24 @@ def method_for(fmt: str, M: int, device: torch.device) -> str:
     return method(fmt, M, state.device_name(device))
 
 
+def _write(path: Path, content: dict) -> Path:
+    unknown = {m for m in content["methods"].values() if m not in METHODS}
+    if unknown:
+        raise ValueError(f"unknown dispatch methods {sorted(unknown)}; known: {METHODS}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**content, "methods": dict(sorted(content["methods"].items()))}, indent=1) + "\n")
+    load_table.cache_clear()
+    static_table.cache_clear()
+    return path
+
+
 def write_table(device_name: str, methods: dict[str, str], source: str) -> Path:
     """Store `{"<format>@<M bucket>": method}` measured on `device_name` in the user's table directory; `source` says
     how (the bench command)."""
-    unknown = {m for m in methods.values() if m not in METHODS}
-    if unknown:
-        raise ValueError(f"unknown dispatch methods {sorted(unknown)}; known: {METHODS}")
-    path = user_table_dir() / table_name(device_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": device_name, "source": source, "methods": dict(sorted(methods.items()))},
-                               indent=1) + "\n")
-    load_table.cache_clear()
-    return path
+    return _write(user_table_dir() / table_name(device_name), {"device": device_name, "source": source,
+                                                                "methods": methods})
+
+
+def write_static_table(methods: dict[str, str], source: str, path: Path = STATIC_TABLE) -> Path:
+    """Store the static cost model's `{"<format>@<M bucket>": method}` (shipped with the package)."""
+    return _write(path, {"source": source, "methods": methods})

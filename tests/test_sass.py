@@ -57,3 +57,22 @@ def test_dequantize_kernel_against_memory_speed():
     assert (fmt, ratio) == ("Q8_0", pytest.approx(1.0))
     bytes_moved = (3072 * 34 // 32 + 2 * 3072) * 3072
     assert memory == pytest.approx(1e3 * bytes_moved / (sass.GPUS[gpu][4] * 1e12))
+
+
+def test_static_dispatch_takes_the_cheaper_method_and_quant_linear_follows_it(tmp_path, monkeypatch):
+    from kernels import dispatch
+
+    # H100 model; a slow fused GEMV (issue-bound) and a dequantize kernel at memory speed
+    rows = [dict(kernel="bf16", format="BF16", cc=90, block_m=128, per_element=1.0),
+            dict(kernel="qmm", format="Q8_0", cc=90, block_m=128, per_element=1.0),
+            dict(kernel="qmv", format="Q8_0", cc=90, block_m=16, per_element=500.0),
+            dict(kernel="dequant", format="Q8_0", cc=90, block_m=0, per_element=0.0)]
+    gpu, methods = sass.static_methods(rows)
+    assert gpu == "H100 SXM" and methods["Q8_0@1"] == "dequant_matmul"
+    monkeypatch.setattr(dispatch, "STATIC_TABLE", tmp_path / "static-model.json")
+    dispatch.write_static_table(methods, "test", tmp_path / "static-model.json")
+    try:
+        assert dispatch.default_method("Q8_0", 1) == "dequant_matmul"
+        assert dispatch.default_method("Q4_0", 1) == "fused"  # not in the table: the rule
+    finally:
+        dispatch.static_table.cache_clear()
