@@ -103,10 +103,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int | None) -> list[np.ndarray]:
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int | None,
+             guidance: float | None = None) -> list[np.ndarray]:
     images = []
     for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="generating", dynamic_ncols=True):
-        images.append(np.asarray(pipe(prompt, seed=seed, steps=steps, progress=False)[0]))
+        images.append(np.asarray(pipe(prompt, seed=seed, steps=steps, guidance=guidance, progress=False)[0]))
     return images
 
 
@@ -124,6 +125,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.demo_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4, help="seeds per held-out combination (default 4: 112 images)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the demo's own)")
+    parser.add_argument("--guidance", type=float, help="distilled guidance scale (default: the demo's own)")
     parser.add_argument("--write", action="store_true",
                         help="write bench/results/demo-eval.md and demo-eval-grid.png (else only print)")
     args = parser.parse_args(argv)
@@ -138,10 +140,10 @@ def main(argv=None) -> None:
             scenes.append(demo_world.Scene(c, s, b, 0, 0, 0))
     start = time.perf_counter()
     q8 = load_pipeline(device="cpu", dtype=torch.float32, prompt_cache=False)
-    q8_images = generate(q8, prompts, seeds, args.steps)
+    q8_images = generate(q8, prompts, seeds, args.steps, args.guidance)
     seconds = time.perf_counter() - start
     bf16 = load_pipeline(device="cpu", dtype=torch.float32, prompt_cache=False, transformer="transformer_bf16")
-    bf16_images = generate(bf16, prompts[::args.seeds], seeds[::args.seeds], args.steps)
+    bf16_images = generate(bf16, prompts[::args.seeds], seeds[::args.seeds], args.steps, args.guidance)
     psnrs = [psnr(a, b) for a, b in zip(q8_images[::args.seeds], bf16_images)]
 
     truth = judge_accuracy()
@@ -150,11 +152,12 @@ def main(argv=None) -> None:
     lines = [
         "# Demo model: prompt adherence on held-out combinations",
         "",
-        f"Measured by `python -m bench.demo_eval --seeds {args.seeds}` on the shipped demo model (a 64x64 toy Flux, "
-        "not Flux-dev), CPU, fp32 compute.",
+        f"Measured by `python -m bench.demo_eval --seeds {args.seeds}` on the shipped demo model (a "
+        f"{q8.defaults.width}x{q8.defaults.height} toy Flux, not Flux-dev), CPU, fp32 compute.",
         f"{len(prompts)} images: {len(combinations)} (color, shape, background) combinations never seen in training "
-        f"x {args.seeds} seeds, {q8.defaults.steps if args.steps is None else args.steps} steps, true CFG "
-        f"{q8.defaults.true_cfg}, transformer {Path(q8.files['transformer']).name}; {seconds:.0f} s in all.",
+        f"x {args.seeds} seeds, {q8.defaults.steps if args.steps is None else args.steps} steps, distilled guidance "
+        f"{q8.defaults.guidance if args.guidance is None else args.guidance}, true CFG {q8.defaults.true_cfg}, "
+        f"transformer {Path(q8.files['transformer']).name}; {seconds:.0f} s in all.",
         "",
         "| attribute | accuracy | judge on ground-truth renders | judge on renders through the autoencoder |",
         "|---|---:|---:|---:|",

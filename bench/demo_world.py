@@ -17,7 +17,7 @@ COLORS = {
     "orange": (245, 135, 20), "purple": (140, 45, 175), "white": (245, 245, 245), "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-IMAGE_SIZE = 64
+IMAGE_SIZE = 128  # the shipped model's resolution; the autoencoder and the first transformer phase train at 64
 SUPERSAMPLE = 4  # edges are anti-aliased by rendering at 4x and averaging
 
 
@@ -50,12 +50,15 @@ def training_combinations() -> list[tuple[str, str, str]]:
     return [c for c in all_combinations() if c not in held]
 
 
-def random_scene(rng: np.random.Generator, combinations: list[tuple[str, str, str]]) -> Scene:
+def random_scene(rng: np.random.Generator, combinations: list[tuple[str, str, str]],
+                 image_size: int = IMAGE_SIZE) -> Scene:
+    """The same draws give the same scene at every resolution, scaled: sizes 34-63% of the image side."""
     color, shape, background = combinations[rng.integers(len(combinations))]
+    scale = image_size / 64
     size = float(rng.uniform(22, 40))
     margin = size / 2 + 1
-    cx, cy = rng.uniform(margin, IMAGE_SIZE - margin, size=2)
-    return Scene(color, shape, background, float(cx), float(cy), size)
+    cx, cy = rng.uniform(margin, 64 - margin, size=2)
+    return Scene(color, shape, background, float(cx) * scale, float(cy) * scale, size * scale)
 
 
 def shape_mask(shape: str, cx: float, cy: float, size: float, image_size: int = IMAGE_SIZE) -> np.ndarray:
@@ -106,8 +109,9 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
     return np.rint(coverage * fg + (1 - coverage) * bg).astype(np.uint8)
 
 
-def sample_batch(rng: np.random.Generator, batch: int, combinations: list[tuple[str, str, str]]):
+def sample_batch(rng: np.random.Generator, batch: int, combinations: list[tuple[str, str, str]],
+                 image_size: int = IMAGE_SIZE):
     """Scenes and their images as float32 (batch, 3, H, W) in [-1, 1]."""
-    scenes = [random_scene(rng, combinations) for _ in range(batch)]
-    images = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    scenes = [random_scene(rng, combinations, image_size) for _ in range(batch)]
+    images = np.stack([render(s, image_size) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return scenes, images.transpose(0, 3, 1, 2).copy()

@@ -1,13 +1,13 @@
 """Write the trained demo model (`python -m bench.train_demo`) into `engine/demo/` in the layouts users have:
 
-- `flux-demo-bf16.safetensors`: the transformer (EMA weights) with BFL names, BF16;
+- `flux-demo-bf16.safetensors`: the guidance-distilled transformer (EMA weights) with BFL names, BF16;
 - `flux-demo-Q8_0.gguf`: the same converted by `engine.convert` (city96's layout);
 - `ae.safetensors`: BFL-named autoencoder, its latent scale/shift and GroupNorm groups in the metadata;
 - `clip_l.safetensors` (ComfyUI single-file layout, `text_model.*`) and `clip_tokenizer/`;
 - `t5-demo-Q8_0.gguf`: a `t5encoder` GGUF (llama.cpp names) with its tokenizer in the metadata;
 - `demo.json`: the files and the sampling settings the model was trained for.
 
-    python -m bench.export_demo [--workdir demo-train] [--steps 20] [--true-cfg 3]
+    python -m bench.export_demo [--workdir demo-train] [--steps 20] [--guidance 3]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench import demo_world
-from bench.train_demo import DemoConfig
+from bench.train_demo import DemoConfig, distilled_weights
 from engine.convert import convert
 from engine.demo import DEMO_DIR, MANIFEST
 from engine.text_encoders import save_t5_gguf
@@ -43,7 +43,7 @@ def export(workdir: Path, out: Path, defaults: dict) -> None:
 
     config = DemoConfig(**json.loads((workdir / "config.json").read_text()))
     out.mkdir(exist_ok=True)
-    ema = load_file(str(workdir / "flux-demo.safetensors"))
+    ema = load_file(str(distilled_weights(workdir)))
     _save({k: v.to(torch.bfloat16) for k, v in ema.items()}, out / FILES["transformer_bf16"])
     convert(out / FILES["transformer_bf16"], out / FILES["transformer"], "Q8_0", workers=1, force=True)
     shutil.copyfile(workdir / "ae.safetensors", out / FILES["ae"])
@@ -57,7 +57,7 @@ def export(workdir: Path, out: Path, defaults: dict) -> None:
     save_t5_gguf(out / FILES["t5"], t5, AutoTokenizer.from_pretrained(text / "t5_tokenizer"), type="Q8_0",
                  context_length=config.t5_max_length)
 
-    manifest = {"files": FILES, "defaults": {"t5_max_length": config.t5_max_length, "guidance": 0.0, "shift": False,
+    manifest = {"files": FILES, "defaults": {"t5_max_length": config.t5_max_length, "shift": False, "true_cfg": 1.0,
                                              "width": demo_world.IMAGE_SIZE, "height": demo_world.IMAGE_SIZE,
                                              **defaults},
                 "trained_on": "a {color} {shape} on a {color} background; colors " + ", ".join(demo_world.COLORS)
@@ -76,9 +76,10 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("demo-train"), help="the training work directory")
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="where to write (default: the package's engine/demo)")
     parser.add_argument("--steps", type=int, default=20, help="default sampling steps recorded in demo.json")
-    parser.add_argument("--true-cfg", type=float, default=3.0, help="default classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=3.0,
+                        help="default distilled guidance scale recorded in demo.json (the model learned 1-5)")
     args = parser.parse_args(argv)
-    export(args.workdir, args.out, {"steps": args.steps, "true_cfg": args.true_cfg})
+    export(args.workdir, args.out, {"steps": args.steps, "guidance": args.guidance})
 
 
 if __name__ == "__main__":

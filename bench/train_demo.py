@@ -50,18 +50,23 @@ class DemoConfig:
     ae_batch: int = 16
     ae_lr: float = 1e-3
     ae_kl_weight: float = 1e-6
-    latent_scenes: int = 40_000
+    ae_image_size: int = 64  # convolutional: trained at 64x64, it encodes the 128x128 images as well
     # hidden 256: the K-quant formats need rows of 256 (the quantization comparison runs on this model)
     dit: dict = field(default_factory=lambda: dict(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=64,
                                                    hidden_size=256, mlp_ratio=4.0, num_heads=4, depth=2,
                                                    depth_single_blocks=2, axes_dim=[8, 28, 28], theta=10_000,
                                                    qkv_bias=True, guidance_embed=False))
-    # the shipped model: steps 0-3000 ran on a 16 000-step cosine schedule, then training resumed with this one to
-    # finish within the session (2 CPU cores shared with other work)
-    dit_steps: int = 9_000
-    dit_batch: int = 32
-    dit_lr: float = 5e-4
+    # Low resolution first, as Flux is trained: at 64x64 (16 image tokens) the model learns colors and layout but
+    # not shapes (shape accuracy 0.3), which live inside a token there; the 128x128 phase (64 tokens) starts from its
+    # weights. The 64x64 phase ran its steps 0-3000 on a 16 000-step cosine schedule, then resumed on this one.
+    dit_phases: list = field(default_factory=lambda: [
+        dict(image_size=64, steps=9_000, batch=32, lr=5e-4, warmup=500, scenes=40_000),
+        dict(image_size=128, steps=7_000, batch=16, lr=3e-4, warmup=200, scenes=24_000)])
     dit_ema: float = 0.999
+    # Guidance distillation, as FLUX.1-dev was made: a student with the guidance embedding learns the teacher's
+    # classifier-free-guided prediction at a guidance scale drawn from `guidance`, so one pass per step replaces two.
+    distill: dict = field(default_factory=lambda: dict(steps=2_000, batch=16, lr=2e-4, warmup=100,
+                                                       guidance=[1.0, 5.0]))
     prompt_dropout: float = 0.1
     checkpoint_every: int = 200
 
@@ -272,10 +277,10 @@ def train_autoencoder(config: DemoConfig, workdir: Path) -> None:
     bar = tqdm(total=config.ae_steps, initial=step, desc="autoencoder", dynamic_ncols=True)
     while step < config.ae_steps:
         rng = np.random.default_rng([config.seed, 1, step])
-        _, images = demo_world.sample_batch(rng, config.ae_batch, combinations)
+        _, images = demo_world.sample_batch(rng, config.ae_batch, combinations, config.ae_image_size)
         x = torch.from_numpy(images).to(memory_format=torch.channels_last)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        side = demo_world.IMAGE_SIZE // ae.downscale
+        side = config.ae_image_size // ae.downscale
         noise = torch.randn(config.ae_batch, ae.params.z_channels, side, side, generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, config.ae_steps, config.ae_lr)
@@ -298,7 +303,7 @@ def write_autoencoder(ae: AutoEncoder, config: DemoConfig, workdir: Path, path: 
     0.1159 were measured the same way on its data) and the GroupNorm group count in the metadata."""
     ae.eval()
     rng = np.random.default_rng([config.seed, 2])
-    _, images = demo_world.sample_batch(rng, 2048, demo_world.training_combinations())
+    _, images = demo_world.sample_batch(rng, 2048, demo_world.training_combinations(), config.ae_image_size)
     means = torch.cat([ae.encoder(torch.from_numpy(images[i:i + 256])).chunk(2, dim=1)[0] for i in range(0, 2048, 256)])
     shift, scale = means.mean().item(), 1.0 / means.std().item()
     tensors = {k: v.contiguous() for k, v in ae.state_dict().items()}
@@ -324,68 +329,71 @@ def load_trained_autoencoder(config: DemoConfig, workdir: Path) -> AutoEncoder:
 # ------------------------------------------------------------------------------------------------ 3. latents
 
 
+def latents_path(workdir: Path, image_size: int) -> Path:
+    return workdir / f"latents-{image_size}.safetensors"
+
+
 @torch.no_grad()
 def encode_scenes(config: DemoConfig, workdir: Path) -> None:
-    path = workdir / "latents.safetensors"
-    if path.exists():
-        return
+    """For each transformer phase, its scenes at its resolution, encoded once by the trained autoencoder."""
     ae = load_trained_autoencoder(config, workdir)
     _, _, prompt_index = load_embeddings(workdir)
-    rng = np.random.default_rng([config.seed, 3])
     combinations = demo_world.training_combinations()
-    latents, prompts = [], []
-    for _ in tqdm(range(0, config.latent_scenes, 250), desc="encoding scenes", dynamic_ncols=True):
-        scenes, images = demo_world.sample_batch(rng, 250, combinations)
-        latents.append(ae.encode(torch.from_numpy(images)))
-        prompts += [prompt_index[s.prompt] for s in scenes]
-    tmp = path.with_suffix(".tmp")
-    save_file({"latents": torch.cat(latents).contiguous(), "prompt": torch.tensor(prompts)}, str(tmp))
-    os.replace(tmp, path)
+    for phase in config.dit_phases:
+        path = latents_path(workdir, phase["image_size"])
+        if path.exists():
+            continue
+        rng = np.random.default_rng([config.seed, 3] + ([] if phase["image_size"] == 64 else [phase["image_size"]]))
+        latents, prompts = [], []
+        for _ in tqdm(range(0, phase["scenes"], 250), desc=f"encoding {phase['image_size']}px scenes",
+                      dynamic_ncols=True):
+            scenes, images = demo_world.sample_batch(rng, 250, combinations, phase["image_size"])
+            latents.append(ae.encode(torch.from_numpy(images)))
+            prompts += [prompt_index[s.prompt] for s in scenes]
+        tmp = path.with_suffix(".tmp")
+        save_file({"latents": torch.cat(latents).contiguous(), "prompt": torch.tensor(prompts)}, str(tmp))
+        os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ 4. transformer
 
 
-def train_transformer(config: DemoConfig, workdir: Path) -> None:
-    final = workdir / "flux-demo.safetensors"
-    if final.exists():
-        return
-    txt_table, vec_table, prompt_index = load_embeddings(workdir)
-    data = load_file(str(workdir / "latents.safetensors"))
-    latents, prompts = data["latents"], data["prompt"]
-    torch.manual_seed(config.seed + 4)
-    model = Flux(FluxConfig(**config.dit)).train()
+def phase_weights(workdir: Path, image_size: int) -> Path:
+    return workdir / f"flux-demo-{image_size}.safetensors"
+
+
+def distilled_weights(workdir: Path) -> Path:
+    """The shipped transformer."""
+    return workdir / "flux-demo-distilled.safetensors"
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def train_loop(config: DemoConfig, workdir: Path, name: str, model: Flux, schedule: dict, loss_fn, batch_fn,
+               final: Path) -> None:
+    """AdamW with warm-up and cosine decay, gradient clipping and an EMA of the weights; resumable from
+    `{name}-state.safetensors`; writes the EMA weights to `final`. `batch_fn(step, generator)` returns the arguments
+    of `loss_fn`."""
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.dit_lr, weight_decay=0.01)
-    state_path = workdir / "dit-state.safetensors"
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=schedule["lr"],
+                                  weight_decay=0.01)
+    state_path = workdir / f"{name}-state.safetensors"
     step = 0
     if state_path.exists():
         step, extra = load_training_state(state_path, model, optimizer)
         ema = {k[4:]: v for k, v in extra.items() if k.startswith("ema.")}
-    b, _, h, w = latents.shape[0], *latents.shape[1:]
-    img_ids = image_ids(config.dit_batch, h, w)
-    txt_ids = torch.zeros(config.dit_batch, config.t5_max_length, 3)
-    empty = prompt_index[""]
-
-    def loss_fn(x0, noise, t, txt, vec):
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        pred = model(x_t, img_ids, txt, txt_ids, t, vec)
-        return F.mse_loss(pred, noise - x0)
-
     compiled = torch.compile(loss_fn)
-    bar = tqdm(total=config.dit_steps, initial=step, desc="transformer", dynamic_ncols=True)
+    bar = tqdm(total=schedule["steps"], initial=step, desc=name, dynamic_ncols=True, mininterval=10)
     smoothed = None
-    while step < config.dit_steps:
+    while step < schedule["steps"]:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        index = torch.randint(b, (config.dit_batch,), generator=generator)
-        x0 = pack(latents[index])
-        prompt = prompts[index].clone()
-        prompt[torch.rand(config.dit_batch, generator=generator) < config.prompt_dropout] = empty
-        t = torch.sigmoid(torch.randn(config.dit_batch, generator=generator))  # logit-normal, as in SD3 / Flux
-        noise = torch.randn(x0.shape, generator=generator)
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, config.dit_steps, config.dit_lr, warmup=500)
-        loss = compiled(x0, noise, t, txt_table[prompt], vec_table[prompt])
+            group["lr"] = cosine_lr(step, schedule["steps"], schedule["lr"], warmup=schedule["warmup"])
+        loss = compiled(*batch_fn(step, generator))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -397,23 +405,111 @@ def train_transformer(config: DemoConfig, workdir: Path) -> None:
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.update()
         bar.set_postfix(loss=f"{smoothed:.4f}")
-        if step % config.checkpoint_every == 0 or step == config.dit_steps:
+        if step % config.checkpoint_every == 0 or step == schedule["steps"]:
             save_training_state(state_path, model, optimizer, step, {f"ema.{k}": v for k, v in ema.items()})
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(workdir / "flux-demo-ema-latest.safetensors"))
+            _save_weights(ema, workdir / f"{name}-ema-latest.safetensors")
     bar.close()
-    tmp = final.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp))
-    os.replace(tmp, final)
+    _save_weights(ema, final)
 
 
-STAGES = {"text": build_text, "ae": train_autoencoder, "latents": encode_scenes, "dit": train_transformer}
+def rectified_flow_batch(config: DemoConfig, latents: torch.Tensor, prompts: torch.Tensor, batch: int,
+                         generator: torch.Generator, empty: int):
+    """Packed clean latents, their prompts (`prompt_dropout` of them replaced by the empty prompt), t drawn
+    logit-normal as in SD3 / Flux, and the noise."""
+    index = torch.randint(latents.shape[0], (batch,), generator=generator)
+    x0 = pack(latents[index])
+    prompt = prompts[index].clone()
+    prompt[torch.rand(batch, generator=generator) < config.prompt_dropout] = empty
+    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    noise = torch.randn(x0.shape, generator=generator)
+    return x0, noise, t, prompt
+
+
+def train_transformer(config: DemoConfig, workdir: Path) -> None:
+    """Rectified flow, x_t = (1 - t) x_0 + t noise, the model predicts noise - x_0; one phase per resolution, each
+    starting from the previous phase's EMA weights."""
+    txt_table, vec_table, prompt_index = load_embeddings(workdir)
+    previous = None
+    for phase in config.dit_phases:
+        size = phase["image_size"]
+        final = phase_weights(workdir, size)
+        if not final.exists():
+            data = load_file(str(latents_path(workdir, size)))
+            latents, prompts = data["latents"], data["prompt"]
+            torch.manual_seed(config.seed + 4)
+            model = Flux(FluxConfig(**config.dit)).train()
+            if previous is not None:
+                model.load_state_dict(load_file(str(previous)))
+            h, w = latents.shape[2:]
+            img_ids = image_ids(phase["batch"], h, w)
+            txt_ids = torch.zeros(phase["batch"], config.t5_max_length, 3)
+
+            def loss_fn(x0, noise, t, prompt):
+                x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+                pred = model(x_t, img_ids, txt_table[prompt], txt_ids, t, vec_table[prompt])
+                return F.mse_loss(pred, noise - x0)
+
+            def batch_fn(step, generator):
+                return rectified_flow_batch(config, latents, prompts, phase["batch"], generator, prompt_index[""])
+
+            train_loop(config, workdir, f"dit-{size}", model, phase, loss_fn, batch_fn, final)
+        previous = final
+
+
+def distill_guidance(config: DemoConfig, workdir: Path) -> None:
+    """The student (the teacher plus Flux-dev's guidance embedding, whose output layer starts at zero so the student
+    starts as the teacher) learns v_uncond + g (v_cond - v_uncond) of the frozen teacher at the last resolution."""
+    final = distilled_weights(workdir)
+    if final.exists():
+        return
+    txt_table, vec_table, prompt_index = load_embeddings(workdir)
+    phase = config.dit_phases[-1]
+    schedule = config.distill
+    data = load_file(str(latents_path(workdir, phase["image_size"])))
+    latents, prompts = data["latents"], data["prompt"]
+    weights = load_file(str(phase_weights(workdir, phase["image_size"])))
+    teacher = Flux(FluxConfig(**config.dit)).eval().requires_grad_(False)
+    teacher.load_state_dict(weights)
+    torch.manual_seed(config.seed + 5)
+    student = Flux(FluxConfig(**{**config.dit, "guidance_embed": True})).train()
+    missing = student.load_state_dict(weights, strict=False).missing_keys
+    assert all(k.startswith("guidance_in.") for k in missing), missing
+    torch.nn.init.zeros_(student.guidance_in.out_layer.weight)
+    torch.nn.init.zeros_(student.guidance_in.out_layer.bias)
+    batch = schedule["batch"]
+    h, w = latents.shape[2:]
+    img_ids = image_ids(batch, h, w)
+    txt_ids = torch.zeros(batch, config.t5_max_length, 3)
+    empty = torch.full((batch,), prompt_index[""])
+    low, high = schedule["guidance"]
+
+    def loss_fn(x0, noise, t, prompt, guidance):
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        with torch.no_grad():
+            both = teacher(torch.cat([x_t, x_t]), torch.cat([img_ids, img_ids]),
+                           txt_table[torch.cat([prompt, empty])], torch.cat([txt_ids, txt_ids]),
+                           torch.cat([t, t]), vec_table[torch.cat([prompt, empty])])
+            cond, uncond = both.chunk(2)
+            target = uncond + guidance[:, None, None] * (cond - uncond)
+        pred = student(x_t, img_ids, txt_table[prompt], txt_ids, t, vec_table[prompt], guidance)
+        return F.mse_loss(pred, target)
+
+    def batch_fn(step, generator):
+        x0, noise, t, prompt = rectified_flow_batch(config, latents, prompts, batch, generator, prompt_index[""])
+        return x0, noise, t, prompt, low + (high - low) * torch.rand(batch, generator=generator)
+
+    train_loop(config, workdir, "distill", student, schedule, loss_fn, batch_fn, final)
+
+
+STAGES = {"text": build_text, "ae": train_autoencoder, "latents": encode_scenes, "dit": train_transformer,
+          "distill": distill_guidance}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo-train"),
                         help="checkpoints and intermediate files (default: ./demo-train); rerun to resume")
-    parser.add_argument("--stages", default="text,ae,latents,dit",
+    parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated subset of {','.join(STAGES)} (default: all, in order)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
