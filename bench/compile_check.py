@@ -20,17 +20,19 @@ DTYPES = ("fp16", "bf16", "fp32")
 
 
 def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES):
-    """(kernel, format, dtype, config index, cc) for everything that can be launched."""
+    """(kernel, format, dtype, config index, cc, layout) for everything that can be launched."""
+    from kernels.repack import has_planes
     from kernels.triton.decode import KERNEL_FORMATS
     from kernels.triton.ops import GEMM_CONFIGS
 
     for cc in archs:
         for fmt in formats or KERNEL_FORMATS:
-            yield ("dequant", fmt, "fp16", 0, cc)
-            for dtype in dtypes:
-                yield ("qmv", fmt, dtype, 0, cc)
-                for i in range(len(GEMM_CONFIGS[dtype])):
-                    yield ("qmm", fmt, dtype, i, cc)
+            for layout in ("blocks", "planes") if has_planes(fmt) else ("blocks",):
+                yield ("dequant", fmt, "fp16", 0, cc, layout)
+                for dtype in dtypes:
+                    yield ("qmv", fmt, dtype, 0, cc, layout)
+                    for i in range(len(GEMM_CONFIGS[dtype])):
+                        yield ("qmm", fmt, dtype, i, cc, layout)
 
 
 def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
@@ -46,11 +48,11 @@ def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
     return regs, spills
 
 
-def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc: int,
+def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc: int, layout: str = "blocks",
                    divisible_by_16: tuple[str, ...] = ()):
     """Triton's compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`, `.metadata`) for one job, as launched by
-    kernels.triton.ops; `divisible_by_16` names the arguments to specialise as the JIT does at run time for values
-    (pointers, sizes) that are multiples of 16."""
+    kernels.triton.ops for a weight in `layout`; `divisible_by_16` names the arguments to specialise as the JIT does
+    at run time for values (pointers, sizes) that are multiples of 16."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -62,7 +64,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
-    common = {"FMT": FORMAT_IDS[fmt]}
+    common = {"FMT": FORMAT_IDS[fmt], "PLANES": layout == "planes"}
     if kernel_name == "dequant":
         kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
         signature = {"w_ptr": "*u8", "out_ptr": act, "nf4_ptr": "*fp32", "N": "i32", "K": "i32", "row_bytes": "i32"}
@@ -89,8 +91,8 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
 
 def compile_one(job) -> dict:
-    kernel_name, fmt, dtype, config_index, cc = job
-    row = dict(kernel=kernel_name, format=fmt, dtype=dtype, config=config_index, cc=cc)
+    kernel_name, fmt, dtype, config_index, cc, layout = job
+    row = dict(kernel=kernel_name, format=fmt, dtype=dtype, config=config_index, cc=cc, layout=layout)
     try:
         compiled = compile_kernel(*job)
         regs, spills = _ptxas_stats(compiled.asm["ptx"], cc)
@@ -147,13 +149,13 @@ def main(argv=None) -> int:
     archs = args.archs
     formats = args.formats.split(",") if args.formats else None
     rows = run(list(jobs(archs, formats)), args.workers)
-    print("| kernel | format | dtype | config | sm | shared KB | registers | spills | problem |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    print("| kernel | format | layout | dtype | config | sm | shared KB | registers | spills | problem |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     failed = 0
     for row in rows:
         issues = problems(row)
         failed += bool(issues)
-        print(f"| {row['kernel']} | {row['format']} | {row['dtype']} | {row['config']} | {row['cc']} | "
+        print(f"| {row['kernel']} | {row['format']} | {row['layout']} | {row['dtype']} | {row['config']} | {row['cc']} | "
               f"{row.get('shared', 0) / 1024:.0f} | {row.get('registers', '—')} | {row.get('spills', '—')} | "
               f"{'; '.join(issues)} |")
     print(f"\n{len(rows)} compilations, {failed} with problems")

@@ -90,15 +90,17 @@ def bf16_mm_kernel_source():
     return bf16_mm_kernel
 
 
-def divisible_arguments(kernel_name: str, fmt: str) -> tuple[str, ...]:
+def divisible_arguments(kernel_name: str, fmt: str, layout: str) -> tuple[str, ...]:
     """The arguments Triton's JIT marks as multiples of 16 on Flux's layers (K, N multiples of 256; bf16 rows)."""
     from kernels.formats import get_format
+    from kernels.repack import planes_row_bytes
 
     pointers = {"qmm": ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "nf4_ptr"), "qmv": ("x_ptr", "w_ptr", "bias_ptr",
                 "y_ptr", "nf4_ptr"), "dequant": ("w_ptr", "out_ptr", "nf4_ptr")}[kernel_name]
     sizes = {"qmm": ("N", "K", "stride_xm", "stride_ym"), "qmv": ("N", "K", "stride_xm", "k_per_split"),
              "dequant": ("N", "K")}[kernel_name]
-    row_bytes = ("row_bytes",) if get_format(fmt).row_bytes(FLUX_K) % 16 == 0 else ()
+    fmt_row_bytes = planes_row_bytes(get_format(fmt), FLUX_K) if layout == "planes" else get_format(fmt).row_bytes(FLUX_K)
+    row_bytes = ("row_bytes",) if fmt_row_bytes % 16 == 0 else ()
     return pointers + sizes + row_bytes
 
 
@@ -138,8 +140,8 @@ def load_width(opcode: str) -> int:
 
 
 def analyse(job) -> dict:
-    """Compile one (kernel, format, cc) and count its main loop."""
-    kernel_name, fmt, cc = job
+    """Compile one (kernel, format, cc, layout) and count its main loop."""
+    kernel_name, fmt, cc, layout = job
     from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIG
 
     if kernel_name == "bf16":
@@ -157,7 +159,7 @@ def analyse(job) -> dict:
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), attrs=attrs), target=GPUTarget("cuda", cc, 32),
             options=dict(num_warps=warps, num_stages=stages))
     else:
-        compiled = compile_kernel(kernel_name, fmt, "bf16", 0, cc, divisible_arguments(kernel_name, fmt))
+        compiled = compile_kernel(kernel_name, fmt, "bf16", 0, cc, layout, divisible_arguments(kernel_name, fmt, layout))
         if kernel_name == "qmm":
             bn, bm, bk, _, warps, _ = GEMM_CONFIGS["bf16"][0]
         else:
@@ -168,7 +170,7 @@ def analyse(job) -> dict:
     per_element = 32 * warps / (bn * bk)
     classes = Counter(CLASS_OF.get(op.split(".")[0], "other") for op in loop)
     widths = Counter(load_width(op) for op in loop if op.startswith("LDG"))
-    return dict(kernel=kernel_name, format=fmt, cc=cc, block_m=bm, block_n=bn, block_k=bk, warps=warps,
+    return dict(kernel=kernel_name, format=fmt, cc=cc, layout=layout, block_m=bm, block_n=bn, block_k=bk, warps=warps,
                 loop=len(loop), per_element=len(loop) * per_element,
                 by_class={name: count * per_element for name, count in classes.items()},
                 load_widths=dict(sorted(widths.items())), registers=registers, spills=spills,
@@ -194,7 +196,7 @@ def estimate_rows(rows: list[dict], ms: list[int]):
     of each ratio go through the same model)."""
     from kernels.formats import get_format
 
-    by_key = {(r["kernel"], r["format"], r["cc"]): r for r in rows}
+    by_key = {(r["kernel"], r["format"], r["cc"]): r for r in rows if r["layout"] == kernel_layout(r["format"])}
     for gpu_name, gpu in GPUS.items():
         cc = gpu[0]
         bf16 = by_key.get(("bf16", "BF16", cc))
@@ -229,19 +231,28 @@ def dequantize_rows(rows: list[dict]):
 
     for gpu_name, gpu in GPUS.items():
         for r in rows:
-            if r["kernel"] == "dequant" and r["cc"] == gpu[0]:
+            if r["kernel"] == "dequant" and r["cc"] == gpu[0] and r["layout"] == kernel_layout(r["format"]):
                 weight_bytes = get_format(r["format"]).row_bytes(FLUX_K) * FLUX_N
                 memory = 1e3 * (weight_bytes + 2 * FLUX_N * FLUX_K) / (gpu[4] * 1e12)
                 estimate = launch_ms(r, gpu, 0, weight_bytes)
                 yield gpu_name, r["format"], estimate, memory, estimate / memory
 
 
+def kernel_layout(fmt: str) -> str:
+    """The layout quant_linear's weights have on a GPU (`kernels.repack`): planes where the format has them."""
+    from kernels.repack import has_planes
+
+    return "planes" if fmt != "BF16" and has_planes(fmt) else "blocks"
+
+
 def jobs(archs, formats):
+    """Each kernel in the layout it runs on (planes formats in both, to compare)."""
     for cc in archs:
-        yield ("bf16", "BF16", cc)
+        yield ("bf16", "BF16", cc, "blocks")
         for fmt in formats:
-            for kernel in ("qmm", "qmv", "dequant"):
-                yield (kernel, fmt, cc)
+            for layout in dict.fromkeys(("blocks", kernel_layout(fmt))):
+                for kernel in ("qmm", "qmv", "dequant"):
+                    yield (kernel, fmt, cc, layout)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,13 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     classes = list(CLASSES) + ["other"]
     print(f"SASS main loops, bf16 activations, specialised for Flux's {FLUX_K}->{FLUX_N} layer; instructions per "
           f"weight element = loop instructions x threads / (BLOCK_N x BLOCK_K)\n")
-    print("| sm | kernel | format | tile N×K (M) | warps | loop instr | per element | "
+    print("| sm | kernel | format | layout | tile N×K (M) | warps | loop instr | per element | "
           + " | ".join(classes) + " | global load widths (bits: count) | registers | spills | shared KB |")
-    print("|---:|---|---|---|---:|---:|---:|" + "---:|" * len(classes) + "---|---:|---:|---:|")
+    print("|---:|---|---|---|---|---:|---:|---:|" + "---:|" * len(classes) + "---|---:|---:|---:|")
     for r in rows:
         cells = [f"{r['by_class'].get(name, 0):.2f}" for name in classes]
         widths = ", ".join(f"{bits}: {count}" for bits, count in r["load_widths"].items())
-        print(f"| {r['cc']} | {r['kernel']} | {r['format']} | {r['block_n']}×{r['block_k']} ({r['block_m']}) | "
+        print(f"| {r['cc']} | {r['kernel']} | {r['format']} | {r['layout']} | {r['block_n']}×{r['block_k']} ({r['block_m']}) | "
               f"{r['warps']} | {r['loop']} | {r['per_element']:.2f} | " + " | ".join(cells)
               + f" | {widths} | {r['registers']} | {r['spills']} | {r['shared'] / 1024:.0f} |")
 

@@ -24,6 +24,10 @@ class Format:
     block_bytes: int  # bytes per block
     family: str  # module in kernels/reference holding its codecs: floats, legacy, kquants, iquants, nf4
     fields: tuple[tuple[str, int], ...]  # (name, bytes) of the block's fields in byte order (ggml's struct members)
+    # How the block's codes are ordered in its last field, for the kernels' planes layout (kernels/repack.py):
+    # "int8" one code a byte, "halves" ggml's 4-bit order (low nibbles = the block's first half), "high_first"
+    # bitsandbytes' (byte i = element 2i high, 2i+1 low); None: the format has no planes layout.
+    codes: str | None = None
 
     def __post_init__(self):
         if sum(size for _, size in self.fields) != self.block_bytes:
@@ -75,20 +79,20 @@ FORMATS: dict[str, Format] = {
         Format("BF16", 30, 1, 2, "floats", (("value", 2),)),
         # float8 e4m3fn (FP8 checkpoints), one byte per weight; an optional per-tensor scale lives in the QTensor.
         Format("F8_E4M3", None, 1, 1, "floats", (("value", 1),)),
-        Format("Q8_0", 8, 32, 34, "legacy", (("d", 2), ("qs", 32))),
+        Format("Q8_0", 8, 32, 34, "legacy", (("d", 2), ("qs", 32)), "int8"),
         Format("Q6_K", 14, QK_K, 210, "kquants", (("ql", 128), ("qh", 64), ("scales", 16), ("d", 2))),
         Format("Q5_K", 13, QK_K, 176, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128))),
-        Format("Q5_1", 7, 32, 24, "legacy", (("d", 2), ("m", 2), ("qh", 4), ("qs", 16))),
-        Format("Q5_0", 6, 32, 22, "legacy", (("d", 2), ("qh", 4), ("qs", 16))),
+        Format("Q5_1", 7, 32, 24, "legacy", (("d", 2), ("m", 2), ("qh", 4), ("qs", 16)), "halves"),
+        Format("Q5_0", 6, 32, 22, "legacy", (("d", 2), ("qh", 4), ("qs", 16)), "halves"),
         Format("Q4_K", 12, QK_K, 144, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qs", 128))),
-        Format("Q4_1", 3, 32, 20, "legacy", (("d", 2), ("m", 2), ("qs", 16))),
-        Format("Q4_0", 2, 32, 18, "legacy", (("d", 2), ("qs", 16))),
+        Format("Q4_1", 3, 32, 20, "legacy", (("d", 2), ("m", 2), ("qs", 16)), "halves"),
+        Format("Q4_0", 2, 32, 18, "legacy", (("d", 2), ("qs", 16)), "halves"),
         Format("Q3_K", 11, QK_K, 110, "kquants", (("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2))),
         Format("Q2_K", 10, QK_K, 84, "kquants", (("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2))),
-        Format("IQ4_NL", 20, QK4_NL, 18, "iquants", (("d", 2), ("qs", 16))),
+        Format("IQ4_NL", 20, QK4_NL, 18, "iquants", (("d", 2), ("qs", 16)), "halves"),
         Format("IQ4_XS", 23, QK_K, 136, "iquants", (("d", 2), ("scales_h", 2), ("scales_l", 4), ("qs", 128))),
         # bitsandbytes NF4 as one self-contained block: fp32 absmax, then 32 bytes of codes (see reference/nf4.py).
-        Format("NF4", None, NF4_BLOCK, 36, "nf4", (("absmax", 4), ("qs", 32))),
+        Format("NF4", None, NF4_BLOCK, 36, "nf4", (("absmax", 4), ("qs", 32)), "high_first"),
     )
 }
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import torch_codecs
+from kernels import repack, torch_codecs
 from kernels.formats import Format, get_format
 
 
@@ -17,12 +17,15 @@ class QTensor:
     format `format`; blocks run along the last logical dimension (a Linear's input dimension K).
 
     `scale`, when given, multiplies every decoded value (the per-tensor scale of "scaled FP8" checkpoints).
+    `layout` is "blocks" (the stored bytes) or "planes" (the same bytes regrouped for the GPU kernels,
+    `kernels.repack`).
     """
 
     raw: torch.Tensor
     format: str
     shape: tuple[int, ...]
     scale: float | None = None
+    layout: str = "blocks"
 
     def __post_init__(self):
         fmt = get_format(self.format)
@@ -32,10 +35,15 @@ class QTensor:
             raise ValueError(f"QTensor {self.format}: raw must be 2-D uint8, got {self.raw.dtype} {tuple(self.raw.shape)}")
         if not self.shape or min(self.shape) < 1:
             raise ValueError(f"QTensor {self.format}: bad logical shape {self.shape}")
-        expected = (math.prod(self.shape[:-1]), fmt.row_bytes(self.shape[-1]))
+        if self.layout not in repack.LAYOUTS:
+            raise ValueError(f"QTensor {self.format}: layout must be one of {', '.join(repack.LAYOUTS)}, got "
+                             f"{self.layout!r}")
+        K = self.shape[-1]
+        row_bytes = repack.planes_row_bytes(fmt, K) if self.layout == "planes" else fmt.row_bytes(K)
+        expected = (math.prod(self.shape[:-1]), row_bytes)
         if tuple(self.raw.shape) != expected:
-            raise ValueError(f"QTensor {self.format}{list(self.shape)}: raw has shape {tuple(self.raw.shape)}, "
-                             f"expected {expected}")
+            raise ValueError(f"QTensor {self.format}{list(self.shape)} ({self.layout}): raw has shape "
+                             f"{tuple(self.raw.shape)}, expected {expected}")
 
     @property
     def fmt(self) -> Format:
@@ -54,13 +62,27 @@ class QTensor:
         return math.prod(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        values = torch_codecs.dequantize(self.raw, self.format, torch.float32 if self.scale is not None else dtype)
+        values = torch_codecs.dequantize(self.blocks().raw, self.format,
+                                         torch.float32 if self.scale is not None else dtype)
         if self.scale is not None:
             values = values.mul_(self.scale).to(dtype)
         return values.reshape(self.shape)
 
     def to(self, device: torch.device | str) -> QTensor:
-        return QTensor(self.raw.to(device), self.format, self.shape, self.scale)
+        return QTensor(self.raw.to(device), self.format, self.shape, self.scale, self.layout)
+
+    def planes(self) -> QTensor:
+        """This weight in the planes layout, repacked on its device (itself when already there or when its format
+        has none)."""
+        if self.layout == "planes" or not repack.has_planes(self.fmt):
+            return self
+        return QTensor(repack.to_planes(self.raw, self.fmt), self.format, self.shape, self.scale, "planes")
+
+    def blocks(self) -> QTensor:
+        """This weight in the stored layout (itself when already there)."""
+        if self.layout == "blocks":
+            return self
+        return QTensor(repack.to_blocks(self.raw, self.fmt, self.shape[-1]), self.format, self.shape, self.scale)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, format: str) -> QTensor:
@@ -70,4 +92,5 @@ class QTensor:
 
     def __repr__(self) -> str:
         scale = f", scale={self.scale}" if self.scale is not None else ""
-        return f"QTensor({self.format}, shape={list(self.shape)}, device={self.device}{scale})"
+        layout = ", layout=planes" if self.layout == "planes" else ""
+        return f"QTensor({self.format}, shape={list(self.shape)}, device={self.device}{scale}{layout})"

@@ -7,23 +7,26 @@ the full sweep."""
 import os
 
 from bench.compile_check import SHARED_LIMIT, problems, run
+from kernels.repack import has_planes
 from kernels.triton.decode import KERNEL_FORMATS
 from kernels.triton.ops import GEMM_CONFIGS
 
-HEAVY = ("Q4_K", "NF4")  # the most registers in the full sweep
+HEAVY = (("Q4_K", "blocks"), ("NF4", "blocks"), ("Q5_1", "planes"))  # the most registers in the full sweep
 
 
 def subset():
-    jobs = [("qmm", fmt, "fp16", 0, 86) for fmt in KERNEL_FORMATS]
+    jobs = [("qmm", fmt, "fp16", 0, 86, "blocks") for fmt in KERNEL_FORMATS]
+    jobs += [("qmm", fmt, "fp16", 0, 86, "planes") for fmt in KERNEL_FORMATS if has_planes(fmt)]
     for cc in SHARED_LIMIT:
-        for fmt in HEAVY:
-            jobs += [("qmm", fmt, dtype, i, cc) for dtype in ("bf16", "fp32") for i in range(len(GEMM_CONFIGS[dtype]))]
-            jobs += [("qmv", fmt, "bf16", 0, cc), ("dequant", fmt, "fp16", 0, cc)]
+        for fmt, layout in HEAVY:
+            jobs += [("qmm", fmt, dtype, i, cc, layout) for dtype in ("bf16", "fp32")
+                     for i in range(len(GEMM_CONFIGS[dtype]))]
+            jobs += [("qmv", fmt, "bf16", 0, cc, layout), ("dequant", fmt, "fp16", 0, cc, layout)]
     return jobs
 
 
 def test_kernels_compile_for_sm80_to_sm90():
     rows = run(subset(), workers=os.cpu_count() or 1)
-    failures = [(row["kernel"], row["format"], row["dtype"], row["config"], row["cc"], problems(row))
+    failures = [(row["kernel"], row["format"], row["layout"], row["dtype"], row["config"], row["cc"], problems(row))
                 for row in rows if problems(row)]
     assert not failures, failures

@@ -47,7 +47,7 @@ def interpreting() -> bool:
 def _gemm_autotuned(configs):
     return triton.autotune([triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=g), num_warps=w,
                                           num_stages=s) for bn, bm, bk, g, w, s in configs],
-                           key=["M", "N", "K", "FMT"])(qmm_kernel)
+                           key=["M", "N", "K", "FMT", "PLANES"])(qmm_kernel)
 
 
 _QMM_AUTOTUNED = {name: _gemm_autotuned(configs) for name, configs in GEMM_CONFIGS.items()}
@@ -64,6 +64,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
     M, K = x.shape
     N = weight.shape[0]
     fmt = FORMAT_IDS[weight.format]
+    planes = weight.layout == "planes"
     dtype_name, dot_dtype = DTYPES[x.dtype]
     if interpreting():
         dot_dtype = INTERPRETER_DOT_DTYPES.get(x.dtype, dot_dtype)
@@ -81,17 +82,17 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             k_per_split = triton.cdiv(k_tiles, splits) * cfg["BLOCK_K"]
             grid = (n_tiles, triton.cdiv(K, k_per_split))
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], x.stride(0),
-                             k_per_split, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **cfg)
+                             k_per_split, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **cfg)
             return out.to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], x.stride(0), out.stride(0))
         if interpreting():
             c = INTERPRETER_GEMM
             grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-            qmm_kernel[grid](*args, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **c)
+            qmm_kernel[grid](*args, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **c)
         else:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            _QMM_AUTOTUNED[dtype_name][grid](*args, FMT=fmt, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
+            _QMM_AUTOTUNED[dtype_name][grid](*args, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
         return out
 
 
@@ -105,7 +106,7 @@ def dequantize_triton(weight: QTensor, dtype: torch.dtype, out: torch.Tensor | N
     grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
     with state.on_device(weight.device):
         dequant_kernel[grid](weight.raw, out, state.table("nf4", weight.device), rows, K, weight.raw.shape[1],
-                             FMT=FORMAT_IDS[weight.format], **cfg)
+                             FMT=FORMAT_IDS[weight.format], PLANES=weight.layout == "planes", **cfg)
     return out
 
 

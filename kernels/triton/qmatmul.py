@@ -5,19 +5,31 @@
 * `qmv_kernel`: small M (Flux's modulation linears run at M = batch): split-K over the weight so enough programs
   stream it; partial sums meet in an fp32 buffer with atomic adds.
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
+
+Each reads the weight in either layout (`PLANES`: `kernels/repack.py`).
 """
 
 import triton
 import triton.language as tl
 
 from kernels.triton.decode import decode_tile
+from kernels.triton.decode_planes import decode_planes_tile
 
 
+@triton.jit
+def _weight_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, PLANES: tl.constexpr, nf4_ptr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if PLANES:
+        w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, nf4_ptr, BLOCK_N, BLOCK_K)
+    else:
+        k = (k0 + tl.arange(0, BLOCK_K))[None, :]
+        w = decode_tile(w_ptr, rows, k, n_mask & (k < K), FMT, nf4_ptr)
+    return w
 
 
 @triton.jit
 def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, stride_xm, stride_ym,
-               FMT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -37,7 +49,7 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, strid
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = decode_tile(w_ptr, rows, k[None, :], n_mask & k_mask[None, :], FMT, nf4_ptr).to(DOT_DTYPE)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, nf4_ptr, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
         x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
                     mask=(m[:, None] < M) & k_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -49,7 +61,7 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, strid
 
 @triton.jit
 def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, stride_xm, k_per_split,
-               FMT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
     tensor-core work nobody waits for, since streaming the weight bounds the time."""
@@ -64,7 +76,7 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, strid
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = decode_tile(w_ptr, rows, k[None, :], n_mask & k_mask[None, :], FMT, nf4_ptr).to(DOT_DTYPE)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, nf4_ptr, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & k_mask[None, :],
                     other=0.0).to(DOT_DTYPE)
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -74,12 +86,13 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, strid
 
 
 @triton.jit
-def dequant_kernel(w_ptr, out_ptr, nf4_ptr, N, K, row_bytes, FMT: tl.constexpr,
+def dequant_kernel(w_ptr, out_ptr, nf4_ptr, N, K, row_bytes, FMT: tl.constexpr, PLANES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(1) * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
     rows = n[:, None] * row_bytes
     n_mask = n[:, None] < N
     mask = n_mask & (k[None, :] < K)
-    w = decode_tile(w_ptr, rows, k[None, :], mask, FMT, nf4_ptr)
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, nf4_ptr, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

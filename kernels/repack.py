@@ -1,0 +1,118 @@
+"""The planes layout: a quantized row rearranged the way the GPU kernels read it fastest, losslessly.
+
+A row of `nb` blocks in the stored ("blocks") layout interleaves each block's fields (`d | qs | d | qs ...`), so a
+block's codes sit at a 34- or 18-byte stride and can only be read a byte at a time. In the planes layout the same
+bytes are regrouped field by field:
+
+    row = [field 0 of blocks 0..nb-1 | pad] [field 1 of blocks 0..nb-1 | pad] ...   each plane 16-byte aligned
+
+so the codes of consecutive blocks are contiguous (16-byte vector loads), each scale is a typed, aligned load of its
+own, and 4-bit codes are paired in element order (byte j holds element 2j in its low nibble, 2j+1 in its high one),
+so a tile of bytes unpacks into consecutive elements with no index arithmetic. Planes are padded to 16 bytes; for
+Flux's shapes (K a multiple of 256) no padding is needed, so the layout takes exactly the stored bytes.
+
+Formats opt in through `Format.codes` (the order of the codes in their last field); the K-quants and IQ4_XS keep
+the blocks layout. `to_planes` / `to_blocks` are torch gathers that run on whichever device holds the bytes, so a
+weight is repacked where it will be used, after it leaves its memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.formats import Format, get_format
+
+PLANE_ALIGN = 16
+LAYOUTS = ("blocks", "planes")
+
+
+def has_planes(fmt: Format | str) -> bool:
+    return (get_format(fmt) if isinstance(fmt, str) else fmt).codes is not None
+
+
+def _require_planes(fmt: Format) -> None:
+    if fmt.codes is None:
+        raise ValueError(f"{fmt.name} has no planes layout; formats with one: "
+                         + ", ".join(f.name for f in _planes_formats()))
+
+
+def _planes_formats() -> list[Format]:
+    from kernels.formats import FORMATS
+
+    return [f for f in FORMATS.values() if f.codes is not None]
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // PLANE_ALIGN) * PLANE_ALIGN
+
+
+def plane_offsets(fmt: Format, K: int) -> dict[str, int]:
+    """Byte offset of each field's plane within a row of K elements."""
+    _require_planes(fmt)
+    nb = K // fmt.block_size
+    offsets, position = {}, 0
+    for name, size in fmt.fields:
+        offsets[name] = position
+        position += _aligned(nb * size)
+    return offsets
+
+
+def planes_row_bytes(fmt: Format, K: int) -> int:
+    _require_planes(fmt)
+    fmt.row_bytes(K)  # K must be a whole number of blocks
+    return sum(_aligned(K // fmt.block_size * size) for _, size in fmt.fields)
+
+
+def _pair_codes(codes: torch.Tensor, order: str) -> torch.Tensor:
+    """A field of 4-bit codes `(rows, nb, bytes)` in the stored order -> element pairs (low nibble first)."""
+    if order == "int8":
+        return codes
+    if order == "high_first":
+        return (codes >> 4) | (codes << 4)
+    low, high = codes & 15, codes >> 4  # "halves": elements 0..15 in the low nibbles, 16..31 in the high ones
+    values = torch.cat([low, high], dim=-1)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def _unpair_codes(pairs: torch.Tensor, order: str) -> torch.Tensor:
+    if order == "int8":
+        return pairs
+    if order == "high_first":
+        return (pairs >> 4) | (pairs << 4)
+    values = torch.stack([pairs & 15, pairs >> 4], dim=-1).flatten(-2)
+    half = values.shape[-1] // 2
+    return values[..., :half] | (values[..., half:] << 4)
+
+
+def to_planes(raw: torch.Tensor, fmt: Format | str) -> torch.Tensor:
+    """Blocks-layout bytes `(rows, row_bytes)` -> planes-layout bytes `(rows, planes_row_bytes)`, on raw's device."""
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    _require_planes(fmt)
+    rows, K = raw.shape[0], fmt.elements(raw.shape[1])
+    blocks = raw.view(rows, K // fmt.block_size, fmt.block_bytes)
+    out = torch.zeros((rows, planes_row_bytes(fmt, K)), dtype=torch.uint8, device=raw.device)
+    last = fmt.fields[-1][0]
+    for name, offset in plane_offsets(fmt, K).items():
+        start, size = fmt.offset(name), dict(fmt.fields)[name]
+        field = blocks[:, :, start:start + size]
+        if name == last:
+            field = _pair_codes(field, fmt.codes)
+        out[:, offset:offset + field.shape[1] * size] = field.reshape(rows, -1)
+    return out
+
+
+def to_blocks(planes: torch.Tensor, fmt: Format | str, K: int) -> torch.Tensor:
+    """The inverse of `to_planes` for rows of K elements."""
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    _require_planes(fmt)
+    rows, nb = planes.shape[0], K // fmt.block_size
+    if planes.shape[1] != planes_row_bytes(fmt, K):
+        raise ValueError(f"{fmt.name} planes of {K} elements take {planes_row_bytes(fmt, K)} bytes a row, got "
+                         f"{planes.shape[1]}")
+    blocks = torch.empty((rows, nb, fmt.block_bytes), dtype=torch.uint8, device=planes.device)
+    last = fmt.fields[-1][0]
+    for name, offset in plane_offsets(fmt, K).items():
+        start, size = fmt.offset(name), dict(fmt.fields)[name]
+        field = planes[:, offset:offset + nb * size].reshape(rows, nb, size)
+        blocks[:, :, start:start + size] = _unpair_codes(field, fmt.codes) if name == last else field
+    return blocks.view(rows, nb * fmt.block_bytes)
