@@ -121,12 +121,14 @@ def kernel_path(x: torch.Tensor, weight: QTensor) -> str:
 def make_weight(fmt: str, K: int, N: int, device: torch.device, seed: int = 0) -> QTensor:
     """A quantized (N, K) weight: TILE_ROWS rows of normal × 0.02 quantized with the torch codecs on `device`, repeated
     to N rows (quantizing whole K-quant matrices on a CPU takes tens of seconds; the kernels' speed does not depend on
-    the values, only on there being no inf/NaN)."""
+    the values, only on there being no inf/NaN). On CUDA in the planes layout where the format has one, as the
+    pipeline places it (`engine.streaming`)."""
     generator = torch.Generator().manual_seed(seed)
     tile = torch.randn((min(N, TILE_ROWS), K), generator=generator) * 0.02
     raw = QTensor.quantize(tile.to(device), fmt).raw
     raw = raw.repeat(math.ceil(N / raw.shape[0]), 1)[:N].contiguous()
-    return QTensor(raw, fmt, (N, K))
+    weight = QTensor(raw, fmt, (N, K))
+    return weight.planes() if torch.device(device).type == "cuda" else weight
 
 
 def time_cpu(fn, repeats: int) -> float:

@@ -10,6 +10,10 @@ the logic is tested without a GPU.
 
 Only the tensors a forward with precomputed modulations uses are streamed: a block's adaLN Linear (offloaded by
 `Flux.offload_modulation_weights`) is left where it is.
+
+On CUDA, quantized weights take the planes layout the kernels read fastest (`kernels.repack`, same bytes regrouped):
+resident ones on the GPU after they arrive, streamed ones in CPU memory just before they are pinned. Their files
+stay memory-mapped until then.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from engine.module_tensors import TensorPlace, tensor_places, unique_tensors
+from kernels.quant_linear import QuantLinear
 
 ALIGNMENT = 256  # byte alignment of each tensor inside a slot (what CUDA's allocator gives a tensor of its own)
 
@@ -144,11 +149,24 @@ def _blocks_by_name(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
     return [model.get_submodule(name) for name in order if name in wanted]
 
 
+def to_kernel_layout(modules: Iterable[nn.Module], skip: Iterable[torch.Tensor] = ()) -> None:
+    """Every QuantLinear under `modules` (except those holding a `skip` tensor) into the planes layout, where its
+    bytes are."""
+    skip_ids = {id(t) for t in skip}
+    for module in modules:
+        for linear in module.modules():
+            if isinstance(linear, QuantLinear) and id(linear.raw) not in skip_ids:
+                linear.to_planes_()
+
+
 def stream_blocks(model: nn.Module, streamed: Iterable[str], device) -> BlockStreamer:
     """Stream the Flux blocks named in `streamed` ("double_blocks.3", "single_blocks.17", ...) to `device` at each
     forward; their tensors move to CPU memory now (pinned for CUDA). Everything else is left where it is."""
     skip = unique_tensors(nn.ModuleList(model.vec_modules()))
-    return BlockStreamer(_blocks_by_name(model, streamed), device, skip)
+    blocks = _blocks_by_name(model, streamed)
+    if torch.device(device).type == "cuda":
+        to_kernel_layout(blocks, skip)
+    return BlockStreamer(blocks, device, skip)
 
 
 def streamed_block_names(plan) -> list[str]:
@@ -171,4 +189,7 @@ def apply_plan(model: nn.Module, plan, device) -> BlockStreamer:
         if id(tensor) not in moved:
             moved[id(tensor)] = tensor.detach().to(device)
         place.set(moved[id(tensor)])
+    if torch.device(device).type == "cuda":
+        resident = [m for m in model.modules() if isinstance(m, QuantLinear) and m.raw.is_cuda]
+        to_kernel_layout(resident)
     return stream_blocks(model, names, device)

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from kernels import dispatch, state
-from kernels.formats import get_format
 from kernels.qtensor import QTensor
 
 
@@ -46,16 +45,17 @@ def quant_linear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = N
         raise ValueError(f"quant_linear: bias must be a float ({weight.shape[0]},) tensor, got {bias.dtype} "
                          f"{tuple(bias.shape)}")
     state.common_device(x, weight.raw, bias)
-    return linear(x, weight.raw, weight.format, weight.scale, None if bias is None else bias.to(x.dtype))
+    return linear(x, weight.raw, weight.format, weight.scale, weight.layout,
+                  None if bias is None else bias.to(x.dtype))
 
 
 # The operator behind `quant_linear`: the weight as its bytes and format (a QTensor is no tensor to torch), the bias
 # already in x's dtype. torch.compile traces through the call without looking inside (Triton launches, dispatch
 # tables, the torch codecs), knowing the result's shape and dtype from `_linear_shape`.
 @torch.library.custom_op("flux_quant::linear", mutates_args=())
-def linear(x: torch.Tensor, raw: torch.Tensor, fmt: str, scale: float | None, bias: torch.Tensor | None
-           ) -> torch.Tensor:
-    weight = _weight(raw, fmt, scale)
+def linear(x: torch.Tensor, raw: torch.Tensor, fmt: str, scale: float | None, layout: str,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    weight = _weight(raw, fmt, scale, layout, x.shape[-1])
     method = quant_linear_method(x, weight)
     if method == "torch":
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
@@ -67,22 +67,22 @@ def linear(x: torch.Tensor, raw: torch.Tensor, fmt: str, scale: float | None, bi
 
 
 @linear.register_fake
-def _linear_shape(x, raw, fmt, scale, bias):
+def _linear_shape(x, raw, fmt, scale, layout, bias):
     return x.new_empty((*x.shape[:-1], raw.shape[0]))
 
 
 def _save_for_backward(ctx, inputs, output):
-    x, raw, fmt, scale, bias = inputs
+    x, raw, fmt, scale, layout, bias = inputs
     ctx.save_for_backward(raw)
-    ctx.fmt, ctx.scale, ctx.has_bias = fmt, scale, bias is not None
+    ctx.fmt, ctx.scale, ctx.layout, ctx.K, ctx.has_bias = fmt, scale, layout, x.shape[-1], bias is not None
 
 
 def _linear_backward(ctx, grad):
     """Gradients for x and the bias (the weight is frozen bytes): `grad @ W` and `grad` summed over the rows."""
     (raw,) = ctx.saved_tensors
-    grad_x = grad @ dequantized(raw, ctx.fmt, ctx.scale, grad.dtype)
+    grad_x = grad @ dequantized(raw, ctx.fmt, ctx.scale, ctx.layout, ctx.K, grad.dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, None, grad_bias
+    return grad_x, None, None, None, None, grad_bias
 
 
 linear.register_autograd(_linear_backward, setup_context=_save_for_backward)
@@ -91,18 +91,19 @@ linear.register_autograd(_linear_backward, setup_context=_save_for_backward)
 # The weight decoded for the backward pass, as an operator of its own: traced, the torch codecs' cached tables would
 # meet fake tensors.
 @torch.library.custom_op("flux_quant::dequantize", mutates_args=())
-def dequantized(raw: torch.Tensor, fmt: str, scale: float | None, dtype: torch.dtype) -> torch.Tensor:
-    return _weight(raw, fmt, scale).dequantize(dtype)
+def dequantized(raw: torch.Tensor, fmt: str, scale: float | None, layout: str, K: int, dtype: torch.dtype
+                ) -> torch.Tensor:
+    return _weight(raw, fmt, scale, layout, K).dequantize(dtype)
 
 
 @dequantized.register_fake
-def _dequantized_shape(raw, fmt, scale, dtype):
-    return raw.new_empty((raw.shape[0], get_format(fmt).elements(raw.shape[1])), dtype=dtype)
+def _dequantized_shape(raw, fmt, scale, layout, K, dtype):
+    return raw.new_empty((raw.shape[0], K), dtype=dtype)
 
 
-def _weight(raw: torch.Tensor, fmt: str, scale: float | None) -> QTensor:
-    """The 2-D QTensor the operators' arguments describe."""
-    return QTensor(raw, fmt, (raw.shape[0], get_format(fmt).elements(raw.shape[1])), scale)
+def _weight(raw: torch.Tensor, fmt: str, scale: float | None, layout: str, K: int) -> QTensor:
+    """The 2-D QTensor of K columns the operators' arguments describe."""
+    return QTensor(raw, fmt, (raw.shape[0], K), scale, layout)
 
 
 class QuantLinear(nn.Module):
@@ -117,7 +118,7 @@ class QuantLinear(nn.Module):
         if len(weight.shape) != 2:
             raise ValueError(f"QuantLinear: the weight must be 2-D (out, in), got {weight}")
         self.register_buffer("raw", weight.raw)
-        self.format, self.scale = weight.format, weight.scale
+        self.format, self.scale, self.layout = weight.format, weight.scale, weight.layout
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
@@ -125,10 +126,18 @@ class QuantLinear(nn.Module):
     def weight(self) -> QTensor:
         # Built on each access (microseconds) rather than cached: a cached view would keep the bytes a `.to()` moved
         # away alive, and the buffer stays the one place they live.
-        return QTensor(self.raw, self.format, (self.out_features, self.in_features), self.scale)
+        return QTensor(self.raw, self.format, (self.out_features, self.in_features), self.scale, self.layout)
+
+    def to_planes_(self) -> QuantLinear:
+        """Repack the weight into the planes layout the GPU kernels read fastest (`kernels.repack`), where its bytes
+        are; a no-op for formats without one. The stored bytes are let go (a memory-mapped file stays untouched)."""
+        planes = self.weight.planes()
+        self.raw, self.layout = planes.raw, planes.layout
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+        layout = ", layout=planes" if self.layout == "planes" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{layout}"

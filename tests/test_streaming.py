@@ -158,3 +158,14 @@ def test_cuda_streaming_is_exact_bounded_and_overlapped():
     assert torch.equal(expected[0], got[0])
     assert torch.cuda.max_memory_allocated() <= resident_peak - streamed_bytes + handle.slot_bytes + 2**20
     assert _time_steps(model, tensors, mods, 4) <= 1.15 * resident_time
+
+
+def test_kernel_layout_repacks_every_quantized_linear_but_the_skipped():
+    from engine.streaming import to_kernel_layout
+
+    layers = [QuantLinear(QTensor.quantize(torch.randn(16, 256), fmt)) for fmt in ("Q8_0", "Q4_K", "NF4", "Q4_0")]
+    before = [layer.weight.dequantize() for layer in layers]
+    to_kernel_layout([torch.nn.Sequential(*layers)], skip=[layers[3].raw])
+    assert [layer.layout for layer in layers] == ["planes", "blocks", "planes", "blocks"]
+    for layer, weight in zip(layers, before):
+        assert torch.equal(layer.weight.dequantize(), weight)

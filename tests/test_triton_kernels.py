@@ -8,6 +8,7 @@ import torch
 from kernels import QTensor, dispatch, get_format, reference
 from kernels import quant_linear as quant_linear_module
 from kernels.quant_linear import METHODS, QuantLinear, quant_linear
+from kernels.repack import has_planes
 from kernels.triton.decode import KERNEL_FORMATS
 from kernels.triton.ops import dequant_matmul_triton, dequantize_triton, interpreting, quant_linear_triton
 
@@ -28,12 +29,17 @@ def odd_k(fmt):
     return 3 * get_format(fmt).block_size
 
 
-def quantized_weight(fmt, seed=0, n=N, k=K):
+PLANES_FORMATS = [fmt for fmt in KERNEL_FORMATS if has_planes(fmt)]
+
+
+def quantized_weight(fmt, seed=0, n=N, k=K, layout="blocks"):
+    """The weight quantized by the reference (repacked into `layout` on the device) and the reference's decoding."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
     raw = reference.quantize(w, fmt)
     dense = torch.from_numpy(reference.dequantize(raw, fmt))  # the independent decoding
-    return QTensor(torch.from_numpy(raw).to(DEVICE), fmt, (n, k)), dense
+    weight = QTensor(torch.from_numpy(raw).to(DEVICE), fmt, (n, k))
+    return (weight.planes() if layout == "planes" else weight), dense
 
 
 @pytest.mark.parametrize("odd", [False, True], ids=["72x512", "odd"])
@@ -43,8 +49,9 @@ def test_dequant_kernel_equals_reference(fmt, odd):
     assert torch.equal(dequantize_triton(weight, torch.float32).cpu(), dense)
 
 
-def _check_fused(fmt, M, dtype, n, k):
-    weight, dense = quantized_weight(fmt, seed=M, n=n, k=k)
+def _check_fused(fmt, M, dtype, n, k, layout="blocks"):
+    weight, dense = quantized_weight(fmt, seed=M, n=n, k=k, layout=layout)
+    assert weight.layout == layout
     rng = np.random.default_rng(100 + M)
     x = torch.from_numpy(rng.standard_normal((M, k)).astype(np.float32))
     with_bias = M % 2 == 1  # bias on for M = 1, 3, 17
@@ -66,6 +73,35 @@ def test_fused_matmul_equals_reference(fmt, M, dtype):
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
 def test_fused_matmul_on_odd_shapes(fmt, M):
     _check_fused(fmt, M, torch.float32, ODD_N, odd_k(fmt))
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["72x512", "odd"])
+@pytest.mark.parametrize("fmt", PLANES_FORMATS)
+def test_planes_dequant_kernel_equals_reference(fmt, odd):
+    weight, dense = quantized_weight(fmt, n=ODD_N, k=odd_k(fmt), layout="planes") if odd else \
+        quantized_weight(fmt, layout="planes")
+    assert torch.equal(dequantize_triton(weight, torch.float32).cpu(), dense)
+
+
+@pytest.mark.parametrize("M, dtype", [(1, torch.float16), (3, torch.float32), (17, torch.float16),
+                                      (64, torch.float32)])
+@pytest.mark.parametrize("fmt", PLANES_FORMATS)
+def test_planes_fused_matmul_equals_reference(fmt, M, dtype):
+    _check_fused(fmt, M, dtype, N, K, layout="planes")
+    _check_fused(fmt, M, dtype, ODD_N, odd_k(fmt), layout="planes")
+
+
+@pytest.mark.parametrize("block_k", [16, 32])  # the GPU tiles: a tile inside one block, a tile of whole blocks
+@pytest.mark.parametrize("fmt", PLANES_FORMATS)
+def test_planes_kernels_on_the_gpu_tiles(fmt, block_k, monkeypatch):
+    if not interpreting():
+        pytest.skip("on a GPU the tiles above are the ones that run")
+    from kernels.triton import ops
+
+    monkeypatch.setattr(ops, "INTERPRETER_GEMM", dict(ops.INTERPRETER_GEMM, BLOCK_K=block_k))
+    monkeypatch.setattr(ops, "INTERPRETER_GEMV", dict(ops.INTERPRETER_GEMV, BLOCK_K=block_k))
+    for M in (2, 17):
+        _check_fused(fmt, M, torch.float32, ODD_N, odd_k(fmt), layout="planes")
 
 
 @pytest.mark.parametrize("method", METHODS)

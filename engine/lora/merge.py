@@ -30,16 +30,17 @@ def merged_weight(module: nn.Module, updates: list[tuple[LoRAUpdate, float]]) ->
 
 
 def merged_linear(name: str, module: nn.Module, updates: list[tuple[LoRAUpdate, float]]) -> nn.Module:
-    """A new Linear like `module` (nn.Linear or QuantLinear, same storage format), on the CPU, whose weight has the
-    updates (each with its LoRA's weight) baked in. A quantized weight is requantized with the converter's encoder;
-    a scaled FP8 weight keeps its per-tensor scale."""
+    """A new Linear like `module` (nn.Linear or QuantLinear, same storage format and layout), on the CPU, whose
+    weight has the updates (each with its LoRA's weight) baked in. A quantized weight is requantized with the
+    converter's encoder; a scaled FP8 weight keeps its per-tensor scale."""
     weight = merged_weight(module, updates)
     bias = None if module.bias is None else module.bias.detach().to("cpu")
     if isinstance(module, QuantLinear):
         stored = module.weight
         source = weight if stored.scale is None else weight / stored.scale
         (_, raw), = encode([(name, source, stored.format)])
-        return QuantLinear(QTensor(torch.from_numpy(raw), stored.format, stored.shape, stored.scale), bias)
+        merged = QuantLinear(QTensor(torch.from_numpy(raw), stored.format, stored.shape, stored.scale), bias)
+        return merged.to_planes_() if stored.layout == "planes" else merged
     merged = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
     merged.weight = nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
     if bias is not None:
