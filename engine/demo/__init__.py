@@ -2,8 +2,8 @@
 on a fresh machine with no download.
 
 Trained by `python -m bench.train_demo` on a synthetic world of colored shapes ("a {color} {shape} on a {color}
-background", 64x64 pixels) and written by `python -m bench.export_demo` in the layouts users have: the transformer
-as a city96-layout Q8_0 GGUF (and the BF16 safetensors it was converted from), BFL's `ae.safetensors`, CLIP as a
+background", 128x128 pixels; guidance-distilled like FLUX.1-dev) and written by `python -m bench.export_demo` in the
+layouts users have: the transformer as a city96-layout Q8_0 GGUF (and the BF16 safetensors it was converted from), BFL's `ae.safetensors`, CLIP as a
 ComfyUI single file with its tokenizer folder, T5 as a `t5encoder` GGUF with its tokenizer inside. `demo.json` names
 the files and the sampling settings the model was trained for.
 """
