@@ -178,3 +178,13 @@ def test_quant_linear_follows_the_measured_dispatch_table(tmp_path, monkeypatch)
     assert calls == [("Q4_K", 4)]
     expected = x.double().cpu() @ dense.double().T
     assert (y.double().cpu() - expected).norm() / expected.norm() < 1e-3
+
+
+def test_misaligned_planes_are_refused():
+    """The planes decoder's typed loads need the bytes at a multiple of 4."""
+    weight, _ = quantized_weight("Q8_0", n=4, k=64, layout="planes")
+    buffer = torch.zeros(weight.raw.numel() + 2, dtype=torch.uint8, device=weight.device)
+    shifted = buffer[2:].view(weight.raw.shape)
+    shifted.copy_(weight.raw)
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        dequantize_triton(QTensor(shifted, "Q8_0", weight.shape, layout="planes"), torch.float32)

@@ -58,9 +58,19 @@ def fused_kernel(M: int) -> str:
     return "gemv" if M <= SMALL_M else "gemm"
 
 
+def _require_aligned(weight: QTensor) -> None:
+    """The planes decoder reads its f16, f32 and u32 fields as typed loads: the bytes must start at a multiple of 4
+    (torch's allocations do; the blocks decoder reads bytes and has no such need)."""
+    need = 4 if weight.layout == "planes" else 1
+    if weight.raw.data_ptr() % need:
+        raise ValueError(f"{weight}: its bytes start at an address that is not a multiple of {need}; pass a copy "
+                         "(.contiguous() of a fresh tensor)")
+
+
 def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`x` `(M, K)` contiguous fp16/bf16/fp32 -> `(M, N)` in x's dtype."""
     state.common_device(x, weight.raw, bias)
+    _require_aligned(weight)
     M, K = x.shape
     N = weight.shape[0]
     fmt = FORMAT_IDS[weight.format]
@@ -99,6 +109,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
 def dequantize_triton(weight: QTensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole weight as a dense `(rows, K)` tensor of `dtype` (written into `out` when given)."""
     rows, K = weight.raw.shape[0], weight.shape[-1]
+    _require_aligned(weight)
     if out is None:
         out = torch.empty((rows, K), dtype=dtype, device=weight.device)
     state.common_device(weight.raw, out)
