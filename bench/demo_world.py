@@ -1,4 +1,5 @@
-"""The demo model's synthetic world: "a {color} {shape} on a {color} background", rendered deterministically.
+"""The demo model's synthetic world: "a {color} {shape} on a {color} background", rendered deterministically; the
+object has a random size and sits anywhere in the picture or, as the shipped model was last trained, near its centre.
 
 Every image comes with its ground truth (colors, shape, centre, size), so prompt adherence can be judged exactly
 (`bench.demo_eval`). A fixed set of (color, shape, background) combinations never appears in training: those are
@@ -51,13 +52,17 @@ def training_combinations() -> list[tuple[str, str, str]]:
 
 
 def random_scene(rng: np.random.Generator, combinations: list[tuple[str, str, str]],
-                 image_size: int = IMAGE_SIZE) -> Scene:
-    """The same draws give the same scene at every resolution, scaled: sizes 34-63% of the image side."""
+                 image_size: int = IMAGE_SIZE, centred: bool = False) -> Scene:
+    """The same draws give the same scene at every resolution, scaled: sizes 34-63% of the image side, anywhere in
+    the picture or (`centred`) within 3% of the side from its centre."""
     color, shape, background = combinations[rng.integers(len(combinations))]
     scale = image_size / 64
     size = float(rng.uniform(22, 40))
     margin = size / 2 + 1
-    cx, cy = rng.uniform(margin, 64 - margin, size=2)
+    if centred:
+        cx, cy = 32 + rng.uniform(-2, 2, size=2)
+    else:
+        cx, cy = rng.uniform(margin, 64 - margin, size=2)
     return Scene(color, shape, background, float(cx) * scale, float(cy) * scale, size * scale)
 
 
@@ -110,8 +115,8 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def sample_batch(rng: np.random.Generator, batch: int, combinations: list[tuple[str, str, str]],
-                 image_size: int = IMAGE_SIZE):
+                 image_size: int = IMAGE_SIZE, centred: bool = False):
     """Scenes and their images as float32 (batch, 3, H, W) in [-1, 1]."""
-    scenes = [random_scene(rng, combinations, image_size) for _ in range(batch)]
+    scenes = [random_scene(rng, combinations, image_size, centred) for _ in range(batch)]
     images = np.stack([render(s, image_size) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return scenes, images.transpose(0, 3, 1, 2).copy()
