@@ -130,8 +130,9 @@ def markdown(results: dict) -> str:
     levels, settings = results["levels"], results["settings"]
     order = closeness_order(results)
     n_runs = len(settings["prompts"]) * len(settings["seeds"])
-    what = ("the shipped demo model (a 7M-parameter toy Flux at 64x64 trained by `bench.train_demo`, **not "
-            "Flux-dev**: its numbers rank the levels, they are not Flux-dev's errors)" if results["demo"]
+    what = (f"the shipped demo model (a 7M-parameter toy Flux at {settings['width']}x{settings['height']} trained by "
+            "`bench.train_demo`, **not Flux-dev**: its numbers rank the levels, they are not Flux-dev's errors)"
+            if results["demo"]
             else f"`{results['reference']}`")
     ref_step = results["reference_seconds_per_step"]
     out = ["# Quantization levels against full precision", "",
