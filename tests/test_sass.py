@@ -44,7 +44,7 @@ def test_compiles_and_counts_a_kernel_for_sm_90():
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_compiler_process) as pool:
-        row = pool.submit(sass.analyse, ("dequant", "Q8_0", 90)).result()
+        row = pool.submit(sass.analyse, ("dequant", "Q8_0", 90, "planes")).result()
     assert row["loop"] > 0 and row["spills"] == 0 and row["registers"] > 0
     assert row["per_element"] == pytest.approx(sum(row["by_class"].values()))
     assert row["load_widths"]  # the decode reads the weight with global loads
@@ -52,7 +52,7 @@ def test_compiles_and_counts_a_kernel_for_sm_90():
 
 def test_dequantize_kernel_against_memory_speed():
     """A dequantize kernel whose issue time is below the memory time runs at memory speed (ratio 1)."""
-    row = dict(kernel="dequant", format="Q8_0", cc=90, per_element=0.0)
+    row = dict(kernel="dequant", format="Q8_0", cc=90, layout=sass.kernel_layout("Q8_0"), per_element=0.0)
     (gpu, fmt, estimate, memory, ratio), *_ = sass.dequantize_rows([row])
     assert (fmt, ratio) == ("Q8_0", pytest.approx(1.0))
     bytes_moved = (3072 * 34 // 32 + 2 * 3072) * 3072
@@ -63,10 +63,11 @@ def test_static_dispatch_takes_the_cheaper_method_and_quant_linear_follows_it(tm
     from kernels import dispatch
 
     # H100 model; a slow fused GEMV (issue-bound) and a dequantize kernel at memory speed
-    rows = [dict(kernel="bf16", format="BF16", cc=90, block_m=128, per_element=1.0),
-            dict(kernel="qmm", format="Q8_0", cc=90, block_m=128, per_element=1.0),
-            dict(kernel="qmv", format="Q8_0", cc=90, block_m=16, per_element=500.0),
-            dict(kernel="dequant", format="Q8_0", cc=90, block_m=0, per_element=0.0)]
+    rows = [dict(kernel="bf16", format="BF16", cc=90, layout="blocks", block_m=128, per_element=1.0),
+            dict(kernel="qmm", format="Q8_0", cc=90, layout="planes", block_m=128, per_element=1.0),
+            dict(kernel="qmv", format="Q8_0", cc=90, layout="planes", block_m=16, per_element=500.0),
+            dict(kernel="dequant", format="Q8_0", cc=90, layout="planes", block_m=0, per_element=0.0),
+            dict(kernel="qmv", format="Q8_0", cc=90, layout="blocks", block_m=16, per_element=0.0)]  # not run
     gpu, methods = sass.static_methods(rows)
     assert gpu == "H100 SXM" and methods["Q8_0@1"] == "dequant_matmul"
     monkeypatch.setattr(dispatch, "STATIC_TABLE", tmp_path / "static-model.json")
