@@ -63,6 +63,7 @@ CLASSES = {  # opcode (before the first '.') -> class
 CLASS_OF = {opcode: name for name, opcodes in CLASSES.items() for opcode in opcodes}
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+BRANCH_TARGET = re.compile(r"(\.L_x_\d+)|\b0x([0-9a-f]+)\b")
 
 
 def bf16_mm_kernel_source():
@@ -116,18 +117,23 @@ def disassemble(cubin: bytes) -> str:
 
 def main_loop(sass: str) -> list[str]:
     """The opcodes (with modifiers) of the main loop: the body of the backward branch with the most tensor-core
-    instructions (ties: the longest); the whole kernel where there is no loop."""
-    instructions, labels = [], {}
+    instructions (ties: the longest); the whole kernel where there is no loop. Branch targets are addresses
+    (`BRA 0x21b0`, as Triton's bundled cuobjdump prints them) or labels (`BRA `(.L_x_1)`, as nvdisasm does)."""
+    instructions, index_of = [], {}
     for line in sass.splitlines():
         if label := LABEL.match(line):
-            labels[label[1]] = len(instructions)
+            index_of[label[1]] = len(instructions)
         elif match := INSTRUCTION.search(line):
+            index_of[int(match[1], 16)] = len(instructions)
             instructions.append((match[2], match[3]))
     loops = []
     for end, (opcode, operands) in enumerate(instructions):
-        target = re.search(r"(\.L_x_\d+)", operands) if opcode.startswith("BRA") else None
-        if target and labels.get(target[1], end + 1) <= end:
-            body = [op for op, _ in instructions[labels[target[1]]:end + 1]]
+        target = BRANCH_TARGET.search(operands) if opcode.startswith("BRA") else None
+        if target is None:
+            continue
+        start = index_of.get(target[1] or int(target[2], 16), end)
+        if start < end:  # not the `BRA` to itself that ends every kernel
+            body = [op for op, _ in instructions[start:end + 1]]
             loops.append((sum(CLASS_OF.get(op.split(".")[0]) == "tensor" for op in body), len(body), body))
     return max(loops)[2] if loops else [op for op, _ in instructions if op not in ("NOP", "EXIT", "BRA")]
 

@@ -18,8 +18,25 @@ SASS = """
 """
 
 
-def test_main_loop_is_the_backward_branch_body():
-    loop = sass.main_loop(SASS)
+# the same loop as Triton's bundled cuobjdump prints it: branch targets are addresses, there are no labels
+SASS_ADDRESSES = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x00000a0000017a02 */
+        /*0010*/                   IMAD R2, R0, 0x4, RZ ;                 /* 0x0000000400027824 */
+        /*0020*/                   LDG.E.U8 R4, desc[UR4][R2.64] ;        /* 0x0000000402047981 */
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R6.64] ;       /* 0x0000000406087981 */
+        /*0040*/                   I2FP.F32.U32 R5, R4 ;                  /* 0x0000000400057245 */
+        /*0050*/                   HMMA.16816.F32.BF16 R12, R8, R10, R12 ; /* 0x0000000a080c723c */
+        /*0060*/              @!P0 BRA 0x20 ;                              /* 0xfffffffc00ec8947 */
+        /*0070*/               @P1 BRA 0x90 ;                              /* 0x0000000000041947 */
+        /*0080*/                   STG.E [R2.64], R12 ;                   /* 0x0000000c02007986 */
+        /*0090*/                   EXIT ;                                 /* 0x000000000000794d */
+        /*00a0*/                   BRA 0xa0;                              /* 0xfffffffc00fc7947 */
+"""
+
+
+@pytest.mark.parametrize("text", [SASS, SASS_ADDRESSES], ids=["labels", "addresses"])
+def test_main_loop_is_the_backward_branch_body(text):
+    loop = sass.main_loop(text)
     assert loop == ["LDG.E.U8", "LDG.E.128", "I2FP.F32.U32", "HMMA.16816.F32.BF16", "BRA"]
     assert [sass.load_width(op) for op in loop[:2]] == [8, 128]
     assert [sass.CLASS_OF.get(op.split(".")[0], "other") for op in loop] == [
