@@ -30,6 +30,7 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES):
             for layout in ("blocks", "planes") if has_planes(fmt) else ("blocks",):
                 yield ("dequant", fmt, "fp16", 0, cc, layout)
                 for dtype in dtypes:
+                    yield ("gemv", fmt, dtype, 0, cc, layout)
                     yield ("qmv", fmt, dtype, 0, cc, layout)
                     for i in range(len(GEMM_CONFIGS[dtype])):
                         yield ("qmm", fmt, dtype, i, cc, layout)
@@ -60,7 +61,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
     from kernels.triton import qmatmul
     from kernels.triton.decode import FORMAT_IDS
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIG
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIG
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -69,6 +70,12 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
         signature = {"w_ptr": "*u8", "out_ptr": act, "nf4_ptr": "*fp32", "N": "i32", "K": "i32", "row_bytes": "i32"}
         constexprs = common | {k: v for k, v in DEQUANT_CONFIG.items() if k.startswith("BLOCK")}
+    elif kernel_name == "gemv":
+        kernel, config = qmatmul.gemv_kernel, GEMV_CONFIGS[layout]
+        num_warps, num_stages = config["num_warps"], config["num_stages"]
+        signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": "*fp32", "nf4_ptr": "*fp32", "N": "i32",
+                     "K": "i32", "row_bytes": "i32", "k_per_split": "i32"}
+        constexprs = common | {"HAS_BIAS": True} | {k: v for k, v in config.items() if k.startswith("BLOCK")}
     else:
         signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": act if kernel_name == "qmm" else "*fp32",
                      "nf4_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "stride_xm": "i32"}
@@ -81,8 +88,8 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         else:
             kernel = qmatmul.qmv_kernel
             signature["k_per_split"] = "i32"
-            num_warps, num_stages = GEMV_CONFIG["num_warps"], GEMV_CONFIG["num_stages"]
-            constexprs |= {k: v for k, v in GEMV_CONFIG.items() if k.startswith("BLOCK")}
+            num_warps, num_stages = SPLIT_K_CONFIG["num_warps"], SPLIT_K_CONFIG["num_stages"]
+            constexprs |= {k: v for k, v in SPLIT_K_CONFIG.items() if k.startswith("BLOCK")}
     for name in constexprs:
         signature[name] = "constexpr"
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}

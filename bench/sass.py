@@ -3,7 +3,7 @@
     python -m bench.sass [--archs sm_90] [--formats Q4_K,Q8_0] [--m 1,16,256,4608] [--workers N]
 
 Each kernel launch `quant_linear` makes with bf16 activations (the GEMM's first tile config for M > 16, the split-K
-GEMV for M <= 16, the dequantize kernel of "dequantize + matmul") is compiled for the architecture as Triton's JIT
+tensor-core GEMV for 1 < M <= 16, the FMA GEMV for M = 1, the dequantize kernel of "dequantize + matmul") is compiled for the architecture as Triton's JIT
 specialises it for Flux's shapes (every pointer and every size that is a multiple of 16 marked so: K, N, strides,
 `row_bytes` where the format's row length is), with Triton's bundled ptxas, and disassembled with its cuobjdump.
 The main loop is the backward branch's body holding the most tensor-core instructions (the dequantize kernel has no
@@ -47,6 +47,7 @@ GPUS = {
     "RTX 3090": (86, 82, 1.70, 71.0, 0.936),
     "RTX 4060 Ti": (89, 34, 2.54, 44.0, 0.288),
 }
+FUSED_KERNEL = {"gemv": "gemv", "split-k": "qmv", "gemm": "qmm"}  # kernels.triton.ops.fused_kernel -> row kernel
 LANES_PER_CLOCK = 4 * 32  # 4 warp schedulers per SM, one warp instruction each per clock
 M_VALUES = (1, 16, 256, 4608)
 FLUX_K, FLUX_N = SHAPES["proj"]  # specialisation and the per-launch estimates use this shape
@@ -96,10 +97,10 @@ def divisible_arguments(kernel_name: str, fmt: str, layout: str) -> tuple[str, .
     from kernels.formats import get_format
     from kernels.repack import planes_row_bytes
 
-    pointers = {"qmm": ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "nf4_ptr"), "qmv": ("x_ptr", "w_ptr", "bias_ptr",
-                "y_ptr", "nf4_ptr"), "dequant": ("w_ptr", "out_ptr", "nf4_ptr")}[kernel_name]
+    matmul = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "nf4_ptr")
+    pointers = {"qmm": matmul, "qmv": matmul, "gemv": matmul, "dequant": ("w_ptr", "out_ptr", "nf4_ptr")}[kernel_name]
     sizes = {"qmm": ("N", "K", "stride_xm", "stride_ym"), "qmv": ("N", "K", "stride_xm", "k_per_split"),
-             "dequant": ("N", "K")}[kernel_name]
+             "gemv": ("N", "K", "k_per_split"), "dequant": ("N", "K")}[kernel_name]
     fmt_row_bytes = planes_row_bytes(get_format(fmt), FLUX_K) if layout == "planes" else get_format(fmt).row_bytes(FLUX_K)
     row_bytes = ("row_bytes",) if fmt_row_bytes % 16 == 0 else ()
     return pointers + sizes + row_bytes
@@ -148,7 +149,7 @@ def load_width(opcode: str) -> int:
 def analyse(job) -> dict:
     """Compile one (kernel, format, cc, layout) and count its main loop."""
     kernel_name, fmt, cc, layout = job
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIG
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIG
 
     if kernel_name == "bf16":
         from triton.backends.compiler import GPUTarget
@@ -169,7 +170,7 @@ def analyse(job) -> dict:
         if kernel_name == "qmm":
             bn, bm, bk, _, warps, _ = GEMM_CONFIGS["bf16"][0]
         else:
-            config = GEMV_CONFIG if kernel_name == "qmv" else DEQUANT_CONFIG
+            config = {"qmv": SPLIT_K_CONFIG, "gemv": GEMV_CONFIGS[layout], "dequant": DEQUANT_CONFIG}[kernel_name]
             bn, bk, warps, bm = config["BLOCK_N"], config["BLOCK_K"], config["num_warps"], config.get("BLOCK_M", 0)
     loop = main_loop(disassemble(compiled.asm["cubin"]))
     registers, spills = _ptxas_stats(compiled.asm["ptx"], cc)
@@ -183,8 +184,9 @@ def analyse(job) -> dict:
                 shared=compiled.metadata.shared)
 
 
-def launch_ms(row: dict, gpu: tuple, M: int, weight_bytes: float, K: int = FLUX_K, N: int = FLUX_N) -> float:
-    """The model's time of one launch of `row`'s kernel for an (M, K) x (K, N) product."""
+def launch_terms(row: dict, gpu: tuple, M: int, weight_bytes: float, K: int = FLUX_K,
+                 N: int = FLUX_N) -> tuple[float, float, float]:
+    """The model's issue, tensor-core and memory times (s) of one launch of `row`'s kernel for (M, K) x (K, N)."""
     _, sms, ghz, tflops, tbs = gpu
     if row["kernel"] == "dequant":
         decoded, flops, moved = N * K, 0, weight_bytes + 2 * N * K
@@ -193,14 +195,20 @@ def launch_ms(row: dict, gpu: tuple, M: int, weight_bytes: float, K: int = FLUX_
         decoded, flops = N * K * m_tiles, 2 * m_tiles * row["block_m"] * N * K
         moved = weight_bytes + 2 * M * K + 2 * M * N
     issue = row["per_element"] * decoded / (sms * LANES_PER_CLOCK * ghz * 1e9)
-    return 1e3 * max(issue, flops / (tflops * 1e12), moved / (tbs * 1e12))
+    return issue, flops / (tflops * 1e12), moved / (tbs * 1e12)
+
+
+def launch_ms(row: dict, gpu: tuple, M: int, weight_bytes: float, K: int = FLUX_K, N: int = FLUX_N) -> float:
+    """The model's time of one launch: the longest of its issue, tensor-core and memory times."""
+    return 1e3 * max(launch_terms(row, gpu, M, weight_bytes, K, N))
 
 
 def estimate_rows(rows: list[dict], ms: list[int]):
     """Per (GPU, format, M): the fused kernel's, dequantize + bf16 matmul's and the best one's time over the bf16
-    kernel's, on the `proj` shape (the matmul after the dequantize kernel is the bf16 kernel too, so that both sides
+    kernel's, and the fused kernel's issue time over its memory time (<= 0.8: memory-bound), on the `proj` shape (the matmul after the dequantize kernel is the bf16 kernel too, so that both sides
     of each ratio go through the same model)."""
     from kernels.formats import get_format
+    from kernels.triton.ops import fused_kernel
 
     by_key = {(r["kernel"], r["format"], r["cc"]): r for r in rows if r["layout"] == kernel_layout(r["format"])}
     for gpu_name, gpu in GPUS.items():
@@ -212,9 +220,12 @@ def estimate_rows(rows: list[dict], ms: list[int]):
             weight_bytes = get_format(fmt).row_bytes(FLUX_K) * FLUX_N
             for M in ms:
                 base = launch_ms(bf16, gpu, M, 2 * FLUX_N * FLUX_K)
-                fused = launch_ms(by_key[("qmv" if M <= 16 else "qmm", fmt, cc)], gpu, M, weight_bytes)
+                fused_row = by_key[(FUSED_KERNEL[fused_kernel(M)], fmt, cc)]
+                issue, _, memory = launch_terms(fused_row, gpu, M, weight_bytes)
+                fused = launch_ms(fused_row, gpu, M, weight_bytes)
                 scratch = launch_ms(by_key[("dequant", fmt, cc)], gpu, M, weight_bytes) + base
-                yield (gpu_name, fmt, M, base, fused / base, scratch / base, min(fused, scratch) / base)
+                yield (gpu_name, fmt, M, base, fused / base, scratch / base, min(fused, scratch) / base,
+                       issue / memory)
 
 
 def static_methods(rows: list[dict]) -> tuple[str, dict[str, str]]:
@@ -227,7 +238,7 @@ def static_methods(rows: list[dict]) -> tuple[str, dict[str, str]]:
         raise ValueError("no bf16 baseline compiled: cannot choose methods")
     gpu = estimates[0][0]
     return gpu, {f"{fmt}@{M}": "fused" if fused <= scratch else "dequant_matmul"
-                 for name, fmt, M, _, fused, scratch, _ in estimates if name == gpu}
+                 for name, fmt, M, _, fused, scratch, *_ in estimates if name == gpu}
 
 
 def dequantize_rows(rows: list[dict]):
@@ -257,7 +268,7 @@ def jobs(archs, formats):
         yield ("bf16", "BF16", cc, "blocks")
         for fmt in formats:
             for layout in dict.fromkeys(("blocks", kernel_layout(fmt))):
-                for kernel in ("qmm", "qmv", "dequant"):
+                for kernel in ("qmm", "qmv", "gemv", "dequant"):
                     yield (kernel, fmt, cc, layout)
 
 
@@ -298,11 +309,13 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['warps']} | {r['loop']} | {r['per_element']:.2f} | " + " | ".join(cells)
               + f" | {widths} | {r['registers']} | {r['spills']} | {r['shared'] / 1024:.0f} |")
 
-    print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: split-K GEMV for M <= 16, GEMM above)\n")
-    print("| GPU | format | M | bf16 kernel (ms) | fused / bf16 | dequantize + matmul / bf16 | best / bf16 |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for gpu, fmt, M, base, fused, scratch, best in estimate_rows(rows, ms):
-        print(f"| {gpu} | {fmt} | {M} | {base:.4f} | {fused:.2f} | {scratch:.2f} | {best:.2f} |")
+    print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: the FMA GEMV at M = 1, the split-K "
+          f"tensor-core GEMV for M <= 16, the GEMM above; fused issue / memory <= 0.8 is memory-bound)\n")
+    print("| GPU | format | M | bf16 kernel (ms) | fused / bf16 | dequantize + matmul / bf16 | best / bf16 | "
+          "fused issue / memory |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for gpu, fmt, M, base, fused, scratch, best, bound in estimate_rows(rows, ms):
+        print(f"| {gpu} | {fmt} | {M} | {base:.4f} | {fused:.2f} | {scratch:.2f} | {best:.2f} | {bound:.2f} |")
 
     print(f"\nThe dequantize kernel against memory speed ({FLUX_K}->{FLUX_N} weight: read the quantized bytes, write "
           f"bf16; target <= 1.2)\n")

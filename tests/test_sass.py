@@ -79,14 +79,15 @@ def test_dequantize_kernel_against_memory_speed():
 def test_static_dispatch_takes_the_cheaper_method_and_quant_linear_follows_it(tmp_path, monkeypatch):
     from kernels import dispatch
 
-    # H100 model; a slow fused GEMV (issue-bound) and a dequantize kernel at memory speed
+    # H100 model; a slow fused GEMV at M = 1 (issue-bound), a fast split-K one, a dequantize kernel at memory speed
     rows = [dict(kernel="bf16", format="BF16", cc=90, layout="blocks", block_m=128, per_element=1.0),
             dict(kernel="qmm", format="Q8_0", cc=90, layout="planes", block_m=128, per_element=1.0),
-            dict(kernel="qmv", format="Q8_0", cc=90, layout="planes", block_m=16, per_element=500.0),
+            dict(kernel="gemv", format="Q8_0", cc=90, layout="planes", block_m=0, per_element=500.0),
+            dict(kernel="qmv", format="Q8_0", cc=90, layout="planes", block_m=16, per_element=1.0),
             dict(kernel="dequant", format="Q8_0", cc=90, layout="planes", block_m=0, per_element=0.0),
             dict(kernel="qmv", format="Q8_0", cc=90, layout="blocks", block_m=16, per_element=0.0)]  # not run
     gpu, methods = sass.static_methods(rows)
-    assert gpu == "H100 SXM" and methods["Q8_0@1"] == "dequant_matmul"
+    assert gpu == "H100 SXM" and methods["Q8_0@1"] == "dequant_matmul" and methods["Q8_0@16"] == "fused"
     monkeypatch.setattr(dispatch, "STATIC_TABLE", tmp_path / "static-model.json")
     dispatch.write_static_table(methods, "test", tmp_path / "static-model.json")
     try:

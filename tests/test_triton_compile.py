@@ -1,7 +1,7 @@
 """Every kernel must compile for the GPUs the files are made for, without register spills and within shared memory.
 
 A representative subset here (each format once on sm_86, the tightest shared-memory budget; every tile config, the
-split-K and dequantize kernels for the heaviest decoders on every architecture); `python -m bench.compile_check` runs
+GEMV, split-K and dequantize kernels for the heaviest decoders on every architecture); `python -m bench.compile_check` runs
 the full sweep."""
 
 import os
@@ -21,7 +21,8 @@ def subset():
         for fmt, layout in HEAVY:
             jobs += [("qmm", fmt, dtype, i, cc, layout) for dtype in ("bf16", "fp32")
                      for i in range(len(GEMM_CONFIGS[dtype]))]
-            jobs += [("qmv", fmt, "bf16", 0, cc, layout), ("dequant", fmt, "fp16", 0, cc, layout)]
+            jobs += [("gemv", fmt, "bf16", 0, cc, layout), ("qmv", fmt, "bf16", 0, cc, layout),
+                     ("dequant", fmt, "fp16", 0, cc, layout)]
     return jobs
 
 

@@ -18,9 +18,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, K = 72, 512  # N: not a multiple of any tile; K: two K-quant super-blocks, sixteen 32-element blocks
 ODD_N = 37  # odd: the last N tile of every kernel is partial
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-# every M on both sides of the split-K / GEMM switch in fp32 and fp16; bf16 (slow in the interpreter) once on each
+# every fused kernel (M = 1 the FMA GEMV, 3 the split-K, 17 and 64 the GEMM) in fp32 and fp16; bf16 (slow in the
+# interpreter) on each
 CASES = [(M, dtype) for M in (1, 3, 17, 64) for dtype in (torch.float32, torch.float16)] + \
-    [(3, torch.bfloat16), (17, torch.bfloat16)]
+    [(1, torch.bfloat16), (3, torch.bfloat16), (17, torch.bfloat16)]
 
 
 def odd_k(fmt):
@@ -69,7 +70,7 @@ def test_fused_matmul_equals_reference(fmt, M, dtype):
     _check_fused(fmt, M, dtype, N, K)
 
 
-@pytest.mark.parametrize("M", [3, 17])  # the split-K and the GEMM kernel
+@pytest.mark.parametrize("M", [1, 3, 17])  # the FMA GEMV, the split-K and the GEMM kernel
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
 def test_fused_matmul_on_odd_shapes(fmt, M):
     _check_fused(fmt, M, torch.float32, ODD_N, odd_k(fmt))
@@ -99,9 +100,26 @@ def test_planes_kernels_on_the_gpu_tiles(fmt, block_k, monkeypatch):
     from kernels.triton import ops
 
     monkeypatch.setattr(ops, "INTERPRETER_GEMM", dict(ops.INTERPRETER_GEMM, BLOCK_K=block_k))
-    monkeypatch.setattr(ops, "INTERPRETER_GEMV", dict(ops.INTERPRETER_GEMV, BLOCK_K=block_k))
+    monkeypatch.setattr(ops, "INTERPRETER_SPLIT_K", dict(ops.INTERPRETER_SPLIT_K, BLOCK_K=block_k))
     for M in (2, 17):
         _check_fused(fmt, M, torch.float32, ODD_N, odd_k(fmt), layout="planes")
+
+
+@pytest.mark.parametrize("layout", ["blocks", "planes"])
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+def test_gemv_on_its_gpu_tile(fmt, layout, monkeypatch):
+    """The M = 1 kernel with the tile it runs on a GPU for the layout (planes 256 columns: several splits of whole
+    tiles; blocks 64: a tile inside a K-quant super-block), on odd shapes and on two K-quant super-blocks."""
+    if not interpreting():
+        pytest.skip("on a GPU the tiles above are the ones that run")
+    if layout == "planes" and not has_planes(fmt):
+        pytest.skip(f"{fmt} has no planes layout")
+    from kernels.triton import ops
+
+    tile = ops.GEMV_CONFIGS[layout]
+    monkeypatch.setattr(ops, "INTERPRETER_GEMV", dict(BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"]))
+    _check_fused(fmt, 1, torch.float32, ODD_N, odd_k(fmt), layout=layout)
+    _check_fused(fmt, 1, torch.float16, N, 4 * K, layout=layout)
 
 
 @pytest.mark.parametrize("method", METHODS)

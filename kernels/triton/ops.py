@@ -9,9 +9,9 @@ import triton.language as tl
 from kernels import state
 from kernels.qtensor import QTensor
 from kernels.triton.decode import FORMAT_IDS
-from kernels.triton.qmatmul import dequant_kernel, qmm_kernel, qmv_kernel
+from kernels.triton.qmatmul import dequant_kernel, gemv_kernel, qmm_kernel, qmv_kernel
 
-SMALL_M = 16  # up to here the weight-streaming split-K kernel runs
+SMALL_M = 16  # up to here the weight-streaming split-K kernels run: the FMA GEMV at M = 1, the tensor-core one above
 
 # GEMM tiles per activation dtype, (BLOCK_N, BLOCK_M, BLOCK_K, GROUP_N, num_warps, num_stages): the ones that compile
 # without register spills for every format on sm_80/86/89/90 (the per-element decode is register hungry, fp32 tiles
@@ -22,14 +22,19 @@ HALF_CONFIGS = (
     (64, 64, 16, 8, 4, 4),
 )
 GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16, 8, 4, 4),)}
-GEMV_CONFIG = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
+SPLIT_K_CONFIG = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
+# M = 1, per weight layout: the fewest SASS instructions per weight element on sm_90 without spills among the tiles
+# `python -m bench.sass` tried (planes Q4_0 7.0, blocks Q4_K 15.3: 32 x 256 spills for the K-quants' blocks decode)
+GEMV_CONFIGS = {"planes": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=1),
+                "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)}
 DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8)
 # The interpreter runs each program's tile operations as numpy calls, so its cost is per tile: BLOCK_K 128 runs
 # 3-4x faster than 32 there (measured on Q4_K, 72 x 512). It also leaves a partial K tile for 32- and 64-element
 # block formats whose K is not a multiple of 128, which is how the tests reach the K masks (the GPU tiles above, with
 # BLOCK_K <= 32, always divide K).
 INTERPRETER_GEMM = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=128, GROUP_N=4)
-INTERPRETER_GEMV = dict(GEMV_CONFIG, BLOCK_K=128)
+INTERPRETER_SPLIT_K = dict(SPLIT_K_CONFIG, BLOCK_K=128)
+INTERPRETER_GEMV = dict(BLOCK_N=32, BLOCK_K=128)
 # activation dtype -> (its name in GEMM_CONFIGS, the tl.dot operand type)
 DTYPES = {torch.float16: ("fp16", tl.float16), torch.bfloat16: ("bf16", tl.bfloat16),
           torch.float32: ("fp32", tl.float32)}
@@ -54,8 +59,19 @@ _QMM_AUTOTUNED = {name: _gemm_autotuned(configs) for name, configs in GEMM_CONFI
 
 
 def fused_kernel(M: int) -> str:
-    """Which fused kernel `quant_linear_triton` runs for M rows: "gemv" (split-K, M <= SMALL_M) or "gemm"."""
-    return "gemv" if M <= SMALL_M else "gemm"
+    """Which fused kernel `quant_linear_triton` runs for M rows: "gemv" (FMA, M = 1), "split-k" (tensor cores,
+    M <= SMALL_M) or "gemm"."""
+    return "gemv" if M == 1 else "split-k" if M <= SMALL_M else "gemm"
+
+
+def _split_k_grid(N: int, K: int, BLOCK_N: int, BLOCK_K: int, device) -> tuple[tuple[int, int], int]:
+    """(n tiles, K splits) and the K columns per split: enough programs to keep every SM streaming the weight."""
+    k_tiles = triton.cdiv(K, BLOCK_K)
+    n_tiles = triton.cdiv(N, BLOCK_N)
+    sms = 8 if interpreting() else state.multiprocessor_count(device)
+    splits = max(1, min(k_tiles, (4 * sms) // n_tiles))
+    k_per_split = triton.cdiv(k_tiles, splits) * BLOCK_K
+    return (n_tiles, triton.cdiv(K, k_per_split)), k_per_split
 
 
 def _require_aligned(weight: QTensor) -> None:
@@ -82,15 +98,18 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
     bias_arg = bias if has_bias else x
     table = state.table("nf4", x.device)
     with state.on_device(x.device):
-        if fused_kernel(M) == "gemv":
+        kernel = fused_kernel(M)
+        if kernel == "gemv":
+            out = torch.zeros((1, N), dtype=torch.float32, device=x.device)
+            cfg = INTERPRETER_GEMV if interpreting() else GEMV_CONFIGS[weight.layout]
+            grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
+            gemv_kernel[grid](x, weight.raw, bias_arg, out, table, N, K, weight.raw.shape[1], k_per_split, FMT=fmt,
+                              PLANES=planes, HAS_BIAS=has_bias, **cfg)
+            return out.to(x.dtype)
+        if kernel == "split-k":
             out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-            cfg = INTERPRETER_GEMV if interpreting() else GEMV_CONFIG
-            k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
-            n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-            sms = 8 if interpreting() else state.multiprocessor_count(x.device)
-            splits = max(1, min(k_tiles, (4 * sms) // n_tiles))  # enough programs to keep every SM streaming
-            k_per_split = triton.cdiv(k_tiles, splits) * cfg["BLOCK_K"]
-            grid = (n_tiles, triton.cdiv(K, k_per_split))
+            cfg = INTERPRETER_SPLIT_K if interpreting() else SPLIT_K_CONFIG
+            grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], x.stride(0),
                              k_per_split, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **cfg)
             return out.to(x.dtype)

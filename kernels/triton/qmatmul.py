@@ -2,8 +2,11 @@
 
 * `qmm_kernel`: tensor-core GEMM for large M. It computes `Y.T = W @ X.T`, so the dequantized weight tile is the left
   `tl.dot` operand: on Hopper only the left wgmma operand may come from registers, which is where the decoded tile is.
-* `qmv_kernel`: small M (Flux's modulation linears run at M = batch): split-K over the weight so enough programs
-  stream it; partial sums meet in an fp32 buffer with atomic adds.
+* `gemv_kernel`: M = 1 (Flux's modulation linears run at M = batch): each decoded weight element is multiplied on
+  the FMA units into a tile of fp32 partial sums, reduced once at the end; split-K over the weight so enough programs
+  stream it, partial sums meeting in an fp32 buffer with atomic adds.
+* `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
+  where the FMA kernel would decode the weight once per row.
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
 
 Each reads the weight in either layout (`PLANES`: `kernels/repack.py`).
@@ -60,6 +63,37 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, strid
 
 
 @triton.jit
+def _gemv_products(x_ptr, w_ptr, nf4_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, PLANES: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[n, k] * x[k] for the tile at k0, `[BLOCK_N, BLOCK_K]` fp32."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, nf4_ptr, BLOCK_N, BLOCK_K)
+    return w * tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, N, K, row_bytes, k_per_split, FMT: tl.constexpr,
+                PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y (fp32, zeroed) += W[n, ks] @ x[ks] for one (n-tile, K-split). No reduction inside the loop: one FMA per
+    weight element into a tile of partial sums, summed over K once after it."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = n[:, None] * row_bytes
+    n_mask = n[:, None] < N
+    k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
+    # the first tile's products start the partial sums, so they take the products' register layout: a tile zeroed
+    # by tl.zeros gets a default layout, and every tile would be shuffled into it through shared memory
+    acc = _gemv_products(x_ptr, w_ptr, nf4_ptr, rows, n_mask, k_start, K, FMT, PLANES, BLOCK_N, BLOCK_K)
+    for k0 in range(k_start + BLOCK_K, k_start + k_per_split, BLOCK_K):
+        acc += _gemv_products(x_ptr, w_ptr, nf4_ptr, rows, n_mask, k0, K, FMT, PLANES, BLOCK_N, BLOCK_K)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.where(split == 0, tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32), 0.0)
+    tl.atomic_add(y_ptr + n, y, mask=n < N)
+
+
+@triton.jit
 def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, stride_xm, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -72,7 +106,7 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, strid
     rows = n[:, None] * row_bytes
     n_mask = n[:, None] < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_start = split * k_per_split
+    k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
