@@ -26,7 +26,8 @@ class Format:
     fields: tuple[tuple[str, int], ...]  # (name, bytes) of the block's fields in byte order (ggml's struct members)
     # How the block's codes are ordered in its last field, for the kernels' planes layout (kernels/repack.py):
     # "int8" one code a byte, "halves" ggml's 4-bit order (low nibbles = the block's first half), "high_first"
-    # bitsandbytes' (byte i = element 2i high, 2i+1 low); None: the format has no planes layout.
+    # bitsandbytes' (byte i = element 2i high, 2i+1 low), "q6_k" Q6_K's 6-bit codes split over `ql` (low 4 bits) and
+    # `qh` (high 2 bits) in ggml's interleaved order; None: the format has no planes layout.
     codes: str | None = None
 
     def __post_init__(self):
@@ -80,7 +81,7 @@ FORMATS: dict[str, Format] = {
         # float8 e4m3fn (FP8 checkpoints), one byte per weight; an optional per-tensor scale lives in the QTensor.
         Format("F8_E4M3", None, 1, 1, "floats", (("value", 1),)),
         Format("Q8_0", 8, 32, 34, "legacy", (("d", 2), ("qs", 32)), "int8"),
-        Format("Q6_K", 14, QK_K, 210, "kquants", (("ql", 128), ("qh", 64), ("scales", 16), ("d", 2))),
+        Format("Q6_K", 14, QK_K, 210, "kquants", (("ql", 128), ("qh", 64), ("scales", 16), ("d", 2)), "q6_k"),
         Format("Q5_K", 13, QK_K, 176, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128))),
         Format("Q5_1", 7, 32, 24, "legacy", (("d", 2), ("m", 2), ("qh", 4), ("qs", 16)), "halves"),
         Format("Q5_0", 6, 32, 22, "legacy", (("d", 2), ("qh", 4), ("qs", 16)), "halves"),

@@ -34,9 +34,12 @@ def test_round_trip_is_bit_identical(fmt, blocks):
 
 @pytest.mark.parametrize("fmt", PLANES_FORMATS)
 def test_planes_take_the_stored_bytes_on_flux_shapes(fmt):
+    """The stored row, rounded up to the 16 bytes every row starts on (Q6_K: 2520 -> 2528 bytes at K = 3072), within
+    the +2% the VRAM budget allows on every Flux layer but the two 3072 x 256 embedders' inputs (Q6_K: 210 -> 224)."""
     f = get_format(fmt)
     for K in FLUX_K:
-        assert planes_row_bytes(f, K) == f.row_bytes(K)
+        assert planes_row_bytes(f, K) == -(-f.row_bytes(K) // 16) * 16
+        assert K == 256 or planes_row_bytes(f, K) <= 1.02 * f.row_bytes(K)
     # elsewhere each plane is padded to 16 bytes at most
     assert planes_row_bytes(f, f.block_size) - f.block_bytes < 16 * len(f.fields)
 

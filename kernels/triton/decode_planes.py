@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
-from kernels.triton.decode import IQ4_NL, NF4, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, _iq4_value
+from kernels.triton.decode import IQ4_NL, NF4, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K, Q8_0, _iq4_value
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -69,6 +69,16 @@ def _codes(w_ptr, plane, k0, K, n_mask, PAIRS: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def _two_bits(w_ptr, plane, k0, K, n_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Q6_K's high 2 bits of each code as int32 `[BLOCK_N, BLOCK_K]`, four a byte (element 4j in bits 0-1)."""
+    j = (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
+    quads = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // 4), other=0).to(tl.int32)
+    # join(join(a, c), join(b, d)) lays the four out as a, b, c, d
+    pairs = tl.join(tl.join(quads & 3, (quads >> 4) & 3), tl.join((quads >> 2) & 3, quads >> 6))
+    return tl.reshape(pairs, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _fifth_bits(w_ptr, plane, k0, b, b_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Q5_0/Q5_1: bit 4 of each code, from its block's little-endian u32 (bit e = element e), as 0 or 16."""
     qh = _expand(_typed(w_ptr, plane + 4 * b, b_mask, tl.uint32).to(tl.int32, bitcast=True), BLOCK_N, BLOCK_K, 32)
@@ -85,6 +95,21 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         absmax = _expand(_typed(w_ptr, rows + 4 * b, b_mask, tl.float32), BLOCK_N, BLOCK_K, 64)
         code = _codes(w_ptr, rows + _plane_bytes(nb, 4), k0, K, n_mask, True, BLOCK_N, BLOCK_K)
         w = tl.load(nf4_table_ptr + code) * absmax
+    elif FMT == Q6_K:
+        # planes: low 4 bits (128 bytes a block), high 2 bits (64), int8 scales (16, one per 16 elements), f16 d
+        nb = K // 256
+        high_plane = _plane_bytes(nb, 128)
+        scale_plane = high_plane + _plane_bytes(nb, 64)
+        d_plane = scale_plane + _plane_bytes(nb, 16)
+        s, s_mask = _blocks(k0, K, n_mask, 16, BLOCK_K)
+        b, b_mask = _blocks(k0, K, n_mask, 256, BLOCK_K)
+        d = _typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32)
+        if BLOCK_K >= 256:
+            d = _expand(d, BLOCK_N, BLOCK_K // 16, 16)  # one per 16-element scale
+        scale = d * _typed(w_ptr, rows + scale_plane + s, s_mask, tl.int8).to(tl.float32)
+        q = _codes(w_ptr, rows, k0, K, n_mask, True, BLOCK_N, BLOCK_K) | \
+            (_two_bits(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K) << 4)
+        w = _exact_float(q, 32) * _expand(scale, BLOCK_N, BLOCK_K, 16)
     else:
         tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1)
                          | (FMT == IQ4_NL), "decode_planes_tile: format without a planes layout")
