@@ -26,8 +26,8 @@ class Format:
     fields: tuple[tuple[str, int], ...]  # (name, bytes) of the block's fields in byte order (ggml's struct members)
     # How the block's codes are ordered in its last field, for the kernels' planes layout (kernels/repack.py):
     # "int8" one code a byte, "halves" ggml's 4-bit order (low nibbles = the block's first half), "high_first"
-    # bitsandbytes' (byte i = element 2i high, 2i+1 low), "q6_k" Q6_K's 6-bit codes split over `ql` (low 4 bits) and
-    # `qh` (high 2 bits) in ggml's interleaved order; None: the format has no planes layout.
+    # bitsandbytes' (byte i = element 2i high, 2i+1 low), "q6_k" ... "q2_k" the K-quants' code fields in ggml's
+    # interleaved orders (kernels/repack.py, CODE_FIELDS); None: the format has no planes layout.
     codes: str | None = None
 
     def __post_init__(self):
@@ -82,14 +82,15 @@ FORMATS: dict[str, Format] = {
         Format("F8_E4M3", None, 1, 1, "floats", (("value", 1),)),
         Format("Q8_0", 8, 32, 34, "legacy", (("d", 2), ("qs", 32)), "int8"),
         Format("Q6_K", 14, QK_K, 210, "kquants", (("ql", 128), ("qh", 64), ("scales", 16), ("d", 2)), "q6_k"),
-        Format("Q5_K", 13, QK_K, 176, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128))),
+        Format("Q5_K", 13, QK_K, 176, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128)),
+               "q5_k"),
         Format("Q5_1", 7, 32, 24, "legacy", (("d", 2), ("m", 2), ("qh", 4), ("qs", 16)), "halves"),
         Format("Q5_0", 6, 32, 22, "legacy", (("d", 2), ("qh", 4), ("qs", 16)), "halves"),
-        Format("Q4_K", 12, QK_K, 144, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qs", 128))),
+        Format("Q4_K", 12, QK_K, 144, "kquants", (("d", 2), ("dmin", 2), ("scales", 12), ("qs", 128)), "q4_k"),
         Format("Q4_1", 3, 32, 20, "legacy", (("d", 2), ("m", 2), ("qs", 16)), "halves"),
         Format("Q4_0", 2, 32, 18, "legacy", (("d", 2), ("qs", 16)), "halves"),
-        Format("Q3_K", 11, QK_K, 110, "kquants", (("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2))),
-        Format("Q2_K", 10, QK_K, 84, "kquants", (("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2))),
+        Format("Q3_K", 11, QK_K, 110, "kquants", (("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2)), "q3_k"),
+        Format("Q2_K", 10, QK_K, 84, "kquants", (("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2)), "q2_k"),
         Format("IQ4_NL", 20, QK4_NL, 18, "iquants", (("d", 2), ("qs", 16)), "halves"),
         Format("IQ4_XS", 23, QK_K, 136, "iquants", (("d", 2), ("scales_h", 2), ("scales_l", 4), ("qs", 128))),
         # bitsandbytes NF4 as one self-contained block: fp32 absmax, then 32 bytes of codes (see reference/nf4.py).

@@ -8,14 +8,16 @@ bytes are regrouped field by field:
 
 so the codes of consecutive blocks are contiguous (16-byte vector loads), each scale is a typed, aligned load of its
 own, and 4-bit codes are paired in element order (byte j holds element 2j in its low nibble, 2j+1 in its high one),
-so a tile of bytes unpacks into consecutive elements with no index arithmetic. Q6_K's 6-bit codes become two planes
-of the same sizes as its `ql` and `qh` fields: the low 4 bits paired in element order, the high 2 bits four to a
-byte in element order (element 4j in bits 0-1 of byte j). Planes are padded to 16 bytes; for Flux's shapes (K a
-multiple of 256) no padding is needed, so the layout takes exactly the stored bytes.
+so a tile of bytes unpacks into consecutive elements with no index arithmetic. The K-quants' code fields (ggml's
+nibble runs, 2-bit crumbs, high-bit planes: `CODE_FIELDS`) become planes of the same sizes holding the same bits in
+element order, 8 // bits codes a byte, the first in the lowest bits; their sub-block scales stay as stored, decoded
+once per sub-block by the kernel. Planes are padded to 16 bytes: for Flux's shapes (K a multiple of 256) the legacy
+formats and NF4 take exactly the stored bytes, the K-quants up to 1.6% more at K = 3072 (their 2-byte super-block
+scales: 24 bytes a row, padded to 32) and none at K = 12288.
 
-Formats opt in through `Format.codes` (the order of their codes); the other K-quants and IQ4_XS keep the blocks
-layout: their packed 6-bit sub-block scales would be decoded per element again. `to_planes` / `to_blocks` are torch gathers that run on whichever device holds the bytes, so a
-weight is repacked where it will be used, after it leaves its memory-mapped file.
+Formats opt in through `Format.codes` (the order of their codes); IQ4_XS keeps the blocks layout. `to_planes` /
+`to_blocks` are torch gathers that run on whichever device holds the bytes, so a weight is repacked where it will be
+used, after it leaves its memory-mapped file.
 """
 
 from __future__ import annotations
@@ -65,68 +67,63 @@ def planes_row_bytes(fmt: Format, K: int) -> int:
     return sum(_aligned(K // fmt.block_size * size) for _, size in fmt.fields)
 
 
-def _pair_codes(codes: torch.Tensor, order: str) -> torch.Tensor:
-    """A field of 4-bit codes `(rows, nb, bytes)` in the stored order -> element pairs (low nibble first)."""
-    if order == "int8":
-        return codes
-    if order == "high_first":
-        return (codes >> 4) | (codes << 4)
-    low, high = codes & 15, codes >> 4  # "halves": elements 0..15 in the low nibbles, 16..31 in the high ones
-    values = torch.cat([low, high], dim=-1)
-    return values[..., 0::2] | (values[..., 1::2] << 4)
+# Each planes format's code fields, as (bits, run): `bits`-wide codes, 8 // bits a byte; in every span of `run` bytes,
+# field k of each byte (bits k * bits and up) holds elements k * run .. (k + 1) * run - 1 of the span: ggml's nibble
+# runs (legacy blocks: one run of 16 bytes), 2-bit crumbs and high-bit planes. Run 0: bitsandbytes' order, two codes
+# a byte with the first in the high nibble.
+CODE_FIELDS = {
+    "int8": {"qs": (8, 32)},
+    "halves": {"qs": (4, 16)},
+    "high_first": {"qs": (4, 0)},
+    "q6_k": {"ql": (4, 64), "qh": (2, 32)},
+    "q5_k": {"qh": (1, 32), "qs": (4, 32)},
+    "q4_k": {"qs": (4, 32)},
+    "q3_k": {"hmask": (1, 32), "qs": (2, 32)},
+    "q2_k": {"qs": (2, 32)},
+}
 
 
-def _unpair_codes(pairs: torch.Tensor, order: str) -> torch.Tensor:
-    if order == "int8":
-        return pairs
-    if order == "high_first":
-        return (pairs >> 4) | (pairs << 4)
-    values = torch.stack([pairs & 15, pairs >> 4], dim=-1).flatten(-2)
-    half = values.shape[-1] // 2
-    return values[..., :half] | (values[..., half:] << 4)
+def _stored_to_elements(field: torch.Tensor, bits: int, run: int) -> torch.Tensor:
+    """A code field `(rows, nb, bytes)` as stored -> its codes `(rows, nb, elements)` in element order."""
+    if run == 0:
+        return torch.stack([field >> 4, field & 15], dim=-1).flatten(-2)
+    spans = field.reshape(*field.shape[:-1], -1, run)
+    return torch.stack([(spans >> (bits * k)) & ((1 << bits) - 1) for k in range(8 // bits)], dim=-2).flatten(-3)
 
 
-def _q6_k_codes(ql: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
-    """Q6_K's `ql` `(rows, nb, 128)` and `qh` `(rows, nb, 64)` -> its codes 0..63 `(rows, nb, 256)` in element order
-    (each 128-element half: `ql` bytes 0..63 low nibbles, then their high nibbles; `qh` byte i's bit pairs 0..3 are
-    elements i, i + 32, i + 64, i + 96)."""
-    rows, nb = ql.shape[:2]
-    ql, qh = ql.reshape(rows, nb, 2, 64), qh.reshape(rows, nb, 2, 32)
-    low = torch.cat([ql & 15, ql >> 4], dim=-1)
-    high = torch.cat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)
-    return (low | (high << 4)).reshape(rows, nb, 256)
+def _elements_to_stored(codes: torch.Tensor, bits: int, run: int) -> torch.Tensor:
+    if run == 0:
+        return (codes[..., 0::2] << 4) | codes[..., 1::2]
+    fields = codes.reshape(*codes.shape[:-1], -1, 8 // bits, run)
+    return _or_shifted(fields.unbind(-2), bits).flatten(-2)
 
 
-def _q6_k_fields(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of `_q6_k_codes`."""
-    rows, nb = codes.shape[:2]
-    halves = codes.reshape(rows, nb, 2, 128)
-    ql = (halves[..., :64] & 15) | ((halves[..., 64:] & 15) << 4)
-    qh = sum(((halves[..., 32 * s:32 * s + 32] >> 4) & 3) << (2 * s) for s in range(4))
-    return ql.reshape(rows, nb, 128), qh.to(torch.uint8).reshape(rows, nb, 64)
+def _elements_to_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes in element order -> bytes of 8 // bits consecutive codes each, the first in the lowest bits."""
+    return _or_shifted(codes.reshape(*codes.shape[:-1], -1, 8 // bits).unbind(-1), bits)
+
+
+def _plane_to_elements(plane: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.stack([(plane >> (bits * k)) & ((1 << bits) - 1) for k in range(8 // bits)], dim=-1).flatten(-2)
+
+
+def _or_shifted(fields, bits: int) -> torch.Tensor:
+    packed = fields[0].clone()
+    for k, field in enumerate(fields[1:], start=1):
+        packed |= field << (bits * k)
+    return packed
 
 
 def _to_planes_fields(fmt: Format, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each field `(rows, nb, size)` as its plane holds it: the codes in element order, the rest as stored."""
-    if fmt.codes == "q6_k":
-        codes = _q6_k_codes(fields["ql"], fields["qh"])
-        low, high = codes & 15, codes >> 4
-        return fields | {"ql": low[..., 0::2] | (low[..., 1::2] << 4),
-                         "qh": high[..., 0::4] | (high[..., 1::4] << 2) | (high[..., 2::4] << 4) | (high[..., 3::4] << 6)}
-    last = fmt.fields[-1][0]
-    return fields | {last: _pair_codes(fields[last], fmt.codes)}
+    """Each field `(rows, nb, size)` as its plane holds it: codes in element order, the rest as stored."""
+    return fields | {name: _elements_to_plane(_stored_to_elements(fields[name], bits, run), bits)
+                     for name, (bits, run) in CODE_FIELDS[fmt.codes].items()}
 
 
 def _to_blocks_fields(fmt: Format, planes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `_to_planes_fields`."""
-    if fmt.codes == "q6_k":
-        pairs, quads = planes["ql"], planes["qh"]
-        low = torch.stack([pairs & 15, pairs >> 4], dim=-1).flatten(-2)
-        high = torch.stack([(quads >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1).flatten(-2)
-        ql, qh = _q6_k_fields(low | (high << 4))
-        return planes | {"ql": ql, "qh": qh}
-    last = fmt.fields[-1][0]
-    return planes | {last: _unpair_codes(planes[last], fmt.codes)}
+    return planes | {name: _elements_to_stored(_plane_to_elements(planes[name], bits), bits, run)
+                     for name, (bits, run) in CODE_FIELDS[fmt.codes].items()}
 
 
 def to_planes(raw: torch.Tensor, fmt: Format | str) -> torch.Tensor:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
-from kernels.triton.decode import IQ4_NL, NF4, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K, Q8_0, _iq4_value
+from kernels.triton.decode import IQ4_NL, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _iq4_value
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -57,25 +57,37 @@ def _blocks(k0, K, n_mask, QK: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _codes(w_ptr, plane, k0, K, n_mask, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's codes as int32 `[BLOCK_N, BLOCK_K]`: a byte each, or two 4-bit codes a byte (low nibble first)."""
-    if PAIRS:
-        j = (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
-        pairs = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // 2), other=0).to(tl.int32)
-        return tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, BLOCK_K))
-    else:
+def _codes(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tile's codes as int32 `[BLOCK_N, BLOCK_K]` from a plane of `BITS`-wide codes in element order, 8 // BITS a
+    byte, the first in the lowest bits."""
+    if BITS == 8:
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
         return tl.load(w_ptr + plane + k, mask=n_mask & (k < K), other=0).to(tl.int32)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        j = (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :]
+        b = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // PER), other=0).to(tl.int32)
+        # tl.join stacks on a new last axis, so join(join(f0, f2), join(f1, f3)) lays fields out as f0 f1 f2 f3
+        if BITS == 4:
+            fields = tl.join(b & 15, b >> 4)
+        elif BITS == 2:
+            fields = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+        else:
+            fields = tl.join(tl.join(tl.join(b & 1, (b >> 4) & 1), tl.join((b >> 2) & 1, (b >> 6) & 1)),
+                             tl.join(tl.join((b >> 1) & 1, (b >> 5) & 1), tl.join((b >> 3) & 1, b >> 7)))
+        return tl.reshape(fields, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _two_bits(w_ptr, plane, k0, K, n_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Q6_K's high 2 bits of each code as int32 `[BLOCK_N, BLOCK_K]`, four a byte (element 4j in bits 0-1)."""
-    j = (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
-    quads = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // 4), other=0).to(tl.int32)
-    # join(join(a, c), join(b, d)) lays the four out as a, b, c, d
-    pairs = tl.join(tl.join(quads & 3, (quads >> 4) & 3), tl.join((quads >> 2) & 3, quads >> 6))
-    return tl.reshape(pairs, (BLOCK_N, BLOCK_K))
+def _scale_bytes(w_ptr, plane, t, size: tl.constexpr, per_block: tl.constexpr, byte, mask):
+    """Byte `byte` (a `[1, sub-blocks]` index) of the `size`-byte scales of the block holding each sub-block `t`."""
+    return tl.load(w_ptr + plane + size * (t // per_block) + byte, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _k_quant_d(w_ptr, plane, t, per_block: tl.constexpr, mask):
+    """The f16 super-block scale (or min) of each sub-block `t`, as float32."""
+    return _typed(w_ptr, plane + 2 * (t // per_block), mask, tl.float16).to(tl.float32)
 
 
 @triton.jit
@@ -93,23 +105,63 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         nb = K // 64
         b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
         absmax = _expand(_typed(w_ptr, rows + 4 * b, b_mask, tl.float32), BLOCK_N, BLOCK_K, 64)
-        code = _codes(w_ptr, rows + _plane_bytes(nb, 4), k0, K, n_mask, True, BLOCK_N, BLOCK_K)
+        code = _codes(w_ptr, rows + _plane_bytes(nb, 4), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
         w = tl.load(nf4_table_ptr + code) * absmax
-    elif FMT == Q6_K:
-        # planes: low 4 bits (128 bytes a block), high 2 bits (64), int8 scales (16, one per 16 elements), f16 d
+    elif (FMT == Q6_K) | (FMT == Q3_K) | (FMT == Q2_K):
+        # 16-element sub-blocks; the planes follow the block's fields (kernels/repack.py)
         nb = K // 256
-        high_plane = _plane_bytes(nb, 128)
-        scale_plane = high_plane + _plane_bytes(nb, 64)
-        d_plane = scale_plane + _plane_bytes(nb, 16)
-        s, s_mask = _blocks(k0, K, n_mask, 16, BLOCK_K)
-        b, b_mask = _blocks(k0, K, n_mask, 256, BLOCK_K)
-        d = _typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32)
-        if BLOCK_K >= 256:
-            d = _expand(d, BLOCK_N, BLOCK_K // 16, 16)  # one per 16-element scale
-        scale = d * _typed(w_ptr, rows + scale_plane + s, s_mask, tl.int8).to(tl.float32)
-        q = _codes(w_ptr, rows, k0, K, n_mask, True, BLOCK_N, BLOCK_K) | \
-            (_two_bits(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K) << 4)
-        w = _exact_float(q, 32) * _expand(scale, BLOCK_N, BLOCK_K, 16)
+        t, t_mask = _blocks(k0, K, n_mask, 16, BLOCK_K)
+        if FMT == Q6_K:  # ql: low 4 bits | qh: top 2 bits | int8 scales | d
+            high_plane = _plane_bytes(nb, 128)
+            scale_plane = high_plane + _plane_bytes(nb, 64)
+            scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, 16, t_mask) * \
+                _typed(w_ptr, rows + scale_plane + t, t_mask, tl.int8).to(tl.float32)
+            q = _codes(w_ptr, rows, k0, K, n_mask, 4, BLOCK_N, BLOCK_K) | \
+                (_codes(w_ptr, rows + high_plane, k0, K, n_mask, 2, BLOCK_N, BLOCK_K) << 4)
+            w = _exact_float(q, 32) * _expand(scale, BLOCK_N, BLOCK_K, 16)
+        elif FMT == Q3_K:  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
+            low_plane = _plane_bytes(nb, 32)
+            scale_plane = low_plane + _plane_bytes(nb, 64)
+            j = t % 16  # low 4 bits: nibble j // 8 of byte j % 8; top 2: bits 2 (j // 4) of byte 8 + j % 4
+            low4 = (_scale_bytes(w_ptr, rows + scale_plane, t, 12, 16, j % 8, t_mask) >> (4 * (j // 8))) & 15
+            top2 = (_scale_bytes(w_ptr, rows + scale_plane, t, 12, 16, 8 + j % 4, t_mask) >> (2 * (j // 4))) & 3
+            scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), t, 16, t_mask) * \
+                ((low4 | (top2 << 4)) - 32).to(tl.float32)
+            q = _codes(w_ptr, rows + low_plane, k0, K, n_mask, 2, BLOCK_N, BLOCK_K) | \
+                (_codes(w_ptr, rows, k0, K, n_mask, 1, BLOCK_N, BLOCK_K) << 2)
+            w = _exact_float(q, 4) * _expand(scale, BLOCK_N, BLOCK_K, 16)
+        else:  # Q2_K: scales (a byte each: scale | min << 4) | qs: 2-bit codes | d | dmin
+            codes_plane = _plane_bytes(nb, 16)
+            d_plane = codes_plane + _plane_bytes(nb, 64)
+            packed = _scale_bytes(w_ptr, rows, t, 16, 16, t % 16, t_mask)
+            scale = _k_quant_d(w_ptr, rows + d_plane, t, 16, t_mask) * (packed & 15).to(tl.float32)
+            low = _k_quant_d(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, 16, t_mask) * \
+                (packed >> 4).to(tl.float32)
+            q = _codes(w_ptr, rows + codes_plane, k0, K, n_mask, 2, BLOCK_N, BLOCK_K)
+            w = _exact_float(q, 0) * _expand(scale, BLOCK_N, BLOCK_K, 16) - _expand(low, BLOCK_N, BLOCK_K, 16)
+    elif (FMT == Q4_K) | (FMT == Q5_K):
+        # 32-element sub-blocks: d | dmin | 12 bytes of 6-bit scales and mins | (Q5_K: qh, fifth bits) | qs
+        nb = K // 256
+        t, t_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
+        dmin_plane = _plane_bytes(nb, 2)
+        scale_plane = dmin_plane + _plane_bytes(nb, 2)
+        codes_plane = scale_plane + _plane_bytes(nb, 12)
+        # ggml's get_scale_min_k4: sub-blocks 0-3 in bits 0-5 of bytes j (scale) and 4 + j (min); 4-7 in the
+        # nibbles of byte 4 + j, topped by bits 6-7 of bytes j - 4 and j
+        j = t % 8
+        a = _scale_bytes(w_ptr, rows + scale_plane, t, 12, 8, j % 4, t_mask)
+        c = _scale_bytes(w_ptr, rows + scale_plane, t, 12, 8, 4 + j % 4, t_mask)
+        e = _scale_bytes(w_ptr, rows + scale_plane, t, 12, 8, 8 + j % 4, t_mask)
+        sc = tl.where(j < 4, a & 63, (e & 15) | ((a >> 6) << 4))
+        mn = tl.where(j < 4, c & 63, (e >> 4) | ((c >> 6) << 4))
+        scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * sc.to(tl.float32)
+        low = _k_quant_d(w_ptr, rows + dmin_plane, t, 8, t_mask) * mn.to(tl.float32)
+        if FMT == Q4_K:
+            q = _codes(w_ptr, rows + codes_plane, k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
+        else:
+            q = (_codes(w_ptr, rows + codes_plane, k0, K, n_mask, 1, BLOCK_N, BLOCK_K) << 4) | \
+                _codes(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
+        w = _exact_float(q, 0) * _expand(scale, BLOCK_N, BLOCK_K, 32) - _expand(low, BLOCK_N, BLOCK_K, 32)
     else:
         tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1)
                          | (FMT == IQ4_NL), "decode_planes_tile: format without a planes layout")
@@ -119,27 +171,27 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         b, b_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
         d = _expand(_typed(w_ptr, rows + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K, 32)
         if FMT == Q8_0:
-            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, False, BLOCK_N, BLOCK_K)
+            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, 8, BLOCK_N, BLOCK_K)
             w = _exact_float(q ^ 128, 128) * d  # int8 bits -> offset binary -> value
         elif FMT == Q4_0:
-            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, True, BLOCK_N, BLOCK_K)
+            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
             w = _exact_float(q, 8) * d
         elif FMT == IQ4_NL:
-            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, True, BLOCK_N, BLOCK_K)
+            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
             w = d * _iq4_value(q)
         elif FMT == Q4_1:
             m = _expand(_typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K,
                         32)
-            q = _codes(w_ptr, rows + 2 * d_plane, k0, K, n_mask, True, BLOCK_N, BLOCK_K)
+            q = _codes(w_ptr, rows + 2 * d_plane, k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
             w = _exact_float(q, 0) * d + m
         elif FMT == Q5_0:
             high = _fifth_bits(w_ptr, rows + d_plane, k0, b, b_mask, BLOCK_N, BLOCK_K)
-            q = _codes(w_ptr, rows + d_plane + _plane_bytes(nb, 4), k0, K, n_mask, True, BLOCK_N, BLOCK_K)
+            q = _codes(w_ptr, rows + d_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
             w = _exact_float(q | high, 16) * d
         else:
             m = _expand(_typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K,
                         32)
             high = _fifth_bits(w_ptr, rows + 2 * d_plane, k0, b, b_mask, BLOCK_N, BLOCK_K)
-            q = _codes(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), k0, K, n_mask, True, BLOCK_N, BLOCK_K)
+            q = _codes(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
             w = _exact_float(q | high, 0) * d + m
     return w
