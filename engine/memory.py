@@ -26,7 +26,7 @@ from torch import nn
 from engine.activations import (flux_forward_bytes, image_tokens, sampler_state_bytes, vae_decode_bytes,
                                 vae_tiled_decode_bytes)
 from engine.lora.runtime import LoRALinear
-from engine.module_tensors import tensor_nbytes, unique_tensors
+from engine.module_tensors import device_nbytes, tensor_nbytes, unique_tensors
 from engine.presets import PRESETS, tensor_format
 from flux_model import Flux, FluxConfig
 from flux_model.autoencoder import AutoEncoderParams, Decoder
@@ -123,7 +123,8 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class TransformerBytes:
-    """Bytes of a Flux's tensors, after modulation offload: per block, the rest, and the offloaded vec modules."""
+    """Bytes of a Flux's tensors on a GPU (quantized weights in the kernels' layout), after modulation offload: per
+    block, the rest, and the offloaded vec modules."""
 
     double: tuple[int, ...]
     single: tuple[int, ...]
@@ -145,12 +146,11 @@ def transformer_bytes(model: Flux) -> TransformerBytes:
     vec_ids = {id(t) for t in unique_tensors(vec)}
 
     def without_vec(module: nn.Module) -> int:
-        return sum(t.numel() * t.element_size() for t in unique_tensors(module) if id(t) not in vec_ids)
+        return device_nbytes(module, skip=vec_ids)
 
     blocks = [*model.double_blocks, *model.single_blocks]
     block_ids = {id(t) for b in blocks for t in unique_tensors(b)}
-    other = sum(t.numel() * t.element_size() for t in unique_tensors(model)
-                if id(t) not in vec_ids and id(t) not in block_ids)
+    other = device_nbytes(model, skip=vec_ids | block_ids)
     quantized = [m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear)]
     vec_loras = {id(m) for m in vec.modules() if isinstance(m, LoRALinear)}
 
@@ -160,7 +160,7 @@ def transformer_bytes(model: Flux) -> TransformerBytes:
     lora_double, lora_single = tuple(map(loras, model.double_blocks)), tuple(map(loras, model.single_blocks))
     return TransformerBytes(double=tuple(without_vec(b) for b in model.double_blocks),
                             single=tuple(without_vec(b) for b in model.single_blocks), other=other,
-                            modulation_weights=tensor_nbytes(vec), largest_quantized_linear=max(quantized, default=0),
+                            modulation_weights=device_nbytes(vec), largest_quantized_linear=max(quantized, default=0),
                             lora_double=lora_double, lora_single=lora_single,
                             lora_other=loras(model) - sum(lora_double) - sum(lora_single))
 

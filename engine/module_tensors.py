@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kernels.qtensor import QTensor
+from kernels.quant_linear import QuantLinear
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,27 @@ def unique_tensors(module: nn.Module) -> list[torch.Tensor]:
         tensor = place.get()
         seen.setdefault(id(tensor), tensor)
     return list(seen.values())
+
+
+def device_nbytes(module: nn.Module, skip: frozenset[int] | set[int] = frozenset()) -> int:
+    """Bytes `module`'s tensors take on a GPU, where quantized weights are repacked into the layout the kernels read
+    (`QTensor.kernel_nbytes`); each tensor once, those whose id is in `skip` left out."""
+    seen: dict[int, int] = {}
+    for place in tensor_places(module):
+        tensor = place.get()
+        if id(tensor) not in skip:
+            weight = _quantized_weight(place)
+            seen[id(tensor)] = tensor.numel() * tensor.element_size() if weight is None else weight.kernel_nbytes
+    return sum(seen.values())
+
+
+def _quantized_weight(place: TensorPlace) -> QTensor | None:
+    """The QTensor whose bytes live at `place`: a QTensor attribute, or a QuantLinear's `raw` buffer."""
+    if place.kind == "qtensor":
+        return getattr(place.owner, place.name)
+    if place.kind == "buffer" and place.name == "raw" and isinstance(place.owner, QuantLinear):
+        return place.owner.weight
+    return None
 
 
 def tensor_nbytes(module: nn.Module) -> int:

@@ -58,6 +58,13 @@ class QTensor:
         return self.raw.numel()
 
     @property
+    def kernel_nbytes(self) -> int:
+        """Bytes in the layout the GPU kernels read, which a CUDA device holds (planes where the format has them)."""
+        if self.layout == "planes" or not repack.has_planes(self.fmt):
+            return self.nbytes
+        return self.raw.shape[0] * repack.planes_row_bytes(self.fmt, self.shape[-1])
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
