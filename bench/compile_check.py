@@ -66,8 +66,10 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
     common = {"FMT": FORMAT_IDS[fmt], "PLANES": layout == "planes"}
+    options = {}
     if kernel_name == "dequant":
         kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
+        options["enable_fp_fusion"] = DEQUANT_CONFIG["enable_fp_fusion"]
         signature = {"w_ptr": "*u8", "out_ptr": act, "nf4_ptr": "*fp32", "N": "i32", "K": "i32", "row_bytes": "i32"}
         constexprs = common | {k: v for k, v in DEQUANT_CONFIG.items() if k.startswith("BLOCK")}
     elif kernel_name == "gemv":
@@ -94,7 +96,8 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         signature[name] = "constexpr"
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+                          target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **options))
 
 
 def compile_one(job) -> dict:

@@ -14,7 +14,8 @@ tile loaded as bf16) is compiled the same way as the baseline.
 Throughput model (written down in GPUS): a launch takes the longest of
 - issue: instructions per element x elements decoded (N x K per M tile of the GEMM, once for the GEMV and the
   dequantize kernel) / (SMs x 4 warp schedulers x 32 lanes x clock);
-- tensor cores: 2 x M (padded to the tile) x N x K / dense bf16 rate with fp32 accumulation;
+- tensor cores: 2 x M (padded to the tile; the bf16 baseline pads small M to 16 only, as an autotuned matmul's
+  small-M tiles do) x N x K / dense bf16 rate with fp32 accumulation;
 - memory: weight bytes (read once: L2 holds a weight tile for the M tiles that share it), activations and result /
   DRAM bandwidth.
 The bf16 matmul baseline is the bf16 kernel through the same model; "dequantize + matmul" is the dequantize kernel
@@ -192,7 +193,9 @@ def launch_terms(row: dict, gpu: tuple, M: int, weight_bytes: float, K: int = FL
         decoded, flops, moved = N * K, 0, weight_bytes + 2 * N * K
     else:
         m_tiles = math.ceil(M / row["block_m"]) if row["kernel"] in ("qmm", "bf16") else 1
-        decoded, flops = N * K * m_tiles, 2 * m_tiles * row["block_m"] * N * K
+        # the bf16 baseline stands for an autotuned matmul: below its tile's M it pads M to 16, not to the tile
+        padded = min(row["block_m"], 16 * math.ceil(M / 16)) if row["kernel"] == "bf16" else row["block_m"]
+        decoded, flops = N * K * m_tiles, 2 * m_tiles * padded * N * K
         moved = weight_bytes + 2 * M * K + 2 * M * N
     issue = row["per_element"] * decoded / (sms * LANES_PER_CLOCK * ghz * 1e9)
     return issue, flops / (tflops * 1e12), moved / (tbs * 1e12)

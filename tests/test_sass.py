@@ -48,6 +48,9 @@ def test_model_takes_the_slowest_of_issue_tensor_and_memory():
     row = dict(kernel="qmm", block_m=128, per_element=12.8)
     # issue: 12.8 * 1000 * 1000 * 1 tile / 12.8e12 = 1 us; tensor 2*128*1e6 / 1e14 = 2.56 us; memory ~0.5 us
     assert sass.launch_ms(row, gpu, 100, 5e5, K=1000, N=1000) == pytest.approx(2.56e-3)
+    # the bf16 baseline pads a small M to 16 rows, not to its 128-row tile: 2 * 16 * 1e6 / 1e14 = 0.32 us
+    bf16 = dict(kernel="bf16", block_m=128, per_element=0.0)
+    assert sass.launch_ms(bf16, gpu, 1, 0, K=1000, N=1000) == pytest.approx(0.32e-3)
     gemv = dict(kernel="qmv", block_m=16, per_element=1.0)
     assert sass.launch_ms(gemv, gpu, 1, 1e7, K=1000, N=1000) == pytest.approx(1e7 * 1e3 / 1e12, rel=1e-3)
 

@@ -27,7 +27,9 @@ SPLIT_K_CONFIG = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num
 # sm_80 and sm_90 (planes: Q4_0 7.1, Q8_0 7.0, Q6_K 10.2 on sm_90; blocks: Q4_K 15.3, where wider tiles spill)
 GEMV_CONFIGS = {"planes": dict(BLOCK_N=16, BLOCK_K=256, num_warps=2, num_stages=1),
                 "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)}
-DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8)
+# No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
+# output to be bit-identical (the fused kernels keep fusion: their decoded weight may differ in the last bit there)
+DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, enable_fp_fusion=False)
 # The interpreter runs each program's tile operations as numpy calls, so its cost is per tile: BLOCK_K 128 runs
 # 3-4x faster than 32 there (measured on Q4_K, 72 x 512). It also leaves a partial K tile for 32- and 64-element
 # block formats whose K is not a multiple of 128, which is how the tests reach the K masks (the GPU tiles above, with
