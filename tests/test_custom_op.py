@@ -24,14 +24,15 @@ def weight(fmt: str, n: int, k: int, seed: int = 0) -> QTensor:
 
 @pytest.mark.parametrize("fmt, with_bias, layout", [("Q4_0", True, "blocks"), ("Q4_0", False, "planes"),
                                                      ("IQ4_NL", False, "blocks"), ("NF4", True, "planes"),
-                                                     ("F16", True, "blocks")])
+                                                     ("Q4_K", True, "planes"), ("F16", True, "blocks")])
 def test_opcheck(fmt, with_bias, layout):
-    w = weight(fmt, 24, 64)
+    k = 256 if fmt == "Q4_K" else 64  # K-quants: whole 256-element super-blocks
+    w = weight(fmt, 24, k)
     w = w.planes() if layout == "planes" else w
-    x = torch.randn(3, 64, requires_grad=True)
+    x = torch.randn(3, k, requires_grad=True)
     bias = torch.randn(24, requires_grad=True) if with_bias else None
     torch.library.opcheck(linear, (x, w.raw, w.format, w.scale, w.layout, bias))
-    torch.library.opcheck(dequantized, (w.raw, w.format, w.scale, w.layout, 64, torch.bfloat16))
+    torch.library.opcheck(dequantized, (w.raw, w.format, w.scale, w.layout, k, torch.bfloat16))
 
 
 def test_gradients_are_those_of_the_dequantized_weight():

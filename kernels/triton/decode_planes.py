@@ -5,8 +5,9 @@
 multiple of BLOCK_K, and where BLOCK_K spans several blocks it is a multiple of the block size.
 
 What the layout buys over `decode.decode_tile`, per tile rather than per element:
-- codes are one contiguous load (int8, or bytes of two 4-bit codes in element order, split by `tl.join`);
-- each block's scale (and min, and Q5's 32 fifth bits) is one typed load per block, spread over its elements;
+- codes are contiguous loads of planes in element order (bytes, or 4-, 2- and 1-bit fields split by `tl.join`);
+- each block's scale (and min, and Q5's 32 fifth bits) is one typed load per block, spread over its elements; the
+  K-quants' packed 6-bit sub-block scales are decoded once per sub-block, not per element;
 - integers become floats by the mantissa trick (OR the value into 2^23's bit pattern, subtract 2^23), no I2F;
 - no division or modulo by the block size per element.
 """
