@@ -11,7 +11,8 @@ from kernels.repack import has_planes
 from kernels.triton.decode import KERNEL_FORMATS
 from kernels.triton.ops import GEMM_CONFIGS
 
-HEAVY = (("Q4_K", "blocks"), ("NF4", "blocks"), ("Q5_1", "planes"))  # the most registers in the full sweep
+# the most registers in the full sweep: the blocks GEMM, split-K and dequantize kernels, the planes FMA GEMV
+HEAVY = (("Q5_K", "blocks"), ("NF4", "planes"), ("Q5_K", "planes"), ("Q6_K", "planes"))
 
 
 def subset():

@@ -108,8 +108,8 @@ def test_planes_kernels_on_the_gpu_tiles(fmt, block_k, monkeypatch):
 @pytest.mark.parametrize("layout", ["blocks", "planes"])
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
 def test_gemv_on_its_gpu_tile(fmt, layout, monkeypatch):
-    """The M = 1 kernel with the tile it runs on a GPU for the layout (planes 256 columns: several splits of whole
-    tiles; blocks 64: a tile inside a K-quant super-block), on odd shapes and on two K-quant super-blocks."""
+    """The M = 1 kernel with the tile it runs on a GPU for the layout (128 or 64 columns: several splits, tiles of
+    whole 32-element blocks, tiles inside a K-quant super-block), on odd shapes and on eight K-quant super-blocks."""
     if not interpreting():
         pytest.skip("on a GPU the tiles above are the ones that run")
     if layout == "planes" and not has_planes(fmt):

@@ -23,9 +23,11 @@ HALF_CONFIGS = (
 )
 GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16, 8, 4, 4),)}
 SPLIT_K_CONFIG = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
-# M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element without spills on
-# sm_80 and sm_90 (planes: Q4_0 7.1, Q8_0 7.0, Q6_K 10.2 on sm_90; blocks: Q4_K 15.3, where wider tiles spill)
-GEMV_CONFIGS = {"planes": dict(BLOCK_N=16, BLOCK_K=256, num_warps=2, num_stages=1),
+# M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
+# without spills for every format, dtype and sm_80-90 also unspecialised (`python -m bench.compile_check`; planes:
+# Q4_0 7.3, Q8_0 6.7, Q6_K 10.9 on sm_90; 16 x 256 counted 2-20% fewer but spilled for NF4 and Q5_K; blocks: Q4_K
+# 15.3, where wider tiles spill)
+GEMV_CONFIGS = {"planes": dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1),
                 "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)}
 # No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
 # output to be bit-identical (the fused kernels keep fusion: their decoded weight may differ in the last bit there)
