@@ -92,7 +92,8 @@ FORMATS: dict[str, Format] = {
         Format("Q3_K", 11, QK_K, 110, "kquants", (("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2)), "q3_k"),
         Format("Q2_K", 10, QK_K, 84, "kquants", (("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2)), "q2_k"),
         Format("IQ4_NL", 20, QK4_NL, 18, "iquants", (("d", 2), ("qs", 16)), "halves"),
-        Format("IQ4_XS", 23, QK_K, 136, "iquants", (("d", 2), ("scales_h", 2), ("scales_l", 4), ("qs", 128))),
+        Format("IQ4_XS", 23, QK_K, 136, "iquants", (("d", 2), ("scales_h", 2), ("scales_l", 4), ("qs", 128)),
+               "iq4_xs"),
         # bitsandbytes NF4 as one self-contained block: fp32 absmax, then 32 bytes of codes (see reference/nf4.py).
         Format("NF4", None, NF4_BLOCK, 36, "nf4", (("absmax", 4), ("qs", 32)), "high_first"),
     )

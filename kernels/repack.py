@@ -10,12 +10,12 @@ so the codes of consecutive blocks are contiguous (16-byte vector loads), each s
 own, and 4-bit codes are paired in element order (byte j holds element 2j in its low nibble, 2j+1 in its high one),
 so a tile of bytes unpacks into consecutive elements with no index arithmetic. The K-quants' code fields (ggml's
 nibble runs, 2-bit crumbs, high-bit planes: `CODE_FIELDS`) become planes of the same sizes holding the same bits in
-element order, 8 // bits codes a byte, the first in the lowest bits; their sub-block scales stay as stored, decoded
-once per sub-block by the kernel. Planes are padded to 16 bytes: for Flux's shapes (K a multiple of 256) the legacy
-formats and NF4 take exactly the stored bytes, the K-quants up to 1.6% more at K = 3072 (their 2-byte super-block
-scales: 24 bytes a row, padded to 32) and none at K = 12288.
+element order, 8 // bits codes a byte, the first in the lowest bits; their (and IQ4_XS's) sub-block scales stay as
+stored, decoded once per sub-block by the kernel. Planes are padded to 16 bytes: for Flux's shapes (K a multiple of
+256) the legacy formats and NF4 take exactly the stored bytes, the K-quants and IQ4_XS up to 1.6% more at K = 3072
+(their 2-byte super-block fields: 24 bytes a row, padded to 32) and none at K = 12288.
 
-Formats opt in through `Format.codes` (the order of their codes); IQ4_XS keeps the blocks layout. `to_planes` /
+Formats opt in through `Format.codes` (the order of their codes): every block-quantized one does. `to_planes` /
 `to_blocks` are torch gathers that run on whichever device holds the bytes, so a weight is repacked where it will be
 used, after it leaves its memory-mapped file.
 """
@@ -80,6 +80,7 @@ CODE_FIELDS = {
     "q4_k": {"qs": (4, 32)},
     "q3_k": {"hmask": (1, 32), "qs": (2, 32)},
     "q2_k": {"qs": (2, 32)},
+    "iq4_xs": {"qs": (4, 16)},
 }
 
 

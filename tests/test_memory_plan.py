@@ -189,13 +189,13 @@ def test_flux_activation_formula_matches_cuda_allocator():
 
 def test_quantized_weights_count_in_the_layout_a_gpu_holds():
     """A CUDA device holds quantized weights repacked into the kernels' planes layout (kernels/repack.py): a Q4_K row
-    of 3072 takes 1744 bytes there (its 2-byte super-block scale planes padded to 16 bytes), 1728 as stored; Q4_0's
-    planes take exactly the stored bytes; IQ4_XS has no planes layout."""
+    of 3072 takes 1744 bytes there (its 2-byte super-block scale planes padded to 16 bytes), 1728 as stored; IQ4_XS
+    1648, 1632 as stored; Q4_0's planes take exactly the stored bytes."""
     from engine.module_tensors import device_nbytes, tensor_nbytes
     from kernels import QTensor
     from kernels.quant_linear import QuantLinear
 
-    for fmt, row in (("Q4_K", 1744), ("Q4_0", 1728), ("IQ4_XS", 1632)):
+    for fmt, row in (("Q4_K", 1744), ("Q4_0", 1728), ("IQ4_XS", 1648)):
         layer = QuantLinear(QTensor(torch.zeros((2, QTensor.quantize(torch.zeros(1, 3072), fmt).raw.shape[1]),
                                                 dtype=torch.uint8), fmt, (2, 3072)))
         assert device_nbytes(layer) == 2 * row and tensor_nbytes(layer) == layer.weight.nbytes

@@ -67,13 +67,13 @@ def test_nf4_codes_move_to_the_low_nibble_first():
 
 
 def test_formats_without_planes_keep_their_blocks():
-    raw = reference_raw("IQ4_XS", 2, 256)
-    weight = QTensor(raw, "IQ4_XS", (2, 256))
-    assert not has_planes("IQ4_XS") and weight.planes() is weight
-    with pytest.raises(ValueError, match="IQ4_XS has no planes layout; formats with one: Q8_0"):
-        to_planes(raw, "IQ4_XS")
+    raw = reference_raw("F8_E4M3", 2, 256)  # every block-quantized format has planes; FP8 is one byte a weight
+    weight = QTensor(raw, "F8_E4M3", (2, 256))
+    assert not has_planes("F8_E4M3") and weight.planes() is weight
+    with pytest.raises(ValueError, match="F8_E4M3 has no planes layout; formats with one: Q8_0"):
+        to_planes(raw, "F8_E4M3")
     with pytest.raises(ValueError, match="layout must be one of blocks, planes"):
-        QTensor(raw, "IQ4_XS", (2, 256), layout="tiles")
+        QTensor(raw, "F8_E4M3", (2, 256), layout="tiles")
     q8 = reference_raw("Q8_0", 2, 96)
     with pytest.raises(ValueError, match=r"\(planes\): raw has shape \(2, 102\), expected \(2, 112\)"):
         QTensor(q8, "Q8_0", (2, 96), layout="planes")

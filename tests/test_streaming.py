@@ -163,7 +163,7 @@ def test_cuda_streaming_is_exact_bounded_and_overlapped():
 def test_kernel_layout_repacks_every_quantized_linear_but_the_skipped():
     from engine.streaming import to_kernel_layout
 
-    layers = [QuantLinear(QTensor.quantize(torch.randn(16, 256), fmt)) for fmt in ("Q8_0", "IQ4_XS", "NF4", "Q4_0")]
+    layers = [QuantLinear(QTensor.quantize(torch.randn(16, 256), fmt)) for fmt in ("Q8_0", "F8_E4M3", "NF4", "Q4_0")]
     before = [layer.weight.dequantize() for layer in layers]
     to_kernel_layout([torch.nn.Sequential(*layers)], skip=[layers[3].raw])
     assert [layer.layout for layer in layers] == ["planes", "blocks", "planes", "blocks"]

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
-from kernels.triton.decode import IQ4_NL, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _iq4_value
+from kernels.triton.decode import (IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
+                                   _iq4_value)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -163,6 +164,17 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
             q = (_codes(w_ptr, rows + codes_plane, k0, K, n_mask, 1, BLOCK_N, BLOCK_K) << 4) | \
                 _codes(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
         w = _exact_float(q, 0) * _expand(scale, BLOCK_N, BLOCK_K, 32) - _expand(low, BLOCK_N, BLOCK_K, 32)
+    elif FMT == IQ4_XS:
+        # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | qs
+        nb = K // 256
+        t, t_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
+        low_plane = 2 * _plane_bytes(nb, 2)
+        j = t % 8
+        low4 = (_scale_bytes(w_ptr, rows + low_plane, t, 4, 8, j // 2, t_mask) >> (4 * (j % 2))) & 15
+        top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), t, 2, 8, j // 4, t_mask) >> (2 * (j % 4))) & 3
+        scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
+        q = _codes(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
+        w = _expand(scale, BLOCK_N, BLOCK_K, 32) * _iq4_value(q)
     else:
         tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1)
                          | (FMT == IQ4_NL), "decode_planes_tile: format without a planes layout")
