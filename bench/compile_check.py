@@ -61,7 +61,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
     from kernels.triton import qmatmul
     from kernels.triton.decode import FORMAT_IDS
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIG
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIGS
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -90,8 +90,9 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         else:
             kernel = qmatmul.qmv_kernel
             signature["k_per_split"] = "i32"
-            num_warps, num_stages = SPLIT_K_CONFIG["num_warps"], SPLIT_K_CONFIG["num_stages"]
-            constexprs |= {k: v for k, v in SPLIT_K_CONFIG.items() if k.startswith("BLOCK")}
+            config = SPLIT_K_CONFIGS[dtype]
+            num_warps, num_stages = config["num_warps"], config["num_stages"]
+            constexprs |= {k: v for k, v in config.items() if k.startswith("BLOCK")}
     for name in constexprs:
         signature[name] = "constexpr"
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}

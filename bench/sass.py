@@ -150,7 +150,7 @@ def load_width(opcode: str) -> int:
 def analyse(job) -> dict:
     """Compile one (kernel, format, cc, layout) and count its main loop."""
     kernel_name, fmt, cc, layout = job
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIG
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIGS
 
     if kernel_name == "bf16":
         from triton.backends.compiler import GPUTarget
@@ -171,7 +171,8 @@ def analyse(job) -> dict:
         if kernel_name == "qmm":
             bn, bm, bk, _, warps, _ = GEMM_CONFIGS["bf16"][0]
         else:
-            config = {"qmv": SPLIT_K_CONFIG, "gemv": GEMV_CONFIGS[layout], "dequant": DEQUANT_CONFIG}[kernel_name]
+            config = {"qmv": SPLIT_K_CONFIGS["bf16"], "gemv": GEMV_CONFIGS[layout],
+                      "dequant": DEQUANT_CONFIG}[kernel_name]
             bn, bk, warps, bm = config["BLOCK_N"], config["BLOCK_K"], config["num_warps"], config.get("BLOCK_M", 0)
     loop = main_loop(disassemble(compiled.asm["cubin"]))
     registers, spills = _ptxas_stats(compiled.asm["ptx"], cc)

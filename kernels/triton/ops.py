@@ -22,7 +22,9 @@ HALF_CONFIGS = (
     (64, 64, 16, 8, 4, 4),
 )
 GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16, 8, 4, 4),)}
-SPLIT_K_CONFIG = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
+_SPLIT_K_HALF = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
+# fp32 activations: two stages (three spilled 8 bytes for IQ4_XS planes on sm_90, compiled unspecialised)
+SPLIT_K_CONFIGS = {"fp16": _SPLIT_K_HALF, "bf16": _SPLIT_K_HALF, "fp32": dict(_SPLIT_K_HALF, num_stages=2)}
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
 # without spills for every format, dtype and sm_80-90 also unspecialised (`python -m bench.compile_check`; planes:
 # Q4_0 7.3, Q8_0 6.7, Q6_K 10.9 on sm_90; 16 x 256 counted 2-20% fewer but spilled for NF4 and Q5_K; blocks: Q4_K
@@ -37,7 +39,7 @@ DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, enable_fp_fusion=Fal
 # block formats whose K is not a multiple of 128, which is how the tests reach the K masks (the GPU tiles above, with
 # BLOCK_K <= 32, always divide K).
 INTERPRETER_GEMM = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=128, GROUP_N=4)
-INTERPRETER_SPLIT_K = dict(SPLIT_K_CONFIG, BLOCK_K=128)
+INTERPRETER_SPLIT_K = dict(_SPLIT_K_HALF, BLOCK_K=128)
 INTERPRETER_GEMV = dict(BLOCK_N=32, BLOCK_K=128)
 # activation dtype -> (its name in GEMM_CONFIGS, the tl.dot operand type)
 DTYPES = {torch.float16: ("fp16", tl.float16), torch.bfloat16: ("bf16", tl.bfloat16),
@@ -112,7 +114,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             return out.to(x.dtype)
         if kernel == "split-k":
             out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-            cfg = INTERPRETER_SPLIT_K if interpreting() else SPLIT_K_CONFIG
+            cfg = INTERPRETER_SPLIT_K if interpreting() else SPLIT_K_CONFIGS[dtype_name]
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], x.stride(0),
                              k_per_split, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **cfg)
