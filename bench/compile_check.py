@@ -2,7 +2,9 @@
 
 `python -m bench.compile_check [--archs sm_80,sm_86,sm_89,sm_90] [--workers N]` prints a table and fails (exit 1) on a
 compile error, a register spill or shared memory above the architecture's limit. Spills come from running Triton's
-bundled ptxas with -v on the generated PTX. tests/test_triton_compile.py runs a representative subset in CI.
+bundled ptxas with -v on the generated PTX. Each kernel is compiled for the worst case a launch can meet: pointers
+aligned (`POINTER_ARGUMENTS`), no size marked a multiple of 16 (odd M, N; the kernels state K's and the planes row
+length's multiples themselves). tests/test_triton_compile.py runs a representative subset in CI.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES):
     """(kernel, format, dtype, config index, cc, layout) for everything that can be launched."""
     from kernels.repack import has_planes
     from kernels.triton.decode import KERNEL_FORMATS
-    from kernels.triton.ops import GEMM_CONFIGS
+    from kernels.triton.ops import gemm_configs
 
     for cc in archs:
         for fmt in formats or KERNEL_FORMATS:
@@ -32,8 +34,15 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES):
                 for dtype in dtypes:
                     yield ("gemv", fmt, dtype, 0, cc, layout)
                     yield ("qmv", fmt, dtype, 0, cc, layout)
-                    for i in range(len(GEMM_CONFIGS[dtype])):
+                    for i in range(len(gemm_configs(dtype, layout, cc))):
                         yield ("qmm", fmt, dtype, i, cc, layout)
+
+
+_MATMUL_POINTERS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "nf4_ptr")
+# Pointer arguments per kernel. Every one is 16-byte aligned when quant_linear launches it (torch's allocations are;
+# an activation that is not gets copied), and Triton's JIT specialises on that, so every compilation here does too.
+POINTER_ARGUMENTS = {"qmm": _MATMUL_POINTERS, "qmv": _MATMUL_POINTERS, "gemv": _MATMUL_POINTERS,
+                     "dequant": ("w_ptr", "out_ptr", "nf4_ptr")}
 
 
 def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
@@ -61,7 +70,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
     from kernels.triton import qmatmul
     from kernels.triton.decode import FORMAT_IDS
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIGS
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMV_CONFIGS, SPLIT_K_CONFIGS, gemm_configs
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -80,12 +89,12 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         constexprs = common | {"HAS_BIAS": True} | {k: v for k, v in config.items() if k.startswith("BLOCK")}
     else:
         signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": act if kernel_name == "qmm" else "*fp32",
-                     "nf4_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "stride_xm": "i32"}
+                     "nf4_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32"}
         constexprs = common | {"HAS_BIAS": True, "DOT_DTYPE": tl_dtype}
         if kernel_name == "qmm":
             kernel = qmatmul.qmm_kernel
             signature["stride_ym"] = "i32"
-            bn, bm, bk, group, num_warps, num_stages = GEMM_CONFIGS[dtype][config_index]
+            bn, bm, bk, group, num_warps, num_stages = gemm_configs(dtype, layout, cc)[config_index]
             constexprs |= dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=group)
         else:
             kernel = qmatmul.qmv_kernel
@@ -105,7 +114,7 @@ def compile_one(job) -> dict:
     kernel_name, fmt, dtype, config_index, cc, layout = job
     row = dict(kernel=kernel_name, format=fmt, dtype=dtype, config=config_index, cc=cc, layout=layout)
     try:
-        compiled = compile_kernel(*job)
+        compiled = compile_kernel(*job, divisible_by_16=POINTER_ARGUMENTS[kernel_name])
         regs, spills = _ptxas_stats(compiled.asm["ptx"], cc)
     except Exception as e:  # reported per job: one broken config must not hide the others
         return row | dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])

@@ -37,7 +37,7 @@ import multiprocessing
 import triton
 import triton.language as tl
 
-from bench.compile_check import _compiler_process, _ptxas_stats, compile_kernel, parse_archs
+from bench.compile_check import POINTER_ARGUMENTS, _compiler_process, _ptxas_stats, compile_kernel, parse_archs
 from bench.kernels import SHAPES
 
 # name -> (compute capability, SMs, boost clock GHz, dense bf16 TFLOP/s with fp32 accumulation, DRAM TB/s)
@@ -79,16 +79,16 @@ def bf16_mm_kernel_source():
         pid_n, pid_m = pid // num_m, pid % num_m
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
                         other=0.0)
             x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
                         mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            acc = tl.dot(w, tl.trans(x), acc)
-        y = y_ptr + m[None, :].to(tl.int64) * stride_ym + n[:, None]
-        tl.store(y, acc.to(tl.bfloat16), mask=(n[:, None] < N) & (m[None, :] < M))
+            acc = tl.dot(x, tl.trans(w), acc)
+        y = y_ptr + m[:, None].to(tl.int64) * stride_ym + n[None, :]
+        tl.store(y, acc.to(tl.bfloat16), mask=(m[:, None] < M) & (n[None, :] < N))
 
     return bf16_mm_kernel
 
@@ -98,9 +98,8 @@ def divisible_arguments(kernel_name: str, fmt: str, layout: str) -> tuple[str, .
     from kernels.formats import get_format
     from kernels.repack import planes_row_bytes
 
-    matmul = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "nf4_ptr")
-    pointers = {"qmm": matmul, "qmv": matmul, "gemv": matmul, "dequant": ("w_ptr", "out_ptr", "nf4_ptr")}[kernel_name]
-    sizes = {"qmm": ("N", "K", "stride_xm", "stride_ym"), "qmv": ("N", "K", "stride_xm", "k_per_split"),
+    pointers = POINTER_ARGUMENTS[kernel_name]
+    sizes = {"qmm": ("N", "K", "stride_ym"), "qmv": ("N", "K", "k_per_split"),
              "gemv": ("N", "K", "k_per_split"), "dequant": ("N", "K")}[kernel_name]
     fmt_row_bytes = planes_row_bytes(get_format(fmt), FLUX_K) if layout == "planes" else get_format(fmt).row_bytes(FLUX_K)
     row_bytes = ("row_bytes",) if fmt_row_bytes % 16 == 0 else ()
@@ -150,7 +149,7 @@ def load_width(opcode: str) -> int:
 def analyse(job) -> dict:
     """Compile one (kernel, format, cc, layout) and count its main loop."""
     kernel_name, fmt, cc, layout = job
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIGS
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIGS, gemm_configs
 
     if kernel_name == "bf16":
         from triton.backends.compiler import GPUTarget
@@ -169,7 +168,7 @@ def analyse(job) -> dict:
     else:
         compiled = compile_kernel(kernel_name, fmt, "bf16", 0, cc, layout, divisible_arguments(kernel_name, fmt, layout))
         if kernel_name == "qmm":
-            bn, bm, bk, _, warps, _ = GEMM_CONFIGS["bf16"][0]
+            bn, bm, bk, _, warps, _ = gemm_configs("bf16", layout, cc)[0]
         else:
             config = {"qmv": SPLIT_K_CONFIGS["bf16"], "gemv": GEMV_CONFIGS[layout],
                       "dequant": DEQUANT_CONFIG}[kernel_name]

@@ -99,6 +99,12 @@ def device_name(device) -> str:
     return _properties(device_key(device)).name
 
 
+def compute_capability(device) -> int:
+    """The CUDA device's compute capability as one number (9.0 -> 90), looked up once."""
+    properties = _properties(device_key(device))
+    return 10 * properties.major + properties.minor
+
+
 def multiprocessor_count(device) -> int:
     """The CUDA device's number of SMs, looked up once."""
     return _properties(device_key(device)).multi_processor_count

@@ -9,7 +9,7 @@ import os
 from bench.compile_check import SHARED_LIMIT, problems, run
 from kernels.repack import has_planes
 from kernels.triton.decode import KERNEL_FORMATS
-from kernels.triton.ops import GEMM_CONFIGS
+from kernels.triton.ops import gemm_configs
 
 # the most registers in the full sweep: the blocks GEMM, split-K and dequantize kernels, the planes FMA GEMV
 HEAVY = (("Q5_K", "blocks"), ("NF4", "planes"), ("Q5_K", "planes"), ("Q6_K", "planes"))
@@ -21,7 +21,7 @@ def subset():
     for cc in SHARED_LIMIT:
         for fmt, layout in HEAVY:
             jobs += [("qmm", fmt, dtype, i, cc, layout) for dtype in ("bf16", "fp32")
-                     for i in range(len(GEMM_CONFIGS[dtype]))]
+                     for i in range(len(gemm_configs(dtype, layout, cc)))]
             jobs += [("gemv", fmt, "bf16", 0, cc, layout), ("qmv", fmt, "bf16", 0, cc, layout),
                      ("dequant", fmt, "fp16", 0, cc, layout)]
     return jobs

@@ -92,7 +92,7 @@ def test_planes_fused_matmul_equals_reference(fmt, M, dtype):
     _check_fused(fmt, M, dtype, ODD_N, odd_k(fmt), layout="planes")
 
 
-@pytest.mark.parametrize("block_k", [16, 32])  # the GPU tiles: a tile inside one block, a tile of whole blocks
+@pytest.mark.parametrize("block_k", [16, 32, 64])  # the GPU tiles: inside one block, one block, two blocks
 @pytest.mark.parametrize("fmt", PLANES_FORMATS)
 def test_planes_kernels_on_the_gpu_tiles(fmt, block_k, monkeypatch):
     if not interpreting():
@@ -196,6 +196,21 @@ def test_quant_linear_follows_the_measured_dispatch_table(tmp_path, monkeypatch)
     assert calls == [("Q4_K", 4)]
     expected = x.double().cpu() @ dense.double().T
     assert (y.double().cpu() - expected).norm() / expected.norm() < 1e-3
+
+
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_activations_at_any_address_and_stride(M):
+    """The kernels read x's rows at stride K from a 16-byte aligned start: a view that starts elsewhere or strides
+    otherwise is copied first, and gives the same result."""
+    weight, dense = quantized_weight("Q4_K", layout="planes")
+    rng = np.random.default_rng(M)
+    wide = torch.from_numpy(rng.standard_normal((M, 2 * K + 1)).astype(np.float32)).to(DEVICE)
+    expected = wide[:, 1:K + 1].double().cpu() @ dense.double().T
+    for x in (wide[:, 1:K + 1], wide[:, 1::2][:, :K]):  # misaligned start; a column stride of 2
+        y = quant_linear_triton(x, weight, None).double().cpu()
+        if x.stride(1) == 2:
+            expected = x.double().cpu() @ dense.double().T
+        assert (y - expected).norm() / expected.norm() < 1e-3
 
 
 def test_misaligned_planes_are_refused():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -15,13 +17,22 @@ SMALL_M = 16  # up to here the weight-streaming split-K kernels run: the FMA GEM
 
 # GEMM tiles per activation dtype, (BLOCK_N, BLOCK_M, BLOCK_K, GROUP_N, num_warps, num_stages): the ones that compile
 # without register spills for every format on sm_80/86/89/90 (the per-element decode is register hungry, fp32 tiles
-# twice so). tests/test_triton_compile.py checks a subset in CI, `python -m bench.compile_check` all of them.
+# twice so). tests/test_triton_compile.py checks a subset in CI, `python -m bench.compile_check` all of them. The
+# first is 64 deep: a tile's scale loads, address arithmetic and pipeline waits spread over 4x the elements of a
+# 16-deep one (sm_90, per decoded element: Q4_0 14.1 -> 8.7, Q4_K 21.6 -> 12.0); two stages, since three put NF4's
+# blocks layout over the 99 KB of shared memory of sm_86 / sm_89.
 HALF_CONFIGS = (
-    (128, 128, 16, 8, 8, 3),
+    (128, 128, 64, 8, 8, 2),
     (64, 128, 32, 8, 8, 3),
     (64, 64, 16, 8, 4, 4),
 )
 GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16, 8, 4, 4),)}
+# Tried first on Hopper (sm_90) for half activations and planes weights: 256 rows of M a tile, so each decoded weight
+# element feeds twice the tensor-core work of a 128-row tile and the decode's issue cost per FLOP halves (the
+# throughput model then puts the fused GEMM at M = 4608 at the bf16 kernel's time). Its accumulator takes 128
+# registers a thread: within wgmma's budget with the planes decoders, not on sm_80-89 (mma.sync) nor with the blocks
+# decoders, where it spills.
+WIDE_M_CONFIG = (128, 256, 64, 8, 8, 2)
 _SPLIT_K_HALF = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
 # fp32 activations: two stages (three spilled 8 bytes for IQ4_XS planes on sm_90, compiled unspecialised)
 SPLIT_K_CONFIGS = {"fp16": _SPLIT_K_HALF, "bf16": _SPLIT_K_HALF, "fp32": dict(_SPLIT_K_HALF, num_stages=2)}
@@ -55,13 +66,19 @@ def interpreting() -> bool:
     return not isinstance(qmv_kernel, triton.runtime.JITFunction)
 
 
-def _gemm_autotuned(configs):
+def gemm_configs(dtype_name: str, layout: str, cc: int) -> tuple:
+    """The GEMM tiles the autotuner tries for activations `dtype_name`, a weight in `layout`, compute capability
+    `cc` (90 for sm_90)."""
+    if cc == 90 and layout == "planes" and dtype_name != "fp32":
+        return (WIDE_M_CONFIG,) + GEMM_CONFIGS[dtype_name]
+    return GEMM_CONFIGS[dtype_name]
+
+
+@functools.cache
+def _gemm_autotuned(configs: tuple):
     return triton.autotune([triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=g), num_warps=w,
                                           num_stages=s) for bn, bm, bk, g, w, s in configs],
                            key=["M", "N", "K", "FMT", "PLANES"])(qmm_kernel)
-
-
-_QMM_AUTOTUNED = {name: _gemm_autotuned(configs) for name, configs in GEMM_CONFIGS.items()}
 
 
 def fused_kernel(M: int) -> str:
@@ -89,10 +106,19 @@ def _require_aligned(weight: QTensor) -> None:
                          "(.contiguous() of a fresh tensor)")
 
 
+def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself where it is contiguous and starts at a multiple of 16 bytes, else a copy that does (the kernels read
+    x's rows at stride K, and Triton's JIT compiles its vector loads only for 16-byte aligned pointers)."""
+    if x.is_contiguous() and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x` `(M, K)` contiguous fp16/bf16/fp32 -> `(M, N)` in x's dtype."""
+    """`x` `(M, K)` fp16/bf16/fp32 -> `(M, N)` in x's dtype."""
     state.common_device(x, weight.raw, bias)
     _require_aligned(weight)
+    x = _aligned_rows(x)
     M, K = x.shape
     N = weight.shape[0]
     fmt = FORMAT_IDS[weight.format]
@@ -116,18 +142,19 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
             cfg = INTERPRETER_SPLIT_K if interpreting() else SPLIT_K_CONFIGS[dtype_name]
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
-            qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], x.stride(0),
-                             k_per_split, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **cfg)
+            qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], k_per_split,
+                             FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **cfg)
             return out.to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], x.stride(0), out.stride(0))
+        args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], out.stride(0))
         if interpreting():
             c = INTERPRETER_GEMM
             grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
             qmm_kernel[grid](*args, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **c)
         else:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            _QMM_AUTOTUNED[dtype_name][grid](*args, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
+            configs = gemm_configs(dtype_name, weight.layout, state.compute_capability(x.device))
+            _gemm_autotuned(configs)[grid](*args, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
         return out
 
 
