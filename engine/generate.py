@@ -187,6 +187,12 @@ def engine_version() -> str:
         return "unknown"
 
 
+def _file_names(files: dict[str, str]) -> dict[str, str]:
+    """The model files by name only: a picture that gets shared must not carry the folders of the machine that made
+    it."""
+    return {role: Path(path).name for role, path in files.items()}
+
+
 def png_info(prompt: str, seed: int, params: dict) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     a1111 = (f"{prompt}\n" + (f"Negative prompt: {params['negative_prompt']}\n" if params["true_cfg"] != 1 else "")
@@ -262,8 +268,10 @@ def run(args) -> int:
 
     params = dict(steps=steps, guidance=guidance, true_cfg=true_cfg, negative_prompt=args.negative_prompt,
                   width=width, height=height, schedule="shifted" if defaults.shift else "linear",
-                  files=pipe.files, transformer_formats=weight_formats(pipe.transformer), version=engine_version(),
-                  dtype=str(dtype).removeprefix("torch."), loras=pipe.loras.describe(), lora_mode=pipe.lora_mode)
+                  files=_file_names(pipe.files), transformer_formats=weight_formats(pipe.transformer),
+                  version=engine_version(), dtype=str(dtype).removeprefix("torch."),
+                  loras=[lora | {"file": Path(lora["file"]).name} for lora in pipe.loras.describe()],
+                  lora_mode=pipe.lora_mode)
     if args.out.suffix.lower() != ".png":
         args.out.mkdir(exist_ok=True)
     paths = output_paths(args.out, len(prompts) * args.num_images)

@@ -42,7 +42,8 @@ def test_writes_png_with_parameters_and_is_deterministic(folder, tmp_path, capsy
     params = json.loads(image.text["flux-quant-engine"])
     assert params["prompt"] == "a red circle" and params["seed"] == 5 and params["steps"] == 2
     assert params["width"] == 64 and params["height"] == 48 and params["guidance"] == 3.5
-    assert params["files"]["transformer"].endswith("transformer") and params["version"]
+    assert params["files"]["transformer"] == "transformer" and params["version"]
+    assert str(tmp_path.parent) not in image.text["flux-quant-engine"]  # file names, not this machine's folders
     assert "Seed: 5" in image.text["parameters"] and image.text["parameters"].startswith("a red circle\n")
     umask = os.umask(0)
     os.umask(umask)
@@ -132,6 +133,7 @@ def test_loras_are_applied_and_listed_in_the_png(folder, lora_files, tmp_path, c
     image = Image.open(tmp_path / "lora.png")
     params = json.loads(image.text["flux-quant-engine"])
     assert [(lora["name"], lora["weight"]) for lora in params["loras"]] == [("qkv", 0.5), ("linear2", 1.0)]
+    assert [lora["file"] for lora in params["loras"]] == [qkv.name, linear2.name]
     assert params["lora_mode"] == mode
     assert "LoRA: qkv:0.5, LoRA: linear2:1" in image.text["parameters"]
     assert image.tobytes() != Image.open(tmp_path / "plain.png").tobytes()
