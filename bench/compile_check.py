@@ -70,7 +70,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
     from kernels.triton import qmatmul
     from kernels.triton.decode import FORMAT_IDS
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMV_CONFIGS, SPLIT_K_CONFIGS, gemm_configs
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMV_CONFIGS, gemm_configs, split_k_config
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -99,7 +99,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         else:
             kernel = qmatmul.qmv_kernel
             signature["k_per_split"] = "i32"
-            config = SPLIT_K_CONFIGS[dtype]
+            config = split_k_config(fmt, layout, dtype)
             num_warps, num_stages = config["num_warps"], config["num_stages"]
             constexprs |= {k: v for k, v in config.items() if k.startswith("BLOCK")}
     for name in constexprs:

@@ -149,7 +149,7 @@ def load_width(opcode: str) -> int:
 def analyse(job) -> dict:
     """Compile one (kernel, format, cc, layout) and count its main loop."""
     kernel_name, fmt, cc, layout = job
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, SPLIT_K_CONFIGS, gemm_configs
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, gemm_configs, split_k_config
 
     if kernel_name == "bf16":
         from triton.backends.compiler import GPUTarget
@@ -170,7 +170,7 @@ def analyse(job) -> dict:
         if kernel_name == "qmm":
             bn, bm, bk, _, warps, _ = gemm_configs("bf16", layout, cc)[0]
         else:
-            config = {"qmv": SPLIT_K_CONFIGS["bf16"], "gemv": GEMV_CONFIGS[layout],
+            config = {"qmv": split_k_config(fmt, layout, "bf16"), "gemv": GEMV_CONFIGS[layout],
                       "dequant": DEQUANT_CONFIG}[kernel_name]
             bn, bk, warps, bm = config["BLOCK_N"], config["BLOCK_K"], config["num_warps"], config.get("BLOCK_M", 0)
     loop = main_loop(disassemble(compiled.asm["cubin"]))

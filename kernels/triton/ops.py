@@ -33,24 +33,40 @@ GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16
 # registers a thread: within wgmma's budget with the planes decoders, not on sm_80-89 (mma.sync) nor with the blocks
 # decoders, where it spills.
 WIDE_M_CONFIG = (128, 256, 64, 8, 8, 2)
-_SPLIT_K_HALF = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
-# fp32 activations: two stages (three spilled 8 bytes for IQ4_XS planes on sm_90, compiled unspecialised)
-SPLIT_K_CONFIGS = {"fp16": _SPLIT_K_HALF, "bf16": _SPLIT_K_HALF, "fp32": dict(_SPLIT_K_HALF, num_stages=2)}
+# 1 < M <= 16, per weight layout and activation dtype. Planes: 128 deep, which spreads each K step's scale loads and
+# pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 11.0 -> 7.3, Q4_K 16.0 -> 8.4).
+# Blocks: 32 deep, where deeper tiles spill (Q5_K, Q5_1, Q6_K, IQ4_XS); fp32 activations two stages there (three
+# spilled 8 bytes for IQ4_XS on sm_90).
+_SPLIT_K_BLOCKS = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
+_SPLIT_K_PLANES = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=128, num_warps=8, num_stages=2)
+SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES, "fp32": _SPLIT_K_PLANES},
+                   "blocks": {"fp16": _SPLIT_K_BLOCKS, "bf16": _SPLIT_K_BLOCKS,
+                              "fp32": dict(_SPLIT_K_BLOCKS, num_stages=2)}}
+
+
+def split_k_config(fmt: str, layout: str, dtype_name: str) -> dict:
+    """The split-K tile for a weight of `fmt` in `layout` and activations `dtype_name`. NF4's planes keep the blocks'
+    32-deep tile: Triton's pipeliner stages its per-element table gather through shared memory with the weight's own
+    loads, so deeper tiles take 100-197 KB (over sm_86/89's 99 KB), and in one stage count more (sm_90, per element:
+    128 x 64 17.0, against 15.1 at 128 x 32 in three)."""
+    return SPLIT_K_CONFIGS["blocks" if (fmt, layout) == ("NF4", "planes") else layout][dtype_name]
+
+
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
-# without spills for every format, dtype and sm_80-90 also unspecialised (`python -m bench.compile_check`; planes:
-# Q4_0 7.3, Q8_0 6.7, Q6_K 10.9 on sm_90; 16 x 256 counted 2-20% fewer but spilled for NF4 and Q5_K; blocks: Q4_K
-# 15.3, where wider tiles spill)
-GEMV_CONFIGS = {"planes": dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1),
+# without spills for every format, dtype and sm_80-90 (`python -m bench.compile_check`). Planes, sm_90: 64 x 128
+# counts Q4_0 6.8, Q8_0 6.3, Q6_K 10.0, NF4 11.3 (32 x 128: 7.2, 6.7, 10.3, 15.5; 32 x 256 about as 64 x 128 with
+# more registers). Blocks: Q4_K 15.3, where wider tiles spill.
+GEMV_CONFIGS = {"planes": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1),
                 "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)}
 # No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
 # output to be bit-identical (the fused kernels keep fusion: their decoded weight may differ in the last bit there)
 DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, enable_fp_fusion=False)
 # The interpreter runs each program's tile operations as numpy calls, so its cost is per tile: BLOCK_K 128 runs
 # 3-4x faster than 32 there (measured on Q4_K, 72 x 512). It also leaves a partial K tile for 32- and 64-element
-# block formats whose K is not a multiple of 128, which is how the tests reach the K masks (the GPU tiles above, with
-# BLOCK_K <= 32, always divide K).
+# block formats whose K is not a multiple of 128, which is how the tests reach the K masks (the GPU tiles above meet
+# them too: 64- and 128-deep tiles where K is not a multiple of the tile).
 INTERPRETER_GEMM = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=128, GROUP_N=4)
-INTERPRETER_SPLIT_K = dict(_SPLIT_K_HALF, BLOCK_K=128)
+INTERPRETER_SPLIT_K = dict(_SPLIT_K_BLOCKS, BLOCK_K=128)
 INTERPRETER_GEMV = dict(BLOCK_N=32, BLOCK_K=128)
 # activation dtype -> (its name in GEMM_CONFIGS, the tl.dot operand type)
 DTYPES = {torch.float16: ("fp16", tl.float16), torch.bfloat16: ("bf16", tl.bfloat16),
@@ -140,7 +156,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             return out.to(x.dtype)
         if kernel == "split-k":
             out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-            cfg = INTERPRETER_SPLIT_K if interpreting() else SPLIT_K_CONFIGS[dtype_name]
+            cfg = INTERPRETER_SPLIT_K if interpreting() else split_k_config(weight.format, weight.layout, dtype_name)
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], k_per_split,
                              FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **cfg)
