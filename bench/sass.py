@@ -2,14 +2,15 @@
 
     python -m bench.sass [--archs sm_90] [--formats Q4_K,Q8_0] [--m 1,16,256,4608] [--workers N]
 
-Each kernel launch `quant_linear` makes with bf16 activations (the GEMM's first tile config for M > 16, the split-K
-tensor-core GEMV for 1 < M <= 16, the FMA GEMV for M = 1, the dequantize kernel of "dequantize + matmul") is compiled for the architecture as Triton's JIT
+Each kernel launch `quant_linear` makes with bf16 activations (the GEMM for M > 16 in each tile its autotuner tries,
+the split-K tensor-core GEMV for 1 < M <= 16, the FMA GEMV for M = 1, the dequantize kernel of "dequantize + matmul")
+is compiled for the architecture as Triton's JIT
 specialises it for Flux's shapes (every pointer and every size that is a multiple of 16 marked so: K, N, strides,
 `row_bytes` where the format's row length is), with Triton's bundled ptxas, and disassembled with its cuobjdump.
 The main loop is the backward branch's body holding the most tensor-core instructions (the dequantize kernel has no
 loop: its whole body, one tile per program). Per weight element decoded in one iteration: SASS instructions x
 threads per program / (BLOCK_N x BLOCK_K), by class. A bf16 kernel of the GEMM's structure (same tiles, the weight
-tile loaded as bf16) is compiled the same way as the baseline.
+tile loaded as bf16; the first GEMM tile of sm_80-89) is compiled the same way as the baseline.
 
 Throughput model (written down in GPUS): a launch takes the longest of
 - issue: instructions per element x elements decoded (N x K per M tile of the GEMM, once for the GEMV and the
@@ -147,8 +148,9 @@ def load_width(opcode: str) -> int:
 
 
 def analyse(job) -> dict:
-    """Compile one (kernel, format, cc, layout) and count its main loop."""
-    kernel_name, fmt, cc, layout = job
+    """Compile one (kernel, format, cc, layout[, GEMM config index]) and count its main loop."""
+    kernel_name, fmt, cc, layout = job[:4]
+    config_index = job[4] if len(job) > 4 else 0
     from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, gemm_configs, split_k_config
 
     if kernel_name == "bf16":
@@ -166,9 +168,10 @@ def analyse(job) -> dict:
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), attrs=attrs), target=GPUTarget("cuda", cc, 32),
             options=dict(num_warps=warps, num_stages=stages))
     else:
-        compiled = compile_kernel(kernel_name, fmt, "bf16", 0, cc, layout, divisible_arguments(kernel_name, fmt, layout))
+        compiled = compile_kernel(kernel_name, fmt, "bf16", config_index, cc, layout,
+                                  divisible_arguments(kernel_name, fmt, layout))
         if kernel_name == "qmm":
-            bn, bm, bk, _, warps, _ = gemm_configs("bf16", layout, cc)[0]
+            bn, bm, bk, _, warps, _ = gemm_configs("bf16", layout, cc)[config_index]
         else:
             config = {"qmv": split_k_config(fmt, layout, "bf16"), "gemv": GEMV_CONFIGS[layout],
                       "dequant": DEQUANT_CONFIG}[kernel_name]
@@ -213,7 +216,12 @@ def estimate_rows(rows: list[dict], ms: list[int]):
     from kernels.formats import get_format
     from kernels.triton.ops import fused_kernel
 
-    by_key = {(r["kernel"], r["format"], r["cc"]): r for r in rows if r["layout"] == kernel_layout(r["format"])}
+    run = [r for r in rows if r["layout"] == kernel_layout(r["format"])]
+    by_key = {(r["kernel"], r["format"], r["cc"]): r for r in run if r["kernel"] != "qmm"}
+    gemm_tiles = {}  # the autotuner picks the fastest of the GEMM's tiles: so does the model
+    for r in run:
+        if r["kernel"] == "qmm":
+            gemm_tiles.setdefault((r["format"], r["cc"]), []).append(r)
     for gpu_name, gpu in GPUS.items():
         cc = gpu[0]
         bf16 = by_key.get(("bf16", "BF16", cc))
@@ -223,7 +231,10 @@ def estimate_rows(rows: list[dict], ms: list[int]):
             weight_bytes = get_format(fmt).row_bytes(FLUX_K) * FLUX_N
             for M in ms:
                 base = launch_ms(bf16, gpu, M, 2 * FLUX_N * FLUX_K)
-                fused_row = by_key[(FUSED_KERNEL[fused_kernel(M)], fmt, cc)]
+                if fused_kernel(M) == "gemm":
+                    fused_row = min(gemm_tiles[(fmt, cc)], key=lambda r: launch_ms(r, gpu, M, weight_bytes))
+                else:
+                    fused_row = by_key[(FUSED_KERNEL[fused_kernel(M)], fmt, cc)]
                 issue, _, memory = launch_terms(fused_row, gpu, M, weight_bytes)
                 fused = launch_ms(fused_row, gpu, M, weight_bytes)
                 scratch = launch_ms(by_key[("dequant", fmt, cc)], gpu, M, weight_bytes) + base
@@ -266,12 +277,17 @@ def kernel_layout(fmt: str) -> str:
 
 
 def jobs(archs, formats):
-    """Each kernel in the layout it runs on (planes formats in both, to compare)."""
+    """Each kernel in the layout it runs on (planes formats in both, to compare); the GEMM in each of its tiles in
+    the layout it runs on."""
+    from kernels.triton.ops import gemm_configs
+
     for cc in archs:
         yield ("bf16", "BF16", cc, "blocks")
         for fmt in formats:
             for layout in dict.fromkeys(("blocks", kernel_layout(fmt))):
-                for kernel in ("qmm", "qmv", "gemv", "dequant"):
+                tiles = len(gemm_configs("bf16", layout, cc)) if layout == kernel_layout(fmt) else 1
+                yield from (("qmm", fmt, cc, layout, i) for i in range(tiles))
+                for kernel in ("qmv", "gemv", "dequant"):
                     yield (kernel, fmt, cc, layout)
 
 
@@ -313,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
               + f" | {widths} | {r['registers']} | {r['spills']} | {r['shared'] / 1024:.0f} |")
 
     print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: the FMA GEMV at M = 1, the split-K "
-          f"tensor-core GEMV for M <= 16, the GEMM above; fused issue / memory <= 0.8 is memory-bound)\n")
+          f"tensor-core GEMV for M <= 16, the GEMM above in its fastest tile; fused issue / memory <= 0.8 is "
+          f"memory-bound)\n")
     print("| GPU | format | M | bf16 kernel (ms) | fused / bf16 | dequantize + matmul / bf16 | best / bf16 | "
           "fused issue / memory |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

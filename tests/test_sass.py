@@ -4,6 +4,7 @@ disassembled with Triton's bundled tools, and the throughput model's arithmetic.
 import pytest
 
 from bench import sass
+from kernels.formats import get_format
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -53,6 +54,25 @@ def test_model_takes_the_slowest_of_issue_tensor_and_memory():
     assert sass.launch_ms(bf16, gpu, 1, 0, K=1000, N=1000) == pytest.approx(0.32e-3)
     gemv = dict(kernel="qmv", block_m=16, per_element=1.0)
     assert sass.launch_ms(gemv, gpu, 1, 1e7, K=1000, N=1000) == pytest.approx(1e7 * 1e3 / 1e12, rel=1e-3)
+
+
+def test_the_gemm_estimate_takes_its_fastest_tile():
+    """As the autotuner does: at M = 4608 a 256-row tile that counts more per decoded element but decodes the
+    weight half as often wins; below the tiles' M the 128-row one does."""
+    common = dict(format="Q8_0", cc=90, layout="planes")
+    rows = [dict(kernel="bf16", format="BF16", cc=90, layout="blocks", block_m=128, per_element=1.0),
+            dict(kernel="qmm", block_m=128, per_element=40.0, **common),
+            dict(kernel="qmm", block_m=256, per_element=60.0, **common),
+            dict(kernel="qmv", block_m=16, per_element=1.0, **common),
+            dict(kernel="gemv", block_m=0, per_element=1.0, **common),
+            dict(kernel="dequant", block_m=0, per_element=1.0, **common)]
+    gpu = sass.GPUS["H100 SXM"]
+    weight_bytes = get_format("Q8_0").row_bytes(sass.FLUX_K) * sass.FLUX_N
+    estimates = {(name, M): fused for name, _, M, _, fused, *_ in sass.estimate_rows(rows, [128, 4608])}
+    for M, tile in ((128, 1), (4608, 2)):
+        base = sass.launch_ms(rows[0], gpu, M, 2 * sass.FLUX_N * sass.FLUX_K)
+        assert estimates[("H100 SXM", M)] == pytest.approx(sass.launch_ms(rows[tile], gpu, M, weight_bytes) / base)
+    assert sass.launch_ms(rows[2], gpu, 4608, weight_bytes) < sass.launch_ms(rows[1], gpu, 4608, weight_bytes)
 
 
 def test_compiles_and_counts_a_kernel_for_sm_90():
