@@ -242,17 +242,20 @@ def estimate_rows(rows: list[dict], ms: list[int]):
                        issue / memory)
 
 
-def static_methods(rows: list[dict]) -> tuple[str, dict[str, str]]:
-    """The dispatch method the model prefers per (format, M bucket) on the first GPU of GPUS whose architecture
-    `rows` cover: {"<format>@<bucket>": "fused" or "dequant_matmul"}, and that GPU's name."""
+def static_methods(rows: list[dict]) -> dict[int, tuple[str, dict[str, str]]]:
+    """Per architecture `rows` cover: the dispatch method the model prefers per (format, M bucket) on the first GPU of
+    GPUS with that architecture, {cc: (GPU name, {"<format>@<bucket>": "fused" or "dequant_matmul"})}."""
     from kernels.dispatch import M_BUCKETS
 
     estimates = list(estimate_rows(rows, list(M_BUCKETS)))
     if not estimates:
         raise ValueError("no bf16 baseline compiled: cannot choose methods")
-    gpu = estimates[0][0]
-    return gpu, {f"{fmt}@{M}": "fused" if fused <= scratch else "dequant_matmul"
-                 for name, fmt, M, _, fused, scratch, *_ in estimates if name == gpu}
+    chosen = {}
+    for name, (cc, *_) in GPUS.items():
+        if cc not in chosen and any(e[0] == name for e in estimates):
+            chosen[cc] = (name, {f"{fmt}@{M}": "fused" if fused <= scratch else "dequant_matmul"
+                                 for gpu, fmt, M, _, fused, scratch, *_ in estimates if gpu == name})
+    return chosen
 
 
 def dequantize_rows(rows: list[dict]):
@@ -302,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="token counts M for the estimates (default: %(default)s)")
     parser.add_argument("--write-static-dispatch", action="store_true",
                         help="store the model's preferred method per (format, M bucket) as quant_linear's default "
-                             "where no GPU has measured a table (kernels/dispatch_tables/static-model.json)")
+                             "on each architecture compiled for, where no GPU has measured a table "
+                             "(kernels/dispatch_tables/static-model-sm<cc>.json)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="compiling processes (default: the number of CPU cores, here %(default)s)")
     args = parser.parse_args(argv)
@@ -346,9 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.write_static_dispatch:
         from kernels.dispatch import write_static_table
 
-        gpu, methods = static_methods(rows)
-        path = write_static_table(methods, f"python -m bench.sass --write-static-dispatch: {gpu} throughput model")
-        print(f"\nwrote {path} ({gpu} model): " + ", ".join(f"{k} {v}" for k, v in sorted(methods.items())))
+        for cc, (gpu, methods) in static_methods(rows).items():
+            path = write_static_table(methods, f"python -m bench.sass --write-static-dispatch: {gpu} throughput model",
+                                      cc)
+            print(f"\nwrote kernels/dispatch_tables/{path.name} ({gpu} model): "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(methods.items())))
 
 
 if __name__ == "__main__":

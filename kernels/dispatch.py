@@ -7,8 +7,8 @@ The two methods: "fused" (the dequant-matmul kernels: split-K for M <= 16, tenso
 the table to the user's cache directory (`$XDG_CACHE_HOME/flux-quant-engine/dispatch/<gpu>.json`: the installed
 package may be read-only); tables shipped in `kernels/dispatch_tables/` are only read. An entry of the user's table
 wins over the shipped one; where neither has the (format, M bucket), `default_method` decides: the static cost
-model's choice per (format, M bucket) written by `python -m bench.sass --write-static-dispatch` into
-`kernels/dispatch_tables/static-model.json`, else one rule for every format.
+model's choice per (format, M bucket) for the GPU's architecture, written by `python -m bench.sass
+--write-static-dispatch` into `kernels/dispatch_tables/static-model-sm<cc>.json`, else one rule for every format.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ METHODS = ("fused", "dequant_matmul")
 M_BUCKETS = (1, 16, 512, 4096)  # a call with M rows falls in the first bucket >= M (the last for larger M)
 FUSED_UP_TO = 16  # the static model's default: the fused kernels (the split-K GEMV) up to this many rows
 SHIPPED_DIR = Path(__file__).parent / "dispatch_tables"
-STATIC_TABLE = SHIPPED_DIR / "static-model.json"  # no GPU's name slugs to this
 
 
 def user_table_dir() -> Path:
@@ -43,17 +42,22 @@ def table_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() + ".json"
 
 
-def default_method(fmt: str, M: int) -> str:
-    """The method without a measured table: the static model's choice for (format, M bucket) (`python -m bench.sass
-    --write-static-dispatch`), else for M <= 16 the fused split-K GEMV, which reads only the quantized bytes, and
-    above, decoding once into scratch + torch's matmul, as the fused GEMM decodes the weight again for every M tile
-    and its decode costs more instructions than its tensor-core work (bench/results/sass-sm90.md)."""
-    return static_table().get(f"{fmt}@{m_bucket(M)}") or ("fused" if m_bucket(M) <= FUSED_UP_TO else "dequant_matmul")
+def static_table_name(cc: int) -> str:
+    return f"static-model-sm{cc}.json"  # no GPU's name slugs to this
+
+
+def default_method(fmt: str, M: int, cc: int | None = None) -> str:
+    """The method without a measured table: the static model's choice for (format, M bucket) on architecture `cc`
+    (90 for sm_90; `python -m bench.sass --write-static-dispatch`), else for M <= 16 the fused split-K GEMV, which
+    reads only the quantized bytes, and above, decoding once into scratch + torch's matmul, which the model prefers
+    wherever the fused GEMM's decode costs more issue slots than its tensor-core work (bench/results/sass-*.md)."""
+    table = static_table(cc) if cc is not None else {}
+    return table.get(f"{fmt}@{m_bucket(M)}") or ("fused" if m_bucket(M) <= FUSED_UP_TO else "dequant_matmul")
 
 
 @functools.lru_cache(maxsize=None)
-def static_table() -> dict[str, str]:
-    return _read(STATIC_TABLE)
+def static_table(cc: int) -> dict[str, str]:
+    return _read(SHIPPED_DIR / static_table_name(cc))
 
 
 def _read(path: Path) -> dict[str, str]:
@@ -66,8 +70,9 @@ def load_table(device_name: str) -> dict[str, str]:
     return _read(SHIPPED_DIR / table_name(device_name)) | _read(user_table_dir() / table_name(device_name))
 
 
-def method(fmt: str, M: int, device_name: str) -> str:
-    return load_table(device_name).get(f"{fmt}@{m_bucket(M)}") or default_method(fmt, M)
+def method(fmt: str, M: int, device_name: str, cc: int | None = None) -> str:
+    """The method on the GPU `device_name` of architecture `cc`: its measured table's entry, else the default."""
+    return load_table(device_name).get(f"{fmt}@{m_bucket(M)}") or default_method(fmt, M, cc)
 
 
 def method_for(fmt: str, M: int, device: torch.device) -> str:
@@ -75,7 +80,7 @@ def method_for(fmt: str, M: int, device: torch.device) -> str:
     interpreter) the fused kernels, which is what the tests check there."""
     if device.type != "cuda":
         return "fused"
-    return method(fmt, M, state.device_name(device))
+    return method(fmt, M, state.device_name(device), state.compute_capability(device))
 
 
 def _write(path: Path, content: dict) -> Path:
@@ -96,6 +101,7 @@ def write_table(device_name: str, methods: dict[str, str], source: str) -> Path:
                                                                 "methods": methods})
 
 
-def write_static_table(methods: dict[str, str], source: str, path: Path = STATIC_TABLE) -> Path:
-    """Store the static cost model's `{"<format>@<M bucket>": method}` (shipped with the package)."""
-    return _write(path, {"source": source, "methods": methods})
+def write_static_table(methods: dict[str, str], source: str, cc: int) -> Path:
+    """Store the static cost model's `{"<format>@<M bucket>": method}` for architecture `cc` (shipped with the
+    package)."""
+    return _write(SHIPPED_DIR / static_table_name(cc), {"source": source, "methods": methods})

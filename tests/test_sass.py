@@ -109,12 +109,21 @@ def test_static_dispatch_takes_the_cheaper_method_and_quant_linear_follows_it(tm
             dict(kernel="qmv", format="Q8_0", cc=90, layout="planes", block_m=16, per_element=1.0),
             dict(kernel="dequant", format="Q8_0", cc=90, layout="planes", block_m=0, per_element=0.0),
             dict(kernel="qmv", format="Q8_0", cc=90, layout="blocks", block_m=16, per_element=0.0)]  # not run
-    gpu, methods = sass.static_methods(rows)
-    assert gpu == "H100 SXM" and methods["Q8_0@1"] == "dequant_matmul" and methods["Q8_0@16"] == "fused"
-    monkeypatch.setattr(dispatch, "STATIC_TABLE", tmp_path / "static-model.json")
-    dispatch.write_static_table(methods, "test", tmp_path / "static-model.json")
+    # the same kernels on sm_89 (the RTX 4090 comes first in GPUS there): the fused GEMV is fast
+    rows += [dict(r, cc=89, per_element=1.0 if r["kernel"] == "gemv" else r["per_element"]) for r in rows]
+    chosen = sass.static_methods(rows)
+    assert sorted(chosen) == [89, 90] and chosen[90][0] == "H100 SXM" and chosen[89][0] == "RTX 4090"
+    methods = chosen[90][1]
+    assert methods["Q8_0@1"] == "dequant_matmul" and methods["Q8_0@16"] == "fused"
+    assert chosen[89][1]["Q8_0@1"] == "fused"
+    monkeypatch.setattr(dispatch, "SHIPPED_DIR", tmp_path)
+    for cc, (_, table) in chosen.items():
+        assert dispatch.write_static_table(table, "test", cc) == tmp_path / f"static-model-sm{cc}.json"
     try:
-        assert dispatch.default_method("Q8_0", 1) == "dequant_matmul"
-        assert dispatch.default_method("Q4_0", 1) == "fused"  # not in the table: the rule
+        assert dispatch.default_method("Q8_0", 1, 90) == "dequant_matmul"
+        assert dispatch.default_method("Q8_0", 1, 89) == "fused"
+        assert dispatch.default_method("Q4_0", 1, 90) == "fused"  # not in the table: the rule
+        assert dispatch.default_method("Q8_0", 4608, 100) == "dequant_matmul"  # no table for sm_100: the rule
+        assert dispatch.method("Q8_0", 1, "Unmeasured GPU", 90) == "dequant_matmul"
     finally:
         dispatch.static_table.cache_clear()
