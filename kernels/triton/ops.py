@@ -19,7 +19,7 @@ SMALL_M = 16  # up to here the weight-streaming split-K kernels run: the FMA GEM
 # without register spills for every format on sm_80/86/89/90 (the per-element decode is register hungry, fp32 tiles
 # twice so). tests/test_triton_compile.py checks a subset in CI, `python -m bench.compile_check` all of them. The
 # first is 64 deep: a tile's scale loads, address arithmetic and pipeline waits spread over 4x the elements of a
-# 16-deep one (sm_90, per decoded element: Q4_0 14.1 -> 8.7, Q4_K 21.6 -> 12.0); two stages, since three put NF4's
+# 16-deep one (sm_90, per decoded element: Q4_0 14.1 -> 8.9, Q4_K 21.6 -> 10.6); two stages, since three put NF4's
 # blocks layout over the 99 KB of shared memory of sm_86 / sm_89.
 HALF_CONFIGS = (
     (128, 128, 64, 8, 8, 2),
@@ -34,7 +34,7 @@ GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16
 # decoders, where it spills.
 WIDE_M_CONFIG = (128, 256, 64, 8, 8, 2)
 # 1 < M <= 16, per weight layout and activation dtype. Planes: 128 deep, which spreads each K step's scale loads and
-# pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 11.0 -> 7.3, Q4_K 16.0 -> 8.4).
+# pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 10.8 -> 7.5, Q4_K 16.1 -> 8.4).
 # Blocks: 32 deep, where deeper tiles spill (Q5_K, Q5_1, Q6_K, IQ4_XS); fp32 activations two stages there (three
 # spilled 8 bytes for IQ4_XS on sm_90).
 _SPLIT_K_BLOCKS = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
