@@ -26,7 +26,8 @@ HALF_CONFIGS = (
     (64, 128, 32, 8, 8, 3),
     (64, 64, 16, 8, 4, 4),
 )
-GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16, 8, 4, 4),)}
+# fp32: two stages (with four, NF4's blocks and Q5_1's planes took 255 registers and spilled 8-40 bytes)
+GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16, 8, 4, 2),)}
 # Tried first on Hopper (sm_90) for half activations and planes weights: 256 rows of M a tile, so each decoded weight
 # element feeds twice the tensor-core work of a 128-row tile and the decode's issue cost per FLOP halves (the
 # throughput model then puts the fused GEMM at M = 4608 at the bf16 kernel's time). Its accumulator takes 128
@@ -35,11 +36,12 @@ GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16
 WIDE_M_CONFIG = (128, 256, 64, 8, 8, 2)
 # 1 < M <= 16, per weight layout and activation dtype. Planes: 128 deep, which spreads each K step's scale loads and
 # pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 10.8 -> 7.5, Q4_K 16.1 -> 8.4).
-# Blocks: 32 deep, where deeper tiles spill (Q5_K, Q5_1, Q6_K, IQ4_XS); fp32 activations two stages there (three
-# spilled 8 bytes for IQ4_XS on sm_90).
+# fp32 activations 64 deep there (128 spilled 24 bytes for Q8_0 on sm_80). Blocks: 32 deep, where deeper tiles spill
+# (Q5_K, Q5_1, Q6_K, IQ4_XS); fp32 activations two stages there (three spilled 8 bytes for IQ4_XS on sm_90).
 _SPLIT_K_BLOCKS = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
 _SPLIT_K_PLANES = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=128, num_warps=8, num_stages=2)
-SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES, "fp32": _SPLIT_K_PLANES},
+SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
+                              "fp32": dict(_SPLIT_K_PLANES, BLOCK_K=64)},
                    "blocks": {"fp16": _SPLIT_K_BLOCKS, "bf16": _SPLIT_K_BLOCKS,
                               "fp32": dict(_SPLIT_K_BLOCKS, num_stages=2)}}
 
@@ -55,9 +57,9 @@ def split_k_config(fmt: str, layout: str, dtype_name: str) -> dict:
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
 # without spills for every format, dtype and sm_80-90 (`python -m bench.compile_check`). Planes, sm_90: 64 x 128
 # counts Q4_0 6.8, Q8_0 6.3, Q6_K 10.0, NF4 11.3 (32 x 128: 7.2, 6.7, 10.3, 15.5; 32 x 256 about as 64 x 128 with
-# more registers). Blocks: Q4_K 15.3, where wider tiles spill.
+# more registers). Blocks: 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
 GEMV_CONFIGS = {"planes": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1),
-                "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)}
+                "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=1)}
 # No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
 # output to be bit-identical (the fused kernels keep fusion: their decoded weight may differ in the last bit there)
 DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, enable_fp_fusion=False)
