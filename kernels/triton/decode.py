@@ -13,7 +13,8 @@ scale bytes are re-read per element and served from L1/L2. Format ids come from 
 import triton
 import triton.language as tl
 
-from kernels.formats import FORMATS, IQ4_VALUES
+from kernels.formats import FORMATS
+from kernels.triton.float_bits import iq4_offset_binary
 
 FORMAT_IDS = {name: i for i, name in enumerate(FORMATS)}
 KERNEL_FORMATS = tuple(name for name, f in FORMATS.items() if f.is_quantized)
@@ -69,12 +70,6 @@ IQ4_XS_QK, IQ4_XS_BYTES = _block("IQ4_XS")
 IQ4_XS_D, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, IQ4_XS_QS = _offsets("IQ4_XS", "d", "scales_h", "scales_l", "qs")
 NF4_QK, NF4_BYTES = _block("NF4")
 NF4_ABSMAX, NF4_QS = _offsets("NF4", "absmax", "qs")
-# the 16 int8 levels four to a little-endian 32-bit word (signed, as Triton's int32 constants are)
-IQ4_WORD_0, IQ4_WORD_1, IQ4_WORD_2, IQ4_WORD_3 = (
-    tl.constexpr(int.from_bytes(bytes(v & 0xFF for v in IQ4_VALUES[i:i + 4]), "little", signed=True))
-    for i in range(0, 16, 4))
-
-
 @triton.jit
 def _u8(w_ptr, offset, mask):
     return tl.load(w_ptr + offset, mask=mask, other=0).to(tl.int32)
@@ -105,10 +100,7 @@ def _nibble(byte, high):
 
 @triton.jit
 def _iq4_value(code):
-    """kvalues_iq4nl[code] without a table load: three selects pick the word holding the level, a shift brings its
-    byte down, the int8 cast sign-extends it (a select per level cost 3 instructions each, 48 per element)."""
-    word = tl.where(code < 8, tl.where(code < 4, IQ4_WORD_0, IQ4_WORD_1), tl.where(code < 12, IQ4_WORD_2, IQ4_WORD_3))
-    return ((word >> ((code & 3) * 8)) & 255).to(tl.int8).to(tl.float32)
+    return (iq4_offset_binary(code) - 128).to(tl.float32)
 
 
 @triton.jit

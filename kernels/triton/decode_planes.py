@@ -16,12 +16,11 @@ import triton
 import triton.language as tl
 
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
-from kernels.triton.decode import (IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
-                                   _iq4_value)
+from kernels.triton.decode import IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from kernels.triton.float_bits import FLOAT_OF_TWO_POW_23, int8_float_bits, nf4_values, nibble_float_bits
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
-FLOAT_OF_TWO_POW_23 = tl.constexpr(0x4B000000)  # 2^23's float32 bits: OR a value < 2^23 in, it lands in the mantissa
 
 
 @triton.jit
@@ -30,9 +29,15 @@ def _plane_bytes(nb, size: tl.constexpr):
 
 
 @triton.jit
+def _bits_to_float(bits, offset: tl.constexpr):
+    """The float32 of `bits` (2^23 + v, v < 2^23 an integer) less 2^23 + offset: `v - offset`, exact."""
+    return bits.to(tl.float32, bitcast=True) - (TWO_POW_23 + offset)
+
+
+@triton.jit
 def _exact_float(q, offset: tl.constexpr):
     """`q - offset` as float32 for integers 0 <= q < 2^23 (exact)."""
-    return (q | FLOAT_OF_TWO_POW_23).to(tl.float32, bitcast=True) - (TWO_POW_23 + offset)
+    return _bits_to_float(q | FLOAT_OF_TWO_POW_23, offset)
 
 
 @triton.jit
@@ -59,25 +64,47 @@ def _blocks(k0, K, n_mask, QK: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _codes(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's codes as int32 `[BLOCK_N, BLOCK_K]` from a plane of `BITS`-wide codes in element order, 8 // BITS a
-    byte, the first in the lowest bits."""
+def _nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K: tl.constexpr):
+    """The bytes `[BLOCK_N, BLOCK_K // 2]` of the tile's 4-bit codes, two a byte, the first in the low nibble."""
+    j = (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+    return tl.load(w_ptr + plane + j, mask=n_mask & (j < K // 2), other=0)
+
+
+@triton.jit
+def _interleave(low, high, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The values of the low and the high nibbles back in element order."""
+    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`float_bits`), from a plane of
+    int8 codes (`BITS` 8, v = code + 128) or of 4-bit codes (v = code, or with `IQ4` kvalues_iq4nl[code] + 128)."""
     if BITS == 8:
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
-        return tl.load(w_ptr + plane + k, mask=n_mask & (k < K), other=0).to(tl.int32)
+        return int8_float_bits(tl.load(w_ptr + plane + k, mask=n_mask & (k < K), other=0))
     else:
-        PER: tl.constexpr = 8 // BITS
-        j = (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :]
-        b = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // PER), other=0).to(tl.int32)
-        # tl.join stacks on a new last axis, so join(join(f0, f2), join(f1, f3)) lays fields out as f0 f1 f2 f3
-        if BITS == 4:
-            fields = tl.join(b & 15, b >> 4)
-        elif BITS == 2:
-            fields = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
-        else:
-            fields = tl.join(tl.join(tl.join(b & 1, (b >> 4) & 1), tl.join((b >> 2) & 1, (b >> 6) & 1)),
-                             tl.join(tl.join((b >> 1) & 1, (b >> 5) & 1), tl.join((b >> 3) & 1, b >> 7)))
-        return tl.reshape(fields, (BLOCK_N, BLOCK_K))
+        tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
+        low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4)
+        return _interleave(low, high, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _codes(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tile's codes as int32 `[BLOCK_N, BLOCK_K]` from a plane of 2- or 1-bit codes in element order, 8 // BITS
+    a byte, the first in the lowest bits."""
+    PER: tl.constexpr = 8 // BITS
+    j = (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :]
+    b = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // PER), other=0).to(tl.int32)
+    # tl.join stacks on a new last axis, so join(join(f0, f2), join(f1, f3)) lays fields out as f0 f1 f2 f3
+    if BITS == 2:
+        fields = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+    else:
+        tl.static_assert(BITS == 1, "_codes: 2- or 1-bit codes")
+        fields = tl.join(tl.join(tl.join(b & 1, (b >> 4) & 1), tl.join((b >> 2) & 1, (b >> 6) & 1)),
+                         tl.join(tl.join((b >> 1) & 1, (b >> 5) & 1), tl.join((b >> 3) & 1, b >> 7)))
+    return tl.reshape(fields, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -107,8 +134,8 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         nb = K // 64
         b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
         absmax = _expand(_typed(w_ptr, rows + 4 * b, b_mask, tl.float32), BLOCK_N, BLOCK_K, 64)
-        code = _codes(w_ptr, rows + _plane_bytes(nb, 4), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
-        w = tl.load(nf4_table_ptr + code) * absmax
+        low, high = nf4_values(_nibble_bytes(w_ptr, rows + _plane_bytes(nb, 4), k0, K, n_mask, BLOCK_K), nf4_table_ptr)
+        w = _interleave(low, high, BLOCK_N, BLOCK_K) * absmax
     elif (FMT == Q6_K) | (FMT == Q3_K) | (FMT == Q2_K):
         # 16-element sub-blocks; the planes follow the block's fields (kernels/repack.py)
         nb = K // 256
@@ -118,9 +145,9 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
             scale_plane = high_plane + _plane_bytes(nb, 64)
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, 16, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, t_mask, tl.int8).to(tl.float32)
-            q = _codes(w_ptr, rows, k0, K, n_mask, 4, BLOCK_N, BLOCK_K) | \
+            bits = _code_bits(w_ptr, rows, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K) | \
                 (_codes(w_ptr, rows + high_plane, k0, K, n_mask, 2, BLOCK_N, BLOCK_K) << 4)
-            w = _exact_float(q, 32) * _expand(scale, BLOCK_N, BLOCK_K, 16)
+            w = _bits_to_float(bits, 32) * _expand(scale, BLOCK_N, BLOCK_K, 16)
         elif FMT == Q3_K:  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
             low_plane = _plane_bytes(nb, 32)
             scale_plane = low_plane + _plane_bytes(nb, 64)
@@ -159,11 +186,12 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * sc.to(tl.float32)
         low = _k_quant_d(w_ptr, rows + dmin_plane, t, 8, t_mask) * mn.to(tl.float32)
         if FMT == Q4_K:
-            q = _codes(w_ptr, rows + codes_plane, k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
+            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K)
         else:
-            q = (_codes(w_ptr, rows + codes_plane, k0, K, n_mask, 1, BLOCK_N, BLOCK_K) << 4) | \
-                _codes(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
-        w = _exact_float(q, 0) * _expand(scale, BLOCK_N, BLOCK_K, 32) - _expand(low, BLOCK_N, BLOCK_K, 32)
+            bits = (_codes(w_ptr, rows + codes_plane, k0, K, n_mask, 1, BLOCK_N, BLOCK_K) << 4) | \
+                _code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), k0, K, n_mask, 4, False, BLOCK_N,
+                           BLOCK_K)
+        w = _bits_to_float(bits, 0) * _expand(scale, BLOCK_N, BLOCK_K, 32) - _expand(low, BLOCK_N, BLOCK_K, 32)
     elif FMT == IQ4_XS:
         # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | qs
         nb = K // 256
@@ -173,8 +201,8 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         low4 = (_scale_bytes(w_ptr, rows + low_plane, t, 4, 8, j // 2, t_mask) >> (4 * (j % 2))) & 15
         top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), t, 2, 8, j // 4, t_mask) >> (2 * (j % 4))) & 3
         scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
-        q = _codes(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
-        w = _expand(scale, BLOCK_N, BLOCK_K, 32) * _iq4_value(q)
+        bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, BLOCK_N, BLOCK_K)
+        w = _expand(scale, BLOCK_N, BLOCK_K, 32) * _bits_to_float(bits, 128)
     else:
         tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1)
                          | (FMT == IQ4_NL), "decode_planes_tile: format without a planes layout")
@@ -184,27 +212,25 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         b, b_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
         d = _expand(_typed(w_ptr, rows + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K, 32)
         if FMT == Q8_0:
-            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, 8, BLOCK_N, BLOCK_K)
-            w = _exact_float(q ^ 128, 128) * d  # int8 bits -> offset binary -> value
+            w = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 8, False, BLOCK_N, BLOCK_K), 128) * d
         elif FMT == Q4_0:
-            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
-            w = _exact_float(q, 8) * d
+            w = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K), 8) * d
         elif FMT == IQ4_NL:
-            q = _codes(w_ptr, rows + d_plane, k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
-            w = d * _iq4_value(q)
+            w = d * _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 4, True, BLOCK_N, BLOCK_K), 128)
         elif FMT == Q4_1:
             m = _expand(_typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K,
                         32)
-            q = _codes(w_ptr, rows + 2 * d_plane, k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
-            w = _exact_float(q, 0) * d + m
+            w = _bits_to_float(_code_bits(w_ptr, rows + 2 * d_plane, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K),
+                               0) * d + m
         elif FMT == Q5_0:
             high = _fifth_bits(w_ptr, rows + d_plane, k0, b, b_mask, BLOCK_N, BLOCK_K)
-            q = _codes(w_ptr, rows + d_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
-            w = _exact_float(q | high, 16) * d
+            bits = _code_bits(w_ptr, rows + d_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K)
+            w = _bits_to_float(bits | high, 16) * d
         else:
             m = _expand(_typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K,
                         32)
             high = _fifth_bits(w_ptr, rows + 2 * d_plane, k0, b, b_mask, BLOCK_N, BLOCK_K)
-            q = _codes(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, BLOCK_N, BLOCK_K)
-            w = _exact_float(q | high, 0) * d + m
+            bits = _code_bits(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, False, BLOCK_N,
+                              BLOCK_K)
+            w = _bits_to_float(bits | high, 0) * d + m
     return w

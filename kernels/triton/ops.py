@@ -47,11 +47,8 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
 
 
 def split_k_config(fmt: str, layout: str, dtype_name: str) -> dict:
-    """The split-K tile for a weight of `fmt` in `layout` and activations `dtype_name`. NF4's planes keep the blocks'
-    32-deep tile: Triton's pipeliner stages its per-element table gather through shared memory with the weight's own
-    loads, so deeper tiles take 100-197 KB (over sm_86/89's 99 KB), and in one stage count more (sm_90, per element:
-    128 x 64 17.0, against 15.1 at 128 x 32 in three)."""
-    return SPLIT_K_CONFIGS["blocks" if (fmt, layout) == ("NF4", "planes") else layout][dtype_name]
+    """The split-K tile for a weight of `fmt` in `layout` and activations `dtype_name`."""
+    return SPLIT_K_CONFIGS[layout][dtype_name]
 
 
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
