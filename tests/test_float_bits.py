@@ -29,7 +29,8 @@ def prmt(a: int, b: int, c: int) -> int:
 
 
 OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
-       "shr.b32": lambda a, b: a >> b, "mov.b32": lambda a: a, "prmt.b32": prmt}
+       "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
+       "mov.b32": lambda a: a, "prmt.b32": prmt}
 
 
 def run_ptx(source: str, operands: dict[str, int]) -> dict[str, int]:
@@ -82,6 +83,27 @@ def test_nibble_lookups_every_code_in_every_position(name, table):
                 out = run_ptx(PTX_SOURCES[name], {"$8": pack(codes)})
                 assert [out[f"${i}"] for i in range(4)] == [table[c & 15] for c in codes]
                 assert [out[f"${i + 4}"] for i in range(4)] == [table[c >> 4] for c in codes]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_three_bit_codes(seed):
+    rng = np.random.default_rng(seed)
+    words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, 62, dtype=np.uint64)]
+    thirds = [0xFFFF, 0] + [int(h) for h in rng.integers(0, 2**16, 62)]
+    for low, third in zip(words, thirds):
+        out = run_ptx(PTX_SOURCES["three bit"], {"$16": low, "$17": third})
+        expected = [float_bits(((low >> (2 * e)) & 3) | (((third >> e) & 1) << 2)) for e in range(16)]
+        assert [out[f"${e}"] for e in range(16)] == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_five_bit_codes(seed):
+    rng = np.random.default_rng(seed)
+    words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, 254, dtype=np.uint64)]
+    for low, fifth in zip(words, [0xFF, 0] + list(range(254))):
+        out = run_ptx(PTX_SOURCES["five bit"], {"$8": low, "$9": fifth})
+        expected = [float_bits(((low >> (4 * e)) & 15) | (((fifth >> e) & 1) << 4)) for e in range(8)]
+        assert [out[f"${e}"] for e in range(8)] == expected
 
 
 def test_prmt_model_matches_the_ptx_manual_example():

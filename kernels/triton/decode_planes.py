@@ -5,10 +5,11 @@
 multiple of BLOCK_K, and where BLOCK_K spans several blocks it is a multiple of the block size.
 
 What the layout buys over `decode.decode_tile`, per tile rather than per element:
-- codes are contiguous loads of planes in element order (bytes, or 4-, 2- and 1-bit fields split by `tl.join`);
-- each block's scale (and min, and Q5's 32 fifth bits) is one typed load per block, spread over its elements; the
-  K-quants' packed 6-bit sub-block scales are decoded once per sub-block, not per element;
-- integers become floats by the mantissa trick (OR the value into 2^23's bit pattern, subtract 2^23), no I2F;
+- codes are contiguous loads of planes in element order: bytes and 32-bit words, turned into floats a register at
+  a time by byte permutes (`float_bits`: the mantissa trick, OR the value into 2^23's bit pattern and subtract
+  2^23, no I2F), or 2-bit fields split by `tl.join`;
+- each block's scale (and min) is one typed load per block, spread over its elements; the K-quants' packed 6-bit
+  sub-block scales are decoded once per sub-block, not per element;
 - no division or modulo by the block size per element.
 """
 
@@ -17,7 +18,8 @@ import triton.language as tl
 
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from kernels.triton.float_bits import FLOAT_OF_TWO_POW_23, int8_float_bits, nf4_values, nibble_float_bits
+from kernels.triton.float_bits import (FLOAT_OF_TWO_POW_23, five_bit_float_bits, int8_float_bits, nf4_values,
+                                       nibble_float_bits, three_bit_float_bits)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -91,20 +93,13 @@ def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexp
 
 
 @triton.jit
-def _codes(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's codes as int32 `[BLOCK_N, BLOCK_K]` from a plane of 2- or 1-bit codes in element order, 8 // BITS
-    a byte, the first in the lowest bits."""
-    PER: tl.constexpr = 8 // BITS
-    j = (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :]
-    b = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // PER), other=0).to(tl.int32)
+def _two_bit_codes(w_ptr, plane, k0, K, n_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tile's codes as int32 `[BLOCK_N, BLOCK_K]` from a plane of 2-bit codes in element order, 4 a byte, the
+    first in the lowest bits."""
+    j = (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
+    b = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // 4), other=0).to(tl.int32)
     # tl.join stacks on a new last axis, so join(join(f0, f2), join(f1, f3)) lays fields out as f0 f1 f2 f3
-    if BITS == 2:
-        fields = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
-    else:
-        tl.static_assert(BITS == 1, "_codes: 2- or 1-bit codes")
-        fields = tl.join(tl.join(tl.join(b & 1, (b >> 4) & 1), tl.join((b >> 2) & 1, (b >> 6) & 1)),
-                         tl.join(tl.join((b >> 1) & 1, (b >> 5) & 1), tl.join((b >> 3) & 1, b >> 7)))
-    return tl.reshape(fields, (BLOCK_N, BLOCK_K))
+    return tl.reshape(tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -120,11 +115,15 @@ def _k_quant_d(w_ptr, plane, t, per_block: tl.constexpr, mask):
 
 
 @triton.jit
-def _fifth_bits(w_ptr, plane, k0, b, b_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Q5_0/Q5_1: bit 4 of each code, from its block's little-endian u32 (bit e = element e), as 0 or 16."""
-    qh = _expand(_typed(w_ptr, plane + 4 * b, b_mask, tl.uint32).to(tl.int32, bitcast=True), BLOCK_N, BLOCK_K, 32)
-    e = tl.arange(0, BLOCK_K) % 32 if BLOCK_K >= 32 else k0 % 32 + tl.arange(0, BLOCK_K)
-    return ((qh >> e[None, :]) & 1) << 4
+def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Q5_0, Q5_1, Q5_K: the tile's 5-bit codes as int32 bits of the float32 2^23 + code, 8 elements at a time: a
+    32-bit word of a plane of 4-bit codes and a byte of a plane of fifth bits (bit e of byte m: element 8m + e,
+    as Q5_0's and Q5_1's little-endian u32 per block has them too)."""
+    m = (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+    m_mask = n_mask & (m < K // 8)
+    bits = five_bit_float_bits(_typed(w_ptr, low_plane + 4 * m, m_mask, tl.int32),
+                               tl.load(w_ptr + fifth_plane + m, mask=m_mask, other=0).to(tl.int32))
+    return tl.reshape(bits, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -146,7 +145,7 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, 16, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, t_mask, tl.int8).to(tl.float32)
             bits = _code_bits(w_ptr, rows, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K) | \
-                (_codes(w_ptr, rows + high_plane, k0, K, n_mask, 2, BLOCK_N, BLOCK_K) << 4)
+                (_two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K) << 4)
             w = _bits_to_float(bits, 32) * _expand(scale, BLOCK_N, BLOCK_K, 16)
         elif FMT == Q3_K:  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
             low_plane = _plane_bytes(nb, 32)
@@ -156,9 +155,12 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
             top2 = (_scale_bytes(w_ptr, rows + scale_plane, t, 12, 16, 8 + j % 4, t_mask) >> (2 * (j // 4))) & 3
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), t, 16, t_mask) * \
                 ((low4 | (top2 << 4)) - 32).to(tl.float32)
-            q = _codes(w_ptr, rows + low_plane, k0, K, n_mask, 2, BLOCK_N, BLOCK_K) | \
-                (_codes(w_ptr, rows, k0, K, n_mask, 1, BLOCK_N, BLOCK_K) << 2)
-            w = _exact_float(q, 4) * _expand(scale, BLOCK_N, BLOCK_K, 16)
+            # 16 elements at a time: a 32-bit word of low bits and a 16-bit word of third bits
+            m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
+            m_mask = n_mask & (m < K // 16)
+            bits = three_bit_float_bits(_typed(w_ptr, rows + low_plane + 4 * m, m_mask, tl.int32),
+                                        _typed(w_ptr, rows + 2 * m, m_mask, tl.uint16).to(tl.int32))
+            w = _bits_to_float(tl.reshape(bits, (BLOCK_N, BLOCK_K)), 4) * _expand(scale, BLOCK_N, BLOCK_K, 16)
         else:  # Q2_K: scales (a byte each: scale | min << 4) | qs: 2-bit codes | d | dmin
             codes_plane = _plane_bytes(nb, 16)
             d_plane = codes_plane + _plane_bytes(nb, 64)
@@ -166,7 +168,7 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
             scale = _k_quant_d(w_ptr, rows + d_plane, t, 16, t_mask) * (packed & 15).to(tl.float32)
             low = _k_quant_d(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, 16, t_mask) * \
                 (packed >> 4).to(tl.float32)
-            q = _codes(w_ptr, rows + codes_plane, k0, K, n_mask, 2, BLOCK_N, BLOCK_K)
+            q = _two_bit_codes(w_ptr, rows + codes_plane, k0, K, n_mask, BLOCK_N, BLOCK_K)
             w = _exact_float(q, 0) * _expand(scale, BLOCK_N, BLOCK_K, 16) - _expand(low, BLOCK_N, BLOCK_K, 16)
     elif (FMT == Q4_K) | (FMT == Q5_K):
         # 32-element sub-blocks: d | dmin | 12 bytes of 6-bit scales and mins | (Q5_K: qh, fifth bits) | qs
@@ -188,9 +190,8 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         if FMT == Q4_K:
             bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K)
         else:
-            bits = (_codes(w_ptr, rows + codes_plane, k0, K, n_mask, 1, BLOCK_N, BLOCK_K) << 4) | \
-                _code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), k0, K, n_mask, 4, False, BLOCK_N,
-                           BLOCK_K)
+            bits = _five_bit_code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), rows + codes_plane, k0, K,
+                                       n_mask, BLOCK_N, BLOCK_K)
         w = _bits_to_float(bits, 0) * _expand(scale, BLOCK_N, BLOCK_K, 32) - _expand(low, BLOCK_N, BLOCK_K, 32)
     elif FMT == IQ4_XS:
         # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | qs
@@ -223,14 +224,13 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
             w = _bits_to_float(_code_bits(w_ptr, rows + 2 * d_plane, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K),
                                0) * d + m
         elif FMT == Q5_0:
-            high = _fifth_bits(w_ptr, rows + d_plane, k0, b, b_mask, BLOCK_N, BLOCK_K)
-            bits = _code_bits(w_ptr, rows + d_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K)
-            w = _bits_to_float(bits | high, 16) * d
+            bits = _five_bit_code_bits(w_ptr, rows + d_plane + _plane_bytes(nb, 4), rows + d_plane, k0, K, n_mask,
+                                       BLOCK_N, BLOCK_K)
+            w = _bits_to_float(bits, 16) * d
         else:
             m = _expand(_typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K,
                         32)
-            high = _fifth_bits(w_ptr, rows + 2 * d_plane, k0, b, b_mask, BLOCK_N, BLOCK_K)
-            bits = _code_bits(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, False, BLOCK_N,
-                              BLOCK_K)
-            w = _bits_to_float(bits | high, 0) * d + m
+            bits = _five_bit_code_bits(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), rows + 2 * d_plane, k0, K,
+                                       n_mask, BLOCK_N, BLOCK_K)
+            w = _bits_to_float(bits, 0) * d + m
     return w

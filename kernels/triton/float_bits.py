@@ -101,13 +101,61 @@ def _nibble_float32_ptx(values: tuple[float, ...]) -> str:
     return _assemble(lines)
 
 
+def _three_bit_ptx() -> str:
+    """Q3_K's codes of 16 elements, the low 2 bits from $16 (element e at bits 2e..2e+1) and the third from $17
+    (bit e) -> the bits of 2^23 + (low | third << 2) for elements 0-15 ($0-$15). Elements i, 4 + i, 8 + i, 12 + i
+    are fields i of $16's four bytes: one shift and mask gives their low bits, a byte each; the third bits are first
+    spread a nibble to a byte (nibble k of $17 to byte k), so that their bit i lands on bit 2 with one more shift."""
+    lines = ["shl.b32 h, $17, 8;",  # nibble k of the 16 third bits -> bits 8k..8k+3
+             "or.b32 h, h, $17;",
+             "and.b32 h, h, 0x00ff00ff;",
+             "shl.b32 t, h, 4;",
+             "or.b32 h, h, t;",
+             "and.b32 h, h, 0x0f0f0f0f;"]
+    for i in range(4):
+        low = f"$16" if i == 0 else "x"
+        if i:
+            lines.append(f"shr.b32 x, $16, {2 * i};")
+        third = "h" if i == 2 else "y"
+        if i < 2:
+            lines.append(f"shl.b32 y, h, {2 - i};")
+        elif i > 2:
+            lines.append(f"shr.b32 y, h, {i - 2};")
+        lines += [f"and.b32 v{i}, {low}, 0x03030303;", f"and.b32 y, {third}, 0x04040404;", f"or.b32 v{i}, v{i}, y;"]
+    sources = [(f"v{e % 4}", e // 4) for e in range(16)]
+    return _assemble(lines + _float_bits_of_bytes(sources))
+
+
+def _five_bit_ptx() -> str:
+    """5-bit codes of 8 elements, the low 4 bits from $8 (element e at bits 4e..4e+3) and the fifth from $9 (bit e)
+    -> the bits of 2^23 + code for elements 0-7 ($0-$7). The even elements' fifth bits (0, 2, 4, 6) reach bit 4 of
+    bytes 0-3 by one multiply: shifts of 4, 10, 16 and 22 (0x00410410); the other products collide only at bits
+    10, 16 and 22, and their carries stop at bits 11, 17 and 23, so the mask 0x10101010 keeps just the four."""
+    lines = ["and.b32 va, $8, 0x0f0f0f0f;",  # elements 0, 2, 4, 6, a byte each
+             "shr.b32 vb, $8, 4;",
+             "and.b32 vb, vb, 0x0f0f0f0f;",  # elements 1, 3, 5, 7
+             "and.b32 f, $9, 0x55;",
+             "mul.lo.u32 f, f, 0x00410410;",
+             "and.b32 f, f, 0x10101010;",
+             "or.b32 va, va, f;",
+             "shr.b32 f, $9, 1;",
+             "and.b32 f, f, 0x55;",
+             "mul.lo.u32 f, f, 0x00410410;",
+             "and.b32 f, f, 0x10101010;",
+             "or.b32 vb, vb, f;"]
+    return _assemble(lines + _float_bits_of_bytes([("vb" if e % 2 else "va", e // 2) for e in range(8)]))
+
+
 IQ4_OFFSET_BINARY = tuple(v + 128 for v in IQ4_VALUES)  # kvalues_iq4nl as bytes: value + 128
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "nibble": _nibble_bits_ptx(None),
-               "nibble iq4": _nibble_bits_ptx(IQ4_OFFSET_BINARY), "nibble nf4": _nibble_float32_ptx(NF4_VALUES)}
+               "nibble iq4": _nibble_bits_ptx(IQ4_OFFSET_BINARY), "nibble nf4": _nibble_float32_ptx(NF4_VALUES),
+               "three bit": _three_bit_ptx(), "five bit": _five_bit_ptx()}
 INT8_PTX = tl.constexpr(PTX_SOURCES["int8"])
 NIBBLE_PTX = tl.constexpr(PTX_SOURCES["nibble"])
 NIBBLE_IQ4_PTX = tl.constexpr(PTX_SOURCES["nibble iq4"])
 NIBBLE_NF4_PTX = tl.constexpr(PTX_SOURCES["nibble nf4"])
+THREE_BIT_PTX = tl.constexpr(PTX_SOURCES["three bit"])
+FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
 # kvalues_iq4nl + 128 four to a little-endian word, for the portable twin's selects (signed, as Triton's int32
 # constants are)
 IQ4_WORD_0, IQ4_WORD_1, IQ4_WORD_2, IQ4_WORD_3 = (
@@ -164,3 +212,65 @@ def nf4_values(b, table_ptr):
         low = tl.load(table_ptr + (b.to(tl.int32) & 15))
         high = tl.load(table_ptr + (b.to(tl.int32) >> 4))
     return low, high
+
+
+@triton.jit
+def in_element_order_8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """8 tensors `[R, C]`, value i of element 8c + i -> `[R, C, 2, 2, 2]`, element order once reshaped to `[R, 8 C]`.
+    tl.join adds a last axis (index 0: its first argument), so the leaves pair element i with i + 4 and the root
+    parts even from odd."""
+    return tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+
+
+@triton.jit
+def in_element_order_16(v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
+    """As `in_element_order_8`, for 16 values an element group."""
+    return tl.join(in_element_order_8(v0, v2, v4, v6, v8, v10, v12, v14),
+                   in_element_order_8(v1, v3, v5, v7, v9, v11, v13, v15))
+
+
+@triton.jit
+def _code_and_top_bit(low, top, e: tl.constexpr, WIDTH: tl.constexpr):
+    """Portable: the bits of 2^23 + code of element e, its low `WIDTH` bits from `low`, its top bit bit e of `top`."""
+    return ((low >> (WIDTH * e)) & ((1 << WIDTH) - 1)) | (((top >> e) & 1) << WIDTH) | FLOAT_OF_TWO_POW_23
+
+
+@triton.jit
+def three_bit_float_bits(low, third):
+    """Q3_K codes, 16 elements a word: `low` int32 words of 2-bit fields (element e at bits 2e), `third` their
+    third bits (bit e, zero-extended 16-bit words) -> int32 bits of the float32 2^23 + code, in element order once
+    reshaped to `[R, 16 C]` (`in_element_order_16`)."""
+    if PTX:
+        v = tl.inline_asm_elementwise(THREE_BIT_PTX, "=r," * 16 + "r,r", [low, third], dtype=(tl.int32,) * 16,
+                                      is_pure=True, pack=1)
+        bits = in_element_order_16(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12],
+                                v[13], v[14], v[15])
+    else:
+        bits = in_element_order_16(
+            _code_and_top_bit(low, third, 0, 2), _code_and_top_bit(low, third, 1, 2),
+            _code_and_top_bit(low, third, 2, 2), _code_and_top_bit(low, third, 3, 2),
+            _code_and_top_bit(low, third, 4, 2), _code_and_top_bit(low, third, 5, 2),
+            _code_and_top_bit(low, third, 6, 2), _code_and_top_bit(low, third, 7, 2),
+            _code_and_top_bit(low, third, 8, 2), _code_and_top_bit(low, third, 9, 2),
+            _code_and_top_bit(low, third, 10, 2), _code_and_top_bit(low, third, 11, 2),
+            _code_and_top_bit(low, third, 12, 2), _code_and_top_bit(low, third, 13, 2),
+            _code_and_top_bit(low, third, 14, 2), _code_and_top_bit(low, third, 15, 2))
+    return bits
+
+
+@triton.jit
+def five_bit_float_bits(low, fifth):
+    """5-bit codes, 8 elements a word: `low` int32 words of 4-bit fields (element e at bits 4e), `fifth` their fifth
+    bits (bit e, zero-extended bytes) -> int32 bits of the float32 2^23 + code, in element order once reshaped to
+    `[R, 8 C]` (`in_element_order_8`)."""
+    if PTX:
+        v = tl.inline_asm_elementwise(FIVE_BIT_PTX, "=r," * 8 + "r,r", [low, fifth], dtype=(tl.int32,) * 8,
+                                      is_pure=True, pack=1)
+        bits = in_element_order_8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7])
+    else:
+        bits = in_element_order_8(
+            _code_and_top_bit(low, fifth, 0, 4), _code_and_top_bit(low, fifth, 1, 4),
+            _code_and_top_bit(low, fifth, 2, 4), _code_and_top_bit(low, fifth, 3, 4),
+            _code_and_top_bit(low, fifth, 4, 4), _code_and_top_bit(low, fifth, 5, 4),
+            _code_and_top_bit(low, fifth, 6, 4), _code_and_top_bit(low, fifth, 7, 4))
+    return bits

@@ -34,6 +34,11 @@ GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16
 # registers a thread: within wgmma's budget with the planes decoders, not on sm_80-89 (mma.sync) nor with the blocks
 # decoders, where it spills.
 WIDE_M_CONFIG = (128, 256, 64, 8, 8, 2)
+# Tried next there: 128 deep, which spreads each iteration's pipeline bookkeeping (stage indices, barriers, masks:
+# about 110 instructions a thread) over twice the elements (sm_90, per decoded element: Q5_0 9.6 -> 8.8, NF4 13.1 ->
+# 12.0, Q3_K 13.9 -> 12.7). It takes 102-106 KB of shared memory and up to 220 registers: within sm_90's budget, not
+# sm_86/89's shared memory, and on sm_80 it spills 140-260 bytes.
+DEEP_K_CONFIG = (128, 128, 128, 8, 8, 2)
 # 1 < M <= 16, per weight layout and activation dtype. Planes: 128 deep, which spreads each K step's scale loads and
 # pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 10.8 -> 7.5, Q4_K 16.1 -> 8.4).
 # fp32 activations 64 deep there (128 spilled 24 bytes for Q8_0 on sm_80). Blocks: 32 deep, where deeper tiles spill
@@ -85,7 +90,7 @@ def gemm_configs(dtype_name: str, layout: str, cc: int) -> tuple:
     """The GEMM tiles the autotuner tries for activations `dtype_name`, a weight in `layout`, compute capability
     `cc` (90 for sm_90)."""
     if cc == 90 and layout == "planes" and dtype_name != "fp32":
-        return (WIDE_M_CONFIG,) + GEMM_CONFIGS[dtype_name]
+        return (WIDE_M_CONFIG, DEEP_K_CONFIG) + GEMM_CONFIGS[dtype_name]
     return GEMM_CONFIGS[dtype_name]
 
 
