@@ -19,17 +19,18 @@ from concurrent.futures import ProcessPoolExecutor
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
+LAYOUTS = ("blocks", "planes")
 
 
-def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES):
-    """(kernel, format, dtype, config index, cc, layout) for everything that can be launched."""
+def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS):
+    """(kernel, format, dtype, config index, cc, layout) for everything that can be launched (in `layouts`)."""
     from kernels.repack import has_planes
     from kernels.triton.decode import KERNEL_FORMATS
     from kernels.triton.ops import gemm_configs
 
     for cc in archs:
         for fmt in formats or KERNEL_FORMATS:
-            for layout in ("blocks", "planes") if has_planes(fmt) else ("blocks",):
+            for layout in (layout for layout in layouts if layout == "blocks" or has_planes(fmt)):
                 yield ("dequant", fmt, "fp16", 0, cc, layout)
                 for dtype in dtypes:
                     yield ("gemv", fmt, dtype, 0, cc, layout)
@@ -163,12 +164,17 @@ def main(argv=None) -> int:
                         help="comma-separated GPU architectures, sm_89 or 89 (default: "
                              + ",".join(f"sm_{cc}" for cc in SHARED_LIMIT) + ")")
     parser.add_argument("--formats", default=None, help="comma-separated (default: every kernel format)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="comma-separated weight layouts (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="compiling processes (default: the number of CPU cores, here %(default)s)")
     args = parser.parse_args(argv)
     archs = args.archs
     formats = args.formats.split(",") if args.formats else None
-    rows = run(list(jobs(archs, formats)), args.workers)
+    layouts = tuple(args.layouts.split(","))
+    if set(layouts) - set(LAYOUTS):
+        parser.error(f"unknown layout in {args.layouts!r}; layouts: {', '.join(LAYOUTS)}")
+    rows = run(list(jobs(archs, formats, layouts=layouts)), args.workers)
     print("| kernel | format | layout | dtype | config | sm | shared KB | registers | spills | problem |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     failed = 0
