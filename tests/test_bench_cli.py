@@ -50,6 +50,14 @@ def test_compile_check_unknown_arch(text, capsys):
     assert "unknown architecture" in err and "sm_80, sm_86, sm_89, sm_90" in err and "Traceback" not in err
 
 
+def test_compile_check_layouts(capsys):
+    planes = list(compile_check.jobs((90,), ["Q4_K"], layouts=("planes",)))
+    assert planes and {job[5] for job in planes} == {"planes"}
+    with pytest.raises(SystemExit) as info:
+        compile_check.main(["--layouts", "planes,tiles"])
+    assert info.value.code == 2 and "unknown layout" in capsys.readouterr().err
+
+
 def test_kernels_keeps_existing_results_unless_named(tmp_path, monkeypatch, capsys):
     existing = tmp_path / "kernels-cpu-2core.csv"
     existing.write_text("committed\n")
