@@ -39,11 +39,11 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS
                         yield ("qmm", fmt, dtype, i, cc, layout)
 
 
-_MATMUL_POINTERS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "nf4_ptr")
+_MATMUL_POINTERS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "tables_ptr")
 # Pointer arguments per kernel. Every one is 16-byte aligned when quant_linear launches it (torch's allocations are;
 # an activation that is not gets copied), and Triton's JIT specialises on that, so every compilation here does too.
 POINTER_ARGUMENTS = {"qmm": _MATMUL_POINTERS, "qmv": _MATMUL_POINTERS, "gemv": _MATMUL_POINTERS,
-                     "dequant": ("w_ptr", "out_ptr", "nf4_ptr")}
+                     "dequant": ("w_ptr", "out_ptr", "tables_ptr")}
 
 
 def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
@@ -80,17 +80,17 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     if kernel_name == "dequant":
         kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
         options["enable_fp_fusion"] = DEQUANT_CONFIG["enable_fp_fusion"]
-        signature = {"w_ptr": "*u8", "out_ptr": act, "nf4_ptr": "*fp32", "N": "i32", "K": "i32", "row_bytes": "i32"}
+        signature = {"w_ptr": "*u8", "out_ptr": act, "tables_ptr": "*fp32", "N": "i32", "K": "i32", "row_bytes": "i32"}
         constexprs = common | {k: v for k, v in DEQUANT_CONFIG.items() if k.startswith("BLOCK")}
     elif kernel_name == "gemv":
         kernel, config = qmatmul.gemv_kernel, GEMV_CONFIGS[layout]
         num_warps, num_stages = config["num_warps"], config["num_stages"]
-        signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": "*fp32", "nf4_ptr": "*fp32", "N": "i32",
+        signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": "*fp32", "tables_ptr": "*fp32", "N": "i32",
                      "K": "i32", "row_bytes": "i32", "k_per_split": "i32"}
         constexprs = common | {"HAS_BIAS": True} | {k: v for k, v in config.items() if k.startswith("BLOCK")}
     else:
         signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": act if kernel_name == "qmm" else "*fp32",
-                     "nf4_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32"}
+                     "tables_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32"}
         constexprs = common | {"HAS_BIAS": True, "DOT_DTYPE": tl_dtype}
         if kernel_name == "qmm":
             kernel = qmatmul.qmm_kernel

@@ -151,14 +151,14 @@ def analyse(job) -> dict:
     """Compile one (kernel, format, cc, layout[, GEMM config index]) and count its main loop."""
     kernel_name, fmt, cc, layout = job[:4]
     config_index = job[4] if len(job) > 4 else 0
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMM_CONFIGS, GEMV_CONFIGS, gemm_configs, split_k_config
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMV_CONFIGS, HALF_CONFIGS, gemm_configs, split_k_config
 
     if kernel_name == "bf16":
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
         kernel = bf16_mm_kernel_source()
-        bn, bm, bk, _, warps, stages = GEMM_CONFIGS["bf16"][0]
+        bn, bm, bk, _, warps, stages = HALF_CONFIGS[0]
         signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
                      "stride_xm": "i32", "stride_ym": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                      "BLOCK_K": "constexpr"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
-from kernels.triton.float_bits import PTX_SOURCES
+from kernels.triton.float_bits import IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES
 
 MASK = 0xFFFFFFFF
 
@@ -68,19 +68,28 @@ def test_int8_bits(seed):
 
 
 NF4_BITS = [int(b) for b in np.asarray(NF4_VALUES, dtype=np.float32).view(np.uint32)]
+# the byte-table words each asm takes as operands from $9 on, every fourth (pack=4), as the kernels pass them
+TABLE_WORDS = {"nibble": [], "nibble iq4": LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4],
+               "nibble nf4": LOOKUP_WORDS[NF4_WORDS_AT:NF4_WORDS_AT + 16]}
+
+
+def test_lookup_words_start_with_the_nf4_values():
+    # the portable twins and the blocks decoder gather NF4 values from the start of the same table
+    assert list(LOOKUP_WORDS[:16]) == NF4_BITS
 
 
 @pytest.mark.parametrize("name,table", [("nibble", [float_bits(v) for v in range(16)]),
                                         ("nibble iq4", [float_bits(v + 128) for v in IQ4_VALUES]),
                                         ("nibble nf4", NF4_BITS)])
 def test_nibble_lookups_every_code_in_every_position(name, table):
+    words = {f"${9 + 4 * i}": word for i, word in enumerate(TABLE_WORDS[name])}
     # every code as the low and the high nibble of every byte, next to every other code
     for low_code in range(16):
         for high_code in range(16):
             for position in range(4):
                 codes = [(3 * position + 5 * i) % 256 for i in range(4)]
                 codes[position] = low_code | (high_code << 4)
-                out = run_ptx(PTX_SOURCES[name], {"$8": pack(codes)})
+                out = run_ptx(PTX_SOURCES[name], {"$8": pack(codes), **words})
                 assert [out[f"${i}"] for i in range(4)] == [table[c & 15] for c in codes]
                 assert [out[f"${i + 4}"] for i in range(4)] == [table[c >> 4] for c in codes]
 

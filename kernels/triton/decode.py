@@ -1,6 +1,6 @@
 """Per-format "decode a tile" device functions: raw blocks -> float32 weights, element by element.
 
-`decode_tile(w_ptr, row_offset, k, mask, FMT, nf4_table_ptr)` takes the weight's base pointer, the byte offsets of a
+`decode_tile(w_ptr, row_offset, k, mask, FMT, tables_ptr)` takes the weight's base pointer, the byte offsets of a
 tile's rows (`[BLOCK_N, 1]`, int32: every Flux weight is far below 2 GB) and logical column indices (`[1, BLOCK_K]`)
 and returns the `[BLOCK_N, BLOCK_K]` weights. Offsets stay 32-bit until each load: 64-bit pointer tiles would double
 the registers the decode needs. Each branch reads the bytes an element needs straight
@@ -121,7 +121,7 @@ def _k_scale_min(w_ptr, s, j, mask):
 
 
 @triton.jit
-def decode_tile(w_ptr, row_offset, k, mask, FMT: tl.constexpr, nf4_table_ptr):
+def decode_tile(w_ptr, row_offset, k, mask, FMT: tl.constexpr, tables_ptr):
     """Weights `[BLOCK_N, BLOCK_K]` float32 at row byte offsets `row_offset` and logical columns `k`."""
     if FMT == Q8_0:
         blk = row_offset + (k // Q8_0_QK) * Q8_0_BYTES
@@ -207,5 +207,5 @@ def decode_tile(w_ptr, row_offset, k, mask, FMT: tl.constexpr, nf4_table_ptr):
         blk = row_offset + (k // NF4_QK) * NF4_BYTES
         j = k % NF4_QK
         code = _nibble(_u8(w_ptr, blk + NF4_QS + j // 2, mask), 1 - j % 2)
-        w = _nf4_value(code, nf4_table_ptr) * _f32(w_ptr, blk + NF4_ABSMAX, mask)
+        w = _nf4_value(code, tables_ptr) * _f32(w_ptr, blk + NF4_ABSMAX, mask)
     return w

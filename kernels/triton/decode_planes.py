@@ -1,6 +1,6 @@
 """Per-format "decode a tile" device functions for the planes layout (`kernels/repack.py`).
 
-`decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, nf4_table_ptr, BLOCK_N, BLOCK_K)` returns the float32 weights
+`decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BLOCK_N, BLOCK_K)` returns the float32 weights
 `[BLOCK_N, BLOCK_K]` of columns `k0 .. k0 + BLOCK_K` of the rows at byte offsets `rows` (`[BLOCK_N, 1]`). `k0` is a
 multiple of BLOCK_K, and where BLOCK_K spans several blocks it is a multiple of the block size.
 
@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
-from kernels.triton.decode import IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
+                                   Q6_K, Q8_0)
 from kernels.triton.float_bits import (FLOAT_OF_TWO_POW_23, five_bit_float_bits, int8_float_bits, nf4_values,
                                        nibble_float_bits, three_bit_float_bits)
 
@@ -79,8 +80,8 @@ def _interleave(low, high, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexpr, tables_ptr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`float_bits`), from a plane of
     int8 codes (`BITS` 8, v = code + 128) or of 4-bit codes (v = code, or with `IQ4` kvalues_iq4nl[code] + 128)."""
     if BITS == 8:
@@ -88,7 +89,7 @@ def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexp
         return int8_float_bits(tl.load(w_ptr + plane + k, mask=n_mask & (k < K), other=0))
     else:
         tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
-        low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4)
+        low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4, tables_ptr)
         return _interleave(low, high, BLOCK_N, BLOCK_K)
 
 
@@ -126,15 +127,34 @@ def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, BLOCK_N: t
     return tl.reshape(bits, (BLOCK_N, BLOCK_K))
 
 
+_FORMAT_NAMES = {i: name for name, i in FORMAT_IDS.items()}
+
+
+@triton.constexpr_function
+def sub_block_size(fmt: int) -> int:
+    """Elements sharing one scale (and offset) in `decode_planes_parts`."""
+    return {"NF4": 64, "Q6_K": 16, "Q3_K": 16, "Q2_K": 16}.get(_FORMAT_NAMES[fmt], 32)
+
+
+@triton.constexpr_function
+def has_offset(fmt: int) -> bool:
+    """Whether `decode_planes_parts` gives `fmt` an offset: Q4_1's and Q5_1's min, the K-quants' -min."""
+    return _FORMAT_NAMES[fmt] in ("Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K")
+
+
 @triton.jit
-def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_ptr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(v, scale, offset): the tile's weights are `v * scale + offset`, v `[BLOCK_N, BLOCK_K]` per element, scale and
+    offset `[BLOCK_N, sub-blocks]` per sub-block of `sub_block_size(FMT)` elements (offset only where
+    `has_offset(FMT)`; elsewhere it is the scale again, unused)."""
     if FMT == NF4:
         nb = K // 64
         b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
-        absmax = _expand(_typed(w_ptr, rows + 4 * b, b_mask, tl.float32), BLOCK_N, BLOCK_K, 64)
-        low, high = nf4_values(_nibble_bytes(w_ptr, rows + _plane_bytes(nb, 4), k0, K, n_mask, BLOCK_K), nf4_table_ptr)
-        w = _interleave(low, high, BLOCK_N, BLOCK_K) * absmax
+        scale = _typed(w_ptr, rows + 4 * b, b_mask, tl.float32)
+        low, high = nf4_values(_nibble_bytes(w_ptr, rows + _plane_bytes(nb, 4), k0, K, n_mask, BLOCK_K), tables_ptr)
+        v = _interleave(low, high, BLOCK_N, BLOCK_K)
+        offset = scale
     elif (FMT == Q6_K) | (FMT == Q3_K) | (FMT == Q2_K):
         # 16-element sub-blocks; the planes follow the block's fields (kernels/repack.py)
         nb = K // 256
@@ -144,9 +164,10 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
             scale_plane = high_plane + _plane_bytes(nb, 64)
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, 16, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, t_mask, tl.int8).to(tl.float32)
-            bits = _code_bits(w_ptr, rows, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K) | \
+            bits = _code_bits(w_ptr, rows, k0, K, n_mask, 4, False, tables_ptr, BLOCK_N, BLOCK_K) | \
                 (_two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K) << 4)
-            w = _bits_to_float(bits, 32) * _expand(scale, BLOCK_N, BLOCK_K, 16)
+            v = _bits_to_float(bits, 32)
+            offset = scale
         elif FMT == Q3_K:  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
             low_plane = _plane_bytes(nb, 32)
             scale_plane = low_plane + _plane_bytes(nb, 64)
@@ -160,16 +181,16 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
             m_mask = n_mask & (m < K // 16)
             bits = three_bit_float_bits(_typed(w_ptr, rows + low_plane + 4 * m, m_mask, tl.int32),
                                         _typed(w_ptr, rows + 2 * m, m_mask, tl.uint16).to(tl.int32))
-            w = _bits_to_float(tl.reshape(bits, (BLOCK_N, BLOCK_K)), 4) * _expand(scale, BLOCK_N, BLOCK_K, 16)
+            v = _bits_to_float(tl.reshape(bits, (BLOCK_N, BLOCK_K)), 4)
+            offset = scale
         else:  # Q2_K: scales (a byte each: scale | min << 4) | qs: 2-bit codes | d | dmin
             codes_plane = _plane_bytes(nb, 16)
             d_plane = codes_plane + _plane_bytes(nb, 64)
             packed = _scale_bytes(w_ptr, rows, t, 16, 16, t % 16, t_mask)
             scale = _k_quant_d(w_ptr, rows + d_plane, t, 16, t_mask) * (packed & 15).to(tl.float32)
-            low = _k_quant_d(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, 16, t_mask) * \
-                (packed >> 4).to(tl.float32)
-            q = _two_bit_codes(w_ptr, rows + codes_plane, k0, K, n_mask, BLOCK_N, BLOCK_K)
-            w = _exact_float(q, 0) * _expand(scale, BLOCK_N, BLOCK_K, 16) - _expand(low, BLOCK_N, BLOCK_K, 16)
+            offset = -(_k_quant_d(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, 16, t_mask) *
+                       (packed >> 4).to(tl.float32))
+            v = _exact_float(_two_bit_codes(w_ptr, rows + codes_plane, k0, K, n_mask, BLOCK_N, BLOCK_K), 0)
     elif (FMT == Q4_K) | (FMT == Q5_K):
         # 32-element sub-blocks: d | dmin | 12 bytes of 6-bit scales and mins | (Q5_K: qh, fifth bits) | qs
         nb = K // 256
@@ -186,13 +207,13 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         sc = tl.where(j < 4, a & 63, (e & 15) | ((a >> 6) << 4))
         mn = tl.where(j < 4, c & 63, (e >> 4) | ((c >> 6) << 4))
         scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * sc.to(tl.float32)
-        low = _k_quant_d(w_ptr, rows + dmin_plane, t, 8, t_mask) * mn.to(tl.float32)
+        offset = -(_k_quant_d(w_ptr, rows + dmin_plane, t, 8, t_mask) * mn.to(tl.float32))
         if FMT == Q4_K:
-            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K)
+            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, tables_ptr, BLOCK_N, BLOCK_K)
         else:
             bits = _five_bit_code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), rows + codes_plane, k0, K,
                                        n_mask, BLOCK_N, BLOCK_K)
-        w = _bits_to_float(bits, 0) * _expand(scale, BLOCK_N, BLOCK_K, 32) - _expand(low, BLOCK_N, BLOCK_K, 32)
+        v = _bits_to_float(bits, 0)
     elif FMT == IQ4_XS:
         # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | qs
         nb = K // 256
@@ -202,8 +223,10 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         low4 = (_scale_bytes(w_ptr, rows + low_plane, t, 4, 8, j // 2, t_mask) >> (4 * (j % 2))) & 15
         top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), t, 2, 8, j // 4, t_mask) >> (2 * (j % 4))) & 3
         scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
-        bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, BLOCK_N, BLOCK_K)
-        w = _expand(scale, BLOCK_N, BLOCK_K, 32) * _bits_to_float(bits, 128)
+        bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, tables_ptr, BLOCK_N,
+                          BLOCK_K)
+        v = _bits_to_float(bits, 128)
+        offset = scale
     else:
         tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1)
                          | (FMT == IQ4_NL), "decode_planes_tile: format without a planes layout")
@@ -211,26 +234,36 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, nf4_table_
         nb = K // 32
         d_plane = _plane_bytes(nb, 2)
         b, b_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
-        d = _expand(_typed(w_ptr, rows + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K, 32)
+        scale = _typed(w_ptr, rows + 2 * b, b_mask, tl.float16).to(tl.float32)
+        offset = scale
         if FMT == Q8_0:
-            w = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 8, False, BLOCK_N, BLOCK_K), 128) * d
+            v = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 8, False, tables_ptr, BLOCK_N,
+                                          BLOCK_K), 128)
         elif FMT == Q4_0:
-            w = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K), 8) * d
+            v = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 4, False, tables_ptr, BLOCK_N,
+                                          BLOCK_K), 8)
         elif FMT == IQ4_NL:
-            w = d * _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 4, True, BLOCK_N, BLOCK_K), 128)
+            v = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 4, True, tables_ptr, BLOCK_N,
+                                          BLOCK_K), 128)
         elif FMT == Q4_1:
-            m = _expand(_typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K,
-                        32)
-            w = _bits_to_float(_code_bits(w_ptr, rows + 2 * d_plane, k0, K, n_mask, 4, False, BLOCK_N, BLOCK_K),
-                               0) * d + m
+            offset = _typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32)
+            v = _bits_to_float(_code_bits(w_ptr, rows + 2 * d_plane, k0, K, n_mask, 4, False, tables_ptr, BLOCK_N,
+                                          BLOCK_K), 0)
         elif FMT == Q5_0:
-            bits = _five_bit_code_bits(w_ptr, rows + d_plane + _plane_bytes(nb, 4), rows + d_plane, k0, K, n_mask,
-                                       BLOCK_N, BLOCK_K)
-            w = _bits_to_float(bits, 16) * d
+            v = _bits_to_float(_five_bit_code_bits(w_ptr, rows + d_plane + _plane_bytes(nb, 4), rows + d_plane, k0, K,
+                                                   n_mask, BLOCK_N, BLOCK_K), 16)
         else:
-            m = _expand(_typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32), BLOCK_N, BLOCK_K,
-                        32)
-            bits = _five_bit_code_bits(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), rows + 2 * d_plane, k0, K,
-                                       n_mask, BLOCK_N, BLOCK_K)
-            w = _bits_to_float(bits, 0) * d + m
+            offset = _typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32)
+            v = _bits_to_float(_five_bit_code_bits(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), rows + 2 * d_plane,
+                                                   k0, K, n_mask, BLOCK_N, BLOCK_K), 0)
+    return v, scale, offset
+
+
+@triton.jit
+def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BLOCK_N, BLOCK_K)
+    w = v * _expand(scale, BLOCK_N, BLOCK_K, sub_block_size(FMT))
+    if has_offset(FMT):
+        w += _expand(offset, BLOCK_N, BLOCK_K, sub_block_size(FMT))
     return w

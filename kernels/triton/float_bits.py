@@ -43,9 +43,10 @@ def _int8_bits_ptx() -> str:
     return _assemble(["xor.b32 b, $4, 0x80808080;"] + _float_bits_of_bytes([("b", i) for i in range(4)]))
 
 
-def _lookups(tables: list[tuple[int, ...]]) -> list[str]:
-    """PTX: for the 8 4-bit codes of $8 (element order, low nibble first), byte `table[code]` of each 16-entry byte
-    table k into register vak (elements 0-3, a byte each) and vbk (elements 4-7).
+def _lookups(tables: int, words: int) -> list[str]:
+    """PTX: for the 8 4-bit codes of $8 (element order, low nibble first), byte `table[code]` of each of `tables`
+    16-entry byte tables into register vak (elements 0-3, a byte each) and vbk (elements 4-7). Table k's 16 bytes
+    are the operands from $`words` + 16k on, every fourth (`pack=4` gives each broadcast word four registers).
 
     prmt picks byte (selector & 7) of 8, here one half of the table in two registers: the codes' low 3 bits pick
     from both halves, a second prmt picks the half by the code's bit 3. Selector bit 3 would sign-replicate the
@@ -56,13 +57,17 @@ def _lookups(tables: list[tuple[int, ...]]) -> list[str]:
              "and.b32 sa, sa, 0x44444444;",
              "or.b32 sa, sa, 0x32103210;",
              "shr.b32 sb, sa, 16;"]
-    for k, table in enumerate(tables):
-        words = [int.from_bytes(bytes(table[i:i + 4]), "little") for i in range(0, 16, 4)]
-        lines += [f"mov.b32 t{k}{i}, {word:#010x};" for i, word in enumerate(words)]
+    for k in range(tables):
+        t = [f"${words + 16 * k + 4 * i}" for i in range(4)]
         for half in "ab":
-            lines += [f"prmt.b32 lo, t{k}0, t{k}1, q{half};", f"prmt.b32 hi, t{k}2, t{k}3, q{half};",
+            lines += [f"prmt.b32 lo, {t[0]}, {t[1]}, q{half};", f"prmt.b32 hi, {t[2]}, {t[3]}, q{half};",
                       f"prmt.b32 v{half}{k}, lo, hi, s{half};"]
     return lines
+
+
+def byte_table_words(table) -> list[int]:
+    """A 16-entry byte table as the four little-endian 32-bit words `_lookups` takes."""
+    return [int.from_bytes(bytes(table[i:i + 4]), "little") for i in range(0, 16, 4)]
 
 
 # element 2j is byte j's low nibble, 2j + 1 its high one: which (register, byte) holds each of the 8 elements
@@ -70,23 +75,23 @@ _LOW_ELEMENTS = [("a", 0), ("a", 2), ("b", 0), ("b", 2)]
 _HIGH_ELEMENTS = [("a", 1), ("a", 3), ("b", 1), ("b", 3)]
 
 
-def _nibble_bits_ptx(table: tuple[int, ...] | None) -> str:
-    """4 packed bytes ($8) of two 4-bit codes -> the bits of 2^23 + table[code] for the low nibbles ($0-$3) and
-    the high ones ($4-$7); no table: the code itself."""
-    if table is None:
+def _nibble_bits_ptx(table: bool) -> str:
+    """4 packed bytes ($8) of two 4-bit codes -> the bits of 2^23 + v for the low nibbles ($0-$3) and the high ones
+    ($4-$7): v the code itself, or with `table` byte `code` of the table in the words from $9 on."""
+    if not table:
         lines = ["and.b32 va0, $8, 0x0f0f0f0f;", "shr.b32 vb0, $8, 4;", "and.b32 vb0, vb0, 0x0f0f0f0f;"]
         elements = [("va0", i) for i in range(4)] + [("vb0", i) for i in range(4)]
     else:
-        lines = _lookups([table])
+        lines = _lookups(1, 9)
         elements = [(f"v{half}0", byte) for half, byte in _LOW_ELEMENTS + _HIGH_ELEMENTS]
     return _assemble(lines + _float_bits_of_bytes(elements))
 
 
-def _nibble_float32_ptx(values: tuple[float, ...]) -> str:
-    """4 packed bytes ($8) of two 4-bit codes -> the float32 bits of values[code], low nibbles ($0-$3), high ones
-    ($4-$7): one byte table per byte of the float32, then a 4 x 4 byte transpose per 4 elements."""
-    bits = [int(b) for b in np.asarray(values, dtype="<f4").view("<u4")]
-    lines = _lookups([tuple((b >> (8 * k)) & 0xFF for b in bits) for k in range(4)])
+def _nibble_float32_ptx() -> str:
+    """4 packed bytes ($8) of two 4-bit codes -> the float32 value[code], low nibbles ($0-$3), high ones ($4-$7),
+    from four byte tables in the words from $9 on (byte k of each value: `float32_byte_tables`), then a 4 x 4 byte
+    transpose per 4 elements."""
+    lines = _lookups(4, 9)
     out = 0
     for name, elements in (("low", _LOW_ELEMENTS), ("high", _HIGH_ELEMENTS)):
         for half in "ab":
@@ -146,10 +151,24 @@ def _five_bit_ptx() -> str:
     return _assemble(lines + _float_bits_of_bytes([("vb" if e % 2 else "va", e // 2) for e in range(8)]))
 
 
+def float32_byte_tables(values) -> list[tuple[int, ...]]:
+    """16 float32 values as four 16-entry byte tables, byte k of each value in table k."""
+    bits = [int(b) for b in np.asarray(values, dtype="<f4").view("<u4")]
+    return [tuple((b >> (8 * k)) & 0xFF for b in bits) for k in range(4)]
+
+
 IQ4_OFFSET_BINARY = tuple(v + 128 for v in IQ4_VALUES)  # kvalues_iq4nl as bytes: value + 128
-PTX_SOURCES = {"int8": _int8_bits_ptx(), "nibble": _nibble_bits_ptx(None),
-               "nibble iq4": _nibble_bits_ptx(IQ4_OFFSET_BINARY), "nibble nf4": _nibble_float32_ptx(NF4_VALUES),
-               "three bit": _three_bit_ptx(), "five bit": _five_bit_ptx()}
+# The lookup table the kernels take (`tables_ptr`, 32-bit words): NF4's 16 float32 values (the portable twins and
+# the blocks decoder gather them), then the byte tables of the PRMT lookups, passed to the asm as operands: loaded
+# once, they stay in registers, where constants in the asm were rematerialised for every call (NF4's 16 words:
+# about 2 instructions an element).
+NF4_WORDS_AT = tl.constexpr(16)
+IQ4_WORDS_AT = tl.constexpr(32)
+LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("<u4")]
+                     + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
+                     + byte_table_words(IQ4_OFFSET_BINARY))
+PTX_SOURCES = {"int8": _int8_bits_ptx(), "nibble": _nibble_bits_ptx(False), "nibble iq4": _nibble_bits_ptx(True),
+               "nibble nf4": _nibble_float32_ptx(), "three bit": _three_bit_ptx(), "five bit": _five_bit_ptx()}
 INT8_PTX = tl.constexpr(PTX_SOURCES["int8"])
 NIBBLE_PTX = tl.constexpr(PTX_SOURCES["nibble"])
 NIBBLE_IQ4_PTX = tl.constexpr(PTX_SOURCES["nibble iq4"])
@@ -180,13 +199,22 @@ def iq4_offset_binary(code):
 
 
 @triton.jit
-def nibble_float_bits(b, IQ4: tl.constexpr):
+def _word(tables_ptr, i):
+    return tl.load((tables_ptr + i).to(tl.pointer_type(tl.int32)))
+
+
+@triton.jit
+def nibble_float_bits(b, IQ4: tl.constexpr, tables_ptr):
     """uint8 bytes of two 4-bit codes -> int32 bits of the float32 2^23 + v for the low nibble and for the high
-    one, where v is the code itself, or with IQ4 kvalues_iq4nl[code] + 128."""
+    one, where v is the code itself, or with IQ4 kvalues_iq4nl[code] + 128 (its byte table at `tables_ptr`,
+    `LOOKUP_WORDS`)."""
     if PTX:
         if IQ4:
-            low, high = tl.inline_asm_elementwise(NIBBLE_IQ4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-                                                  dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+            low, high = tl.inline_asm_elementwise(
+                NIBBLE_IQ4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r" * 4,
+                [b, _word(tables_ptr, IQ4_WORDS_AT), _word(tables_ptr, IQ4_WORDS_AT + 1),
+                 _word(tables_ptr, IQ4_WORDS_AT + 2), _word(tables_ptr, IQ4_WORDS_AT + 3)],
+                dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
         else:
             low, high = tl.inline_asm_elementwise(NIBBLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
@@ -202,15 +230,24 @@ def nibble_float_bits(b, IQ4: tl.constexpr):
 
 
 @triton.jit
-def nf4_values(b, table_ptr):
+def nf4_values(b, tables_ptr):
     """uint8 bytes of two NF4 codes -> the float32 code-book values of the low nibble's code and of the high one's
-    (the portable twin gathers them from the table at `table_ptr`)."""
+    (`LOOKUP_WORDS` at `tables_ptr`: the values, and their byte tables)."""
     if PTX:
-        low, high = tl.inline_asm_elementwise(NIBBLE_NF4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-                                              dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        low, high = tl.inline_asm_elementwise(
+            NIBBLE_NF4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r" * 16,
+            [b, _word(tables_ptr, NF4_WORDS_AT), _word(tables_ptr, NF4_WORDS_AT + 1),
+             _word(tables_ptr, NF4_WORDS_AT + 2), _word(tables_ptr, NF4_WORDS_AT + 3),
+             _word(tables_ptr, NF4_WORDS_AT + 4), _word(tables_ptr, NF4_WORDS_AT + 5),
+             _word(tables_ptr, NF4_WORDS_AT + 6), _word(tables_ptr, NF4_WORDS_AT + 7),
+             _word(tables_ptr, NF4_WORDS_AT + 8), _word(tables_ptr, NF4_WORDS_AT + 9),
+             _word(tables_ptr, NF4_WORDS_AT + 10), _word(tables_ptr, NF4_WORDS_AT + 11),
+             _word(tables_ptr, NF4_WORDS_AT + 12), _word(tables_ptr, NF4_WORDS_AT + 13),
+             _word(tables_ptr, NF4_WORDS_AT + 14), _word(tables_ptr, NF4_WORDS_AT + 15)],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
     else:
-        low = tl.load(table_ptr + (b.to(tl.int32) & 15))
-        high = tl.load(table_ptr + (b.to(tl.int32) >> 4))
+        low = tl.load(tables_ptr + (b.to(tl.int32) & 15))
+        high = tl.load(tables_ptr + (b.to(tl.int32) >> 4))
     return low, high
 
 

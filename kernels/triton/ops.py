@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -11,6 +12,7 @@ import triton.language as tl
 from kernels import state
 from kernels.qtensor import QTensor
 from kernels.triton.decode import FORMAT_IDS
+from kernels.triton.float_bits import LOOKUP_WORDS
 from kernels.triton.qmatmul import dequant_kernel, gemv_kernel, qmm_kernel, qmv_kernel
 
 SMALL_M = 16  # up to here the weight-streaming split-K kernels run: the FMA GEMV at M = 1, the tensor-core one above
@@ -26,8 +28,10 @@ HALF_CONFIGS = (
     (64, 128, 32, 8, 8, 3),
     (64, 64, 16, 8, 4, 4),
 )
-# fp32: two stages (with four, NF4's blocks and Q5_1's planes took 255 registers and spilled 8-40 bytes)
-GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16, 8, 4, 2),)}
+# fp32, per weight layout: two stages (with four, NF4's blocks and Q5_1's planes took 255 registers and spilled 8-40
+# bytes). Planes: 32 rows of M (with 64, Q3_K's word-wise decode took 255 registers and spilled 48 bytes on sm_90;
+# in 8 warps ptxas stopped at 80 registers and spilled 8-16 for Q4_K and Q6_K).
+FP32_GEMM_CONFIGS = {"planes": ((64, 32, 16, 8, 4, 2),), "blocks": ((64, 64, 16, 8, 4, 2),)}
 # Tried first on Hopper (sm_90) for half activations and planes weights: 256 rows of M a tile, so each decoded weight
 # element feeds twice the tensor-core work of a 128-row tile and the decode's issue cost per FLOP halves (the
 # throughput model then puts the fused GEMM at M = 4608 at the bf16 kernel's time). Its accumulator takes 128
@@ -35,18 +39,18 @@ GEMM_CONFIGS = {"fp16": HALF_CONFIGS, "bf16": HALF_CONFIGS, "fp32": ((64, 64, 16
 # decoders, where it spills.
 WIDE_M_CONFIG = (128, 256, 64, 8, 8, 2)
 # Tried next there: 128 deep, which spreads each iteration's pipeline bookkeeping (stage indices, barriers, masks:
-# about 110 instructions a thread) over twice the elements (sm_90, per decoded element: Q5_0 9.6 -> 8.8, NF4 13.1 ->
-# 12.0, Q3_K 13.9 -> 12.7). It takes 102-106 KB of shared memory and up to 220 registers: within sm_90's budget, not
-# sm_86/89's shared memory, and on sm_80 it spills 140-260 bytes.
+# about 110 instructions a thread) over twice the elements (sm_90, per decoded element against 64 deep: Q5_0 9.0 ->
+# 8.3, Q3_K 10.8 -> 10.0, NF4 13.1 -> 12.0). It takes 100-112 KB of shared memory and up to 220 registers: within
+# sm_90's budget, not sm_86/89's shared memory, and on sm_80 it spills 140-260 bytes.
 DEEP_K_CONFIG = (128, 128, 128, 8, 8, 2)
 # 1 < M <= 16, per weight layout and activation dtype. Planes: 128 deep, which spreads each K step's scale loads and
 # pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 10.8 -> 7.5, Q4_K 16.1 -> 8.4).
-# fp32 activations 64 deep there (128 spilled 24 bytes for Q8_0 on sm_80). Blocks: 32 deep, where deeper tiles spill
+# fp32 activations 32 deep there (64 spilled 28 bytes for Q8_0 on sm_86/89). Blocks: 32 deep, where deeper tiles spill
 # (Q5_K, Q5_1, Q6_K, IQ4_XS); fp32 activations two stages there (three spilled 8 bytes for IQ4_XS on sm_90).
 _SPLIT_K_BLOCKS = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
 _SPLIT_K_PLANES = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=128, num_warps=8, num_stages=2)
 SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
-                              "fp32": dict(_SPLIT_K_PLANES, BLOCK_K=64)},
+                              "fp32": dict(_SPLIT_K_PLANES, BLOCK_K=32)},
                    "blocks": {"fp16": _SPLIT_K_BLOCKS, "bf16": _SPLIT_K_BLOCKS,
                               "fp32": dict(_SPLIT_K_BLOCKS, num_stages=2)}}
 
@@ -72,7 +76,7 @@ DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, enable_fp_fusion=Fal
 INTERPRETER_GEMM = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=128, GROUP_N=4)
 INTERPRETER_SPLIT_K = dict(_SPLIT_K_BLOCKS, BLOCK_K=128)
 INTERPRETER_GEMV = dict(BLOCK_N=32, BLOCK_K=128)
-# activation dtype -> (its name in GEMM_CONFIGS, the tl.dot operand type)
+# activation dtype -> (its name in the tile tables, the tl.dot operand type)
 DTYPES = {torch.float16: ("fp16", tl.float16), torch.bfloat16: ("bf16", tl.bfloat16),
           torch.float32: ("fp32", tl.float32)}
 # Triton's interpreter computes tl.dot on bf16 operands wrongly (relative error ~4e11, measured with triton 3.9; fp16
@@ -90,8 +94,8 @@ def gemm_configs(dtype_name: str, layout: str, cc: int) -> tuple:
     """The GEMM tiles the autotuner tries for activations `dtype_name`, a weight in `layout`, compute capability
     `cc` (90 for sm_90)."""
     if cc == 90 and layout == "planes" and dtype_name != "fp32":
-        return (WIDE_M_CONFIG, DEEP_K_CONFIG) + GEMM_CONFIGS[dtype_name]
-    return GEMM_CONFIGS[dtype_name]
+        return (WIDE_M_CONFIG, DEEP_K_CONFIG) + HALF_CONFIGS
+    return FP32_GEMM_CONFIGS[layout] if dtype_name == "fp32" else HALF_CONFIGS
 
 
 @functools.cache
@@ -115,6 +119,13 @@ def _split_k_grid(N: int, K: int, BLOCK_N: int, BLOCK_K: int, device) -> tuple[t
     splits = max(1, min(k_tiles, (4 * sms) // n_tiles))
     k_per_split = triton.cdiv(k_tiles, splits) * BLOCK_K
     return (n_tiles, triton.cdiv(K, k_per_split)), k_per_split
+
+
+def lookup_table(device) -> torch.Tensor:
+    """The kernels' `tables_ptr` on `device`: `float_bits.LOOKUP_WORDS` as 32-bit words (a float32 tensor, NF4's
+    values first)."""
+    return state.constants("table:kernel lookups", device, lambda d: torch.from_numpy(
+        np.array(LOOKUP_WORDS, dtype=np.uint32).view(np.float32)).to(d))
 
 
 def _require_aligned(weight: QTensor) -> None:
@@ -148,7 +159,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
         dot_dtype = INTERPRETER_DOT_DTYPES.get(x.dtype, dot_dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else x
-    table = state.table("nf4", x.device)
+    table = lookup_table(x.device)
     with state.on_device(x.device):
         kernel = fused_kernel(M)
         if kernel == "gemv":
@@ -188,7 +199,7 @@ def dequantize_triton(weight: QTensor, dtype: torch.dtype, out: torch.Tensor | N
     cfg = DEQUANT_CONFIG
     grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
     with state.on_device(weight.device):
-        dequant_kernel[grid](weight.raw, out, state.table("nf4", weight.device), rows, K, weight.raw.shape[1],
+        dequant_kernel[grid](weight.raw, out, lookup_table(weight.device), rows, K, weight.raw.shape[1],
                              FMT=FORMAT_IDS[weight.format], PLANES=weight.layout == "planes", **cfg)
     return out
 

@@ -18,17 +18,17 @@ import triton
 import triton.language as tl
 
 from kernels.triton.decode import decode_tile
-from kernels.triton.decode_planes import decode_planes_tile
+from kernels.triton.decode_planes import decode_planes_parts, decode_planes_tile, has_offset, sub_block_size
 
 
 @triton.jit
-def _weight_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, PLANES: tl.constexpr, nf4_ptr,
+def _weight_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, PLANES: tl.constexpr, tables_ptr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if PLANES:
-        w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, nf4_ptr, BLOCK_N, BLOCK_K)
+        w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BLOCK_N, BLOCK_K)
     else:
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
-        w = decode_tile(w_ptr, rows, k, n_mask & (k < K), FMT, nf4_ptr)
+        w = decode_tile(w_ptr, rows, k, n_mask & (k < K), FMT, tables_ptr)
     return w
 
 
@@ -45,7 +45,7 @@ def _known_multiples(K, row_bytes, PLANES: tl.constexpr):
 
 
 @triton.jit
-def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, stride_ym,
+def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, stride_ym,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
@@ -67,7 +67,7 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, strid
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, nf4_ptr, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
         x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + k[None, :],
                     mask=(m[:, None] < M) & k_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -78,16 +78,32 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, strid
 
 
 @triton.jit
-def _gemv_products(x_ptr, w_ptr, nf4_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, PLANES: tl.constexpr,
+def _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, PLANES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[n, k] * x[k] for the tile at k0, `[BLOCK_N, BLOCK_K]` fp32."""
     k = k0 + tl.arange(0, BLOCK_K)
-    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, nf4_ptr, BLOCK_N, BLOCK_K)
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, BLOCK_N, BLOCK_K)
     return w * tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, N, K, row_bytes, k_per_split, FMT: tl.constexpr,
+def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """Planes: sum over each sub-block of W[n, k] * x[k] for the tile at k0, `[BLOCK_N, sub-blocks]` fp32. The
+    codes' values times x are summed first (one multiply-add an element), then scaled once per sub-block, where
+    decoding the weight first costs a multiply more an element."""
+    QK: tl.constexpr = sub_block_size(FMT)
+    v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BLOCK_N, BLOCK_K)
+    k = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    sums = tl.sum(tl.reshape(v * x[None, :], (BLOCK_N, BLOCK_K // QK, QK)), axis=2) * scale
+    if has_offset(FMT):
+        sums += offset * tl.sum(tl.reshape(x, (BLOCK_K // QK, QK)), axis=1)[None, :]
+    return sums
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, N, K, row_bytes, k_per_split, FMT: tl.constexpr,
                 PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += W[n, ks] @ x[ks] for one (n-tile, K-split). No reduction inside the loop: one FMA per
     weight element into a tile of partial sums, summed over K once after it."""
@@ -100,9 +116,14 @@ def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, N, K, row_bytes, k_per_s
     k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
     # the first tile's products start the partial sums, so they take the products' register layout: a tile zeroed
     # by tl.zeros gets a default layout, and every tile would be shuffled into it through shared memory
-    acc = _gemv_products(x_ptr, w_ptr, nf4_ptr, rows, n_mask, k_start, K, FMT, PLANES, BLOCK_N, BLOCK_K)
-    for k0 in range(k_start + BLOCK_K, k_start + k_per_split, BLOCK_K):
-        acc += _gemv_products(x_ptr, w_ptr, nf4_ptr, rows, n_mask, k0, K, FMT, PLANES, BLOCK_N, BLOCK_K)
+    if PLANES:
+        acc = _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k_start, K, FMT, BLOCK_N, BLOCK_K)
+        for k0 in range(k_start + BLOCK_K, k_start + k_per_split, BLOCK_K):
+            acc += _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT, BLOCK_N, BLOCK_K)
+    else:
+        acc = _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k_start, K, FMT, PLANES, BLOCK_N, BLOCK_K)
+        for k0 in range(k_start + BLOCK_K, k_start + k_per_split, BLOCK_K):
+            acc += _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT, PLANES, BLOCK_N, BLOCK_K)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.where(split == 0, tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32), 0.0)
@@ -110,7 +131,7 @@ def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, N, K, row_bytes, k_per_s
 
 
 @triton.jit
-def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, k_per_split,
+def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
@@ -127,7 +148,7 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, k_per
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, nf4_ptr, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
         x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & k_mask[None, :],
                     other=0.0).to(DOT_DTYPE)
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -137,7 +158,7 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, nf4_ptr, M, N, K, row_bytes, k_per
 
 
 @triton.jit
-def dequant_kernel(w_ptr, out_ptr, nf4_ptr, N, K, row_bytes, FMT: tl.constexpr, PLANES: tl.constexpr,
+def dequant_kernel(w_ptr, out_ptr, tables_ptr, N, K, row_bytes, FMT: tl.constexpr, PLANES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,5 +167,5 @@ def dequant_kernel(w_ptr, out_ptr, nf4_ptr, N, K, row_bytes, FMT: tl.constexpr, 
     rows = n[:, None] * row_bytes
     n_mask = n[:, None] < N
     mask = n_mask & (k[None, :] < K)
-    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, nf4_ptr, BLOCK_N, BLOCK_K)
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
