@@ -142,10 +142,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int | None,
-             guidance: float | None = None) -> list[np.ndarray]:
+             guidance: float | None = None, true_cfg: float | None = None) -> list[np.ndarray]:
     images = []
     for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="generating", dynamic_ncols=True):
-        images.append(np.asarray(pipe(prompt, seed=seed, steps=steps, guidance=guidance, progress=False)[0]))
+        images.append(np.asarray(pipe(prompt, seed=seed, steps=steps, guidance=guidance, true_cfg=true_cfg,
+                                      progress=False)[0]))
     return images
 
 
@@ -164,6 +165,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=4, help="seeds per held-out combination (default 4: 112 images)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the demo's own)")
     parser.add_argument("--guidance", type=float, help="distilled guidance scale (default: the demo's own)")
+    parser.add_argument("--true-cfg", type=float,
+                        help="classifier-free guidance against the empty prompt, two passes a step (default: the "
+                             "demo's own)")
     parser.add_argument("--write", action="store_true",
                         help="write bench/results/demo-eval.md and demo-eval-grid.png (else only print)")
     args = parser.parse_args(argv)
@@ -178,10 +182,11 @@ def main(argv=None) -> None:
             scenes.append(demo_world.Scene(c, s, b, 0, 0, 0))
     start = time.perf_counter()
     q8 = load_pipeline(device="cpu", dtype=torch.float32, prompt_cache=False)
-    q8_images = generate(q8, prompts, seeds, args.steps, args.guidance)
+    q8_images = generate(q8, prompts, seeds, args.steps, args.guidance, args.true_cfg)
     seconds = time.perf_counter() - start
     bf16 = load_pipeline(device="cpu", dtype=torch.float32, prompt_cache=False, transformer="transformer_bf16")
-    bf16_images = generate(bf16, prompts[::args.seeds], seeds[::args.seeds], args.steps, args.guidance)
+    bf16_images = generate(bf16, prompts[::args.seeds], seeds[::args.seeds], args.steps, args.guidance,
+                           args.true_cfg)
     psnrs = [psnr(a, b) for a, b in zip(q8_images[::args.seeds], bf16_images)]
 
     truth = judge_accuracy()
@@ -194,7 +199,8 @@ def main(argv=None) -> None:
         f"{q8.defaults.width}x{q8.defaults.height} toy Flux, not Flux-dev), CPU, fp32 compute.",
         f"{len(prompts)} images: {len(combinations)} (color, shape, background) combinations never seen in training "
         f"x {args.seeds} seeds, {q8.defaults.steps if args.steps is None else args.steps} steps, distilled guidance "
-        f"{q8.defaults.guidance if args.guidance is None else args.guidance}, true CFG {q8.defaults.true_cfg}, "
+        f"{q8.defaults.guidance if args.guidance is None else args.guidance}, true CFG "
+        f"{q8.defaults.true_cfg if args.true_cfg is None else args.true_cfg}, "
         f"transformer {Path(q8.files['transformer']).name}; {seconds:.0f} s in all.",
         "",
         "| attribute | accuracy | judge on ground-truth renders | judge on renders through the autoencoder |",
