@@ -40,7 +40,7 @@ FP32_GEMM_CONFIGS = {"planes": ((64, 32, 16, 8, 4, 2),), "blocks": ((64, 64, 16,
 WIDE_M_CONFIG = (128, 256, 64, 8, 8, 2)
 # Tried next there: 128 deep, which spreads each iteration's pipeline bookkeeping (stage indices, barriers, masks:
 # about 110 instructions a thread) over twice the elements (sm_90, per decoded element against 64 deep: Q5_0 9.0 ->
-# 8.3, Q3_K 10.8 -> 10.0, NF4 13.1 -> 12.0). It takes 100-112 KB of shared memory and up to 220 registers: within
+# 8.3, Q3_K 10.8 -> 10.0, NF4 10.6 -> 9.9). It takes 100-112 KB of shared memory and up to 220 registers: within
 # sm_90's budget, not sm_86/89's shared memory, and on sm_80 it spills 140-260 bytes.
 DEEP_K_CONFIG = (128, 128, 128, 8, 8, 2)
 # 1 < M <= 16, per weight layout and activation dtype. Planes: 128 deep, which spreads each K step's scale loads and
@@ -61,9 +61,9 @@ def split_k_config(fmt: str, layout: str, dtype_name: str) -> dict:
 
 
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
-# without spills for every format, dtype and sm_80-90 (`python -m bench.compile_check`). Planes, sm_90: 64 x 128
-# counts Q4_0 6.8, Q8_0 6.3, Q6_K 10.0, NF4 11.3 (32 x 128: 7.2, 6.7, 10.3, 15.5; 32 x 256 about as 64 x 128 with
-# more registers). Blocks: 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
+# without spills for every format, dtype and sm_80-90 (`python -m bench.compile_check`). Planes, sm_90, with the
+# decoders before PRMT: 64 x 128 counted Q4_0 6.8, Q8_0 6.3, Q6_K 10.0, NF4 11.3 (32 x 128: 7.2, 6.7, 10.3, 15.5;
+# 32 x 256 about as 64 x 128 with more registers); now 4.7, 5.0, 8.7, 10.1. Blocks: 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
 GEMV_CONFIGS = {"planes": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1),
                 "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=1)}
 # No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
