@@ -4,9 +4,10 @@
   operand: it goes to shared memory once (a 128-bit store per 8 elements), from where the tensor cores read it. As
   the left operand, the register operand of Hopper's wgmma, it took more instructions to shuffle into that operand's
   register layout (sm_90, per decoded element: Q8_0 11.3 -> 10.1, Q4_K 11.3 -> 10.3; sm_89 Q8_0 34.0 -> 21.5).
-* `gemv_kernel`: M = 1 (Flux's modulation linears run at M = batch): each decoded weight element is multiplied on
-  the FMA units into a tile of fp32 partial sums, reduced once at the end; split-K over the weight so enough programs
-  stream it, partial sums meeting in an fp32 buffer with atomic adds.
+* `gemv_kernel`: M = 1 (Flux's modulation linears run at M = batch): on the FMA units, one multiply-add per weight
+  element into fp32 partial sums (planes: the code values times x, summed per sub-block and scaled once; blocks: the
+  decoded weights times x), reduced once at the end; split-K over the weight so enough programs stream it, partial
+  sums meeting in an fp32 buffer with atomic adds.
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
   where the FMA kernel would decode the weight once per row.
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
