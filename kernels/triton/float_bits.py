@@ -3,13 +3,15 @@
 A code byte `v` placed in the low bits of 2^23's bit pattern (0x4B000000) is the float 2^23 + v; one float
 subtraction then gives the value exactly (`decode_planes._bits_to_float`). The planes decoders receive their
 codes' bytes as packed 32-bit registers; here, on NVIDIA GPUs, one `prmt` per code moves a byte into that pattern
-(and, for 4-bit codes, two more `prmt`s look 4 codes up in a 16-entry byte table held in four registers), where
-Triton's own code would extract every byte, mask it, shift it and OR it in (sm_90: IQ4_NL's GEMM counted 16.5
-instructions a decoded element with three selects per code).
+(and, for 4-bit codes, `prmt`s look 4 codes up in a 16-entry byte table held in four registers), where Triton's own
+code would extract every byte, mask it, shift it and OR it in (sm_90: IQ4_NL's GEMM counted 16.5 instructions a
+decoded element with three selects per code, now 7.7). 3- and 5-bit codes come as a 32-bit word of low bits with
+its high bits, 16 or 8 elements an asm call, the high bits merged before the conversion. The byte tables reach the
+asm as operands loaded from the kernels' lookup table (`LOOKUP_WORDS`).
 
 Each function has a portable twin in plain Triton, taken under Triton's interpreter (which runs no assembly) and on
 GPUs that are not NVIDIA's. `PTX_SOURCES` holds the assembly as text: tests/test_float_bits.py runs it through a
-small model of the PTX instructions it uses against the portable definition, since no GPU is needed to read it.
+small model of the PTX instructions it uses, against the definitions, since no GPU is needed to read it.
 """
 
 import numpy as np
