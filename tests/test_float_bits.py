@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
 from kernels.triton.float_bits import IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES
@@ -28,23 +29,54 @@ def prmt(a: int, b: int, c: int) -> int:
     return result
 
 
+def float32_of(bits: int) -> np.float32:
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def bits_of(value: np.float32) -> int:
+    return int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+
+
+def bf16_bits(bits: int) -> int:
+    """float32 -> bf16, rounded to nearest even (torch's conversion, an independent reference)."""
+    return int(torch.tensor([float32_of(bits)]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+
+
 OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
        "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
-       "mov.b32": lambda a: a, "prmt.b32": prmt}
+       "mov.b32": lambda a: a, "prmt.b32": prmt,
+       "mul.f32": lambda a, b: bits_of(float32_of(a) * float32_of(b)),  # round to nearest, subnormals kept
+       # d = {a rounded in the upper half, b in the lower}
+       "cvt.rn.bf16x2.f32": lambda a, b: (bf16_bits(a) << 16) | bf16_bits(b)}
+
+
+def _value(operand: str, registers: dict[str, int]) -> int:
+    if operand.startswith("0f"):  # a float32 immediate by its bits
+        return int(operand[2:], 16)
+    if re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)", operand):
+        return int(operand, 0)
+    return registers[operand]
 
 
 def run_ptx(source: str, operands: dict[str, int]) -> dict[str, int]:
-    """Executes `source` (one instruction a line, braces and .reg declarations) on 32-bit registers; `operands` gives
-    the $n inputs, the result holds every register written."""
+    """Executes `source` (one instruction a line, braces and .reg declarations) on 32-bit registers, and `mov` of a
+    wider register into a `{low, high}` vector of halves; `operands` gives the $n inputs (64 bits where the asm
+    takes 64), the result holds every register written."""
     registers = dict(operands)
     for line in source.splitlines():
         line = line.split("//")[0].strip()
         if line in ("{", "}", "") or line.startswith(".reg"):
             continue
         opcode, rest = line.rstrip(";").split(None, 1)
+        if rest.startswith("{"):  # mov.b64 {a, b}, c / mov.b32 {a, b}, c: c's low half to a, its high half to b
+            vector, source_register = rest[1:].split("}, ")
+            width = {"mov.b64": 32, "mov.b32": 16}[opcode]
+            value = registers[source_register]
+            for i, name in enumerate(part.strip() for part in vector.split(",")):
+                registers[name] = (value >> (width * i)) & ((1 << width) - 1)
+            continue
         destination, *args = [part.strip() for part in rest.split(",")]
-        values = [int(a, 0) if re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)", a) else registers[a] for a in args]
-        registers[destination] = OPS[opcode](*values) & MASK
+        registers[destination] = OPS[opcode](*(_value(a, registers) for a in args)) & MASK
     return registers
 
 
@@ -113,6 +145,31 @@ def test_five_bit_codes(seed):
         out = run_ptx(PTX_SOURCES["five bit"], {"$8": low, "$9": fifth})
         expected = [float_bits(((low >> (4 * e)) & 15) | (((fifth >> e) & 1) << 4)) for e in range(8)]
         assert [out[f"${e}"] for e in range(8)] == expected
+
+
+def nf4_bf16_expected(codes, scale: np.float32) -> list[int]:
+    """What decoding to float32 and converting gives: bf16(float32(value[code] * scale))."""
+    values = np.asarray(NF4_VALUES, dtype=np.float32)[np.asarray(codes)] * np.float32(scale)
+    return [int(v) & 0xFFFF for v in torch.from_numpy(values).to(torch.bfloat16).view(torch.int16)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nf4_bf16_every_code_in_every_position(seed):
+    rng = np.random.default_rng(seed)
+    # scales of every size: rounding ties and carries into the exponent, subnormal products, the largest normals
+    scales = [np.float32(1.0), np.float32(3.0e38), np.float32(1e-39), np.float32(2.0**-130)] + \
+        list(rng.lognormal(0, 8, 60).astype(np.float32)) + list(rng.uniform(0, 1, 60).astype(np.float32))
+    for i, scale in enumerate(scales):
+        codes = np.roll(rng.permutation(16), i)
+        word = sum(int(c) << (4 * e) for e, c in enumerate(codes))
+        out = run_ptx(PTX_SOURCES["nf4 bf16"], {"$16": word, "$17": bits_of(scale)})
+        assert [out[f"${e}"] for e in range(16)] == nf4_bf16_expected(codes, scale), scale
+
+
+def test_cvt_model_rounds_to_nearest_even():
+    # 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: to the even one, 1; 1 + 3 * 2^-8 rounds up
+    assert bf16_bits(bits_of(np.float32(1 + 2**-8))) == 0x3F80
+    assert bf16_bits(bits_of(np.float32(1 + 3 * 2**-8))) == 0x3F82
 
 
 def test_prmt_model_matches_the_ptx_manual_example():

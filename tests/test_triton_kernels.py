@@ -84,6 +84,20 @@ def test_planes_dequant_kernel_equals_reference(fmt, odd):
     assert torch.equal(dequantize_triton(weight, torch.float32).cpu(), dense)
 
 
+@pytest.mark.parametrize("odd", [False, True], ids=["72x512", "odd"])
+@pytest.mark.parametrize("fmt", PLANES_FORMATS)
+def test_planes_dequant_kernel_to_bf16_equals_reference(fmt, odd):
+    """Decoding straight to bf16 (NF4 looks its weights up 16 elements of a block at a time) gives the reference's
+    weights rounded to bf16, bit for bit: to nearest even on a GPU; Triton's interpreter truncates instead."""
+    weight, dense = quantized_weight(fmt, n=ODD_N, k=odd_k(fmt), layout="planes") if odd else \
+        quantized_weight(fmt, layout="planes")
+    if interpreting():
+        expected = (dense.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits zero
+    else:
+        expected = dense.to(torch.bfloat16)
+    assert torch.equal(dequantize_triton(weight, torch.bfloat16).cpu(), expected)
+
+
 @pytest.mark.parametrize("M, dtype", [(1, torch.float16), (3, torch.float32), (17, torch.float16),
                                       (64, torch.float32)])
 @pytest.mark.parametrize("fmt", PLANES_FORMATS)

@@ -27,8 +27,10 @@ FLOAT_OF_TWO_POW_23 = tl.constexpr(0x4B000000)  # 2^23's float32 bits: OR a valu
 
 
 def _assemble(lines: list[str]) -> str:
-    """One PTX block, its scratch registers (every name written that is not an operand $n) declared."""
-    names = dict.fromkeys(line.split()[1].rstrip(",") for line in lines)
+    """One PTX block, its scratch registers (every name written that is not an operand $n, `{a, b}` vectors
+    included) declared."""
+    written = (line.split(" ", 1)[1].split("}" if line.split()[1].startswith("{") else ",")[0] for line in lines)
+    names = dict.fromkeys(name.strip(" {") for dest in written for name in dest.split(","))
     scratch = ", ".join(name for name in names if not name.startswith("$"))
     return "{\n.reg .b32 " + scratch + ";\n" + "\n".join(lines) + "\n}"
 
@@ -45,26 +47,31 @@ def _int8_bits_ptx() -> str:
     return _assemble(["xor.b32 b, $4, 0x80808080;"] + _float_bits_of_bytes([("b", i) for i in range(4)]))
 
 
-def _lookups(tables: int, words: int) -> list[str]:
-    """PTX: for the 8 4-bit codes of $8 (element order, low nibble first), byte `table[code]` of each of `tables`
-    16-entry byte tables into register vak (elements 0-3, a byte each) and vbk (elements 4-7). Table k's 16 bytes
-    are the operands from $`words` + 16k on, every fourth (`pack=4` gives each broadcast word four registers).
+def _lookups(tables: list[list[str]], codes: str = "$8", name: str = "") -> list[str]:
+    """PTX: for the 8 4-bit codes of register `codes` (element order, low nibble first), byte `table[code]` of each
+    16-entry byte table (four registers, four entries a word) into register `name`vak (elements 0-3, a byte each)
+    and `name`vbk (elements 4-7), k the table's index.
 
     prmt picks byte (selector & 7) of 8, here one half of the table in two registers: the codes' low 3 bits pick
     from both halves, a second prmt picks the half by the code's bit 3. Selector bit 3 would sign-replicate the
     byte, hence the mask 0x77777777."""
-    lines = ["and.b32 qa, $8, 0x77777777;",  # selectors of elements 0-3 in the low 16 bits
-             "shr.b32 qb, qa, 16;",  # of elements 4-7
-             "shr.b32 sa, $8, 1;",  # second selectors: byte i of the first half's result, or (i + 4) the second's
-             "and.b32 sa, sa, 0x44444444;",
-             "or.b32 sa, sa, 0x32103210;",
-             "shr.b32 sb, sa, 16;"]
-    for k in range(tables):
-        t = [f"${words + 16 * k + 4 * i}" for i in range(4)]
+    lines = [f"and.b32 {name}qa, {codes}, 0x77777777;",  # selectors of elements 0-3 in the low 16 bits
+             f"shr.b32 {name}qb, {name}qa, 16;",  # of elements 4-7
+             f"shr.b32 {name}sa, {codes}, 1;",  # second selectors: byte i of the first half's result, or the second's
+             f"and.b32 {name}sa, {name}sa, 0x44444444;",
+             f"or.b32 {name}sa, {name}sa, 0x32103210;",
+             f"shr.b32 {name}sb, {name}sa, 16;"]
+    for k, t in enumerate(tables):
         for half in "ab":
-            lines += [f"prmt.b32 lo, {t[0]}, {t[1]}, q{half};", f"prmt.b32 hi, {t[2]}, {t[3]}, q{half};",
-                      f"prmt.b32 v{half}{k}, lo, hi, s{half};"]
+            lines += [f"prmt.b32 lo, {t[0]}, {t[1]}, {name}q{half};", f"prmt.b32 hi, {t[2]}, {t[3]}, {name}q{half};",
+                      f"prmt.b32 {name}v{half}{k}, lo, hi, {name}s{half};"]
     return lines
+
+
+def _broadcast_words(first: int, tables: int) -> list[list[str]]:
+    """The operands holding `tables` byte tables of 4 words each from $`first` on, every fourth (`pack=4` gives each
+    broadcast word four registers)."""
+    return [[f"${first + 16 * k + 4 * i}" for i in range(4)] for k in range(tables)]
 
 
 def byte_table_words(table) -> list[int]:
@@ -84,7 +91,7 @@ def _nibble_bits_ptx(table: bool) -> str:
         lines = ["and.b32 va0, $8, 0x0f0f0f0f;", "shr.b32 vb0, $8, 4;", "and.b32 vb0, vb0, 0x0f0f0f0f;"]
         elements = [("va0", i) for i in range(4)] + [("vb0", i) for i in range(4)]
     else:
-        lines = _lookups(1, 9)
+        lines = _lookups(_broadcast_words(9, 1))
         elements = [(f"v{half}0", byte) for half, byte in _LOW_ELEMENTS + _HIGH_ELEMENTS]
     return _assemble(lines + _float_bits_of_bytes(elements))
 
@@ -93,7 +100,7 @@ def _nibble_float32_ptx() -> str:
     """4 packed bytes ($8) of two 4-bit codes -> the float32 value[code], low nibbles ($0-$3), high ones ($4-$7),
     from four byte tables in the words from $9 on (byte k of each value: `float32_byte_tables`), then a 4 x 4 byte
     transpose per 4 elements."""
-    lines = _lookups(4, 9)
+    lines = _lookups(_broadcast_words(9, 4))
     out = 0
     for name, elements in (("low", _LOW_ELEMENTS), ("high", _HIGH_ELEMENTS)):
         for half in "ab":
@@ -105,6 +112,31 @@ def _nibble_float32_ptx() -> str:
                       f"prmt.b32 ${out}, {name}{half}01, {name}{half}23, 0x5410;",
                       f"prmt.b32 ${out + 1}, {name}{half}01, {name}{half}23, 0x7632;"]
             out += 2
+    return _assemble(lines)
+
+
+def _float32_immediate(value) -> str:
+    return f"0f{int(np.asarray(value, dtype='<f4').view('<u4')):08X}"
+
+
+def _nf4_bf16_ptx() -> str:
+    """16 NF4 codes ($16, 64 bits, element e at bits 4e..4e + 3) of one block, its scale ($17) -> the bf16 weights
+    ($0-$15). First the block's 16 possible weights: NF4 value[c] * scale in float32, rounded to bf16 (the same two
+    roundings as decoding to float32, then converting), as two 16-entry byte tables, their low bytes (l0-l3, four
+    entries a word) and their high bytes (h0-h3); then each code looks up both bytes. cvt to bf16x2 needs sm_80, as
+    bf16 tensor-core operands do."""
+    lines = [f"mul.f32 p{c}, $17, {_float32_immediate(value)};" for c, value in enumerate(NF4_VALUES)]
+    lines += [f"cvt.rn.bf16x2.f32 w{j}, p{2 * j + 1}, p{2 * j};" for j in range(8)]  # p_2j in the low half
+    lines += [f"prmt.b32 l{i}, w{2 * i}, w{2 * i + 1}, 0x6420;" for i in range(4)]
+    lines += [f"prmt.b32 h{i}, w{2 * i}, w{2 * i + 1}, 0x7531;" for i in range(4)]
+    lines.append("mov.b64 {c0, c1}, $16;")
+    for half in range(2):
+        name = f"c{half}"
+        lines += _lookups([[f"l{i}" for i in range(4)], [f"h{i}" for i in range(4)]], name, name)
+        pairs = [("a", "0x5140"), ("a", "0x7362"), ("b", "0x5140"), ("b", "0x7362")]  # elements 01, 23, 45, 67
+        for j, (part, pick) in enumerate(pairs):
+            e = 8 * half + 2 * j
+            lines += [f"prmt.b32 e, {name}v{part}0, {name}v{part}1, {pick};", f"mov.b32 {{${e}, ${e + 1}}}, e;"]
     return _assemble(lines)
 
 
@@ -170,13 +202,15 @@ LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("
                      + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
                      + byte_table_words(IQ4_OFFSET_BINARY))
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "nibble": _nibble_bits_ptx(False), "nibble iq4": _nibble_bits_ptx(True),
-               "nibble nf4": _nibble_float32_ptx(), "three bit": _three_bit_ptx(), "five bit": _five_bit_ptx()}
+               "nibble nf4": _nibble_float32_ptx(), "three bit": _three_bit_ptx(), "five bit": _five_bit_ptx(),
+               "nf4 bf16": _nf4_bf16_ptx()}
 INT8_PTX = tl.constexpr(PTX_SOURCES["int8"])
 NIBBLE_PTX = tl.constexpr(PTX_SOURCES["nibble"])
 NIBBLE_IQ4_PTX = tl.constexpr(PTX_SOURCES["nibble iq4"])
 NIBBLE_NF4_PTX = tl.constexpr(PTX_SOURCES["nibble nf4"])
 THREE_BIT_PTX = tl.constexpr(PTX_SOURCES["three bit"])
 FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
+NF4_BF16_PTX = tl.constexpr(PTX_SOURCES["nf4 bf16"])
 # kvalues_iq4nl + 128 four to a little-endian word, for the portable twin's selects (signed, as Triton's int32
 # constants are)
 IQ4_WORD_0, IQ4_WORD_1, IQ4_WORD_2, IQ4_WORD_3 = (
@@ -251,6 +285,34 @@ def nf4_values(b, tables_ptr):
         low = tl.load(tables_ptr + (b.to(tl.int32) & 15))
         high = tl.load(tables_ptr + (b.to(tl.int32) >> 4))
     return low, high
+
+
+@triton.jit
+def _nf4_bf16_element(codes, scale, e: tl.constexpr, tables_ptr):
+    """Portable: element e's weight, its NF4 value (`LOOKUP_WORDS` at `tables_ptr`) times the scale, as bf16."""
+    return (tl.load(tables_ptr + ((codes >> (4 * e)) & 15).to(tl.int32)) * scale).to(tl.bfloat16)
+
+
+@triton.jit
+def nf4_bf16(codes, scale, tables_ptr):
+    """int64 words of 16 NF4 codes of one block (element e at bits 4e) and the block's float32 scale -> the bf16
+    weights, in element order once reshaped to `[R, 16 C]` (`in_element_order_16`)."""
+    if PTX:
+        v = tl.inline_asm_elementwise(NF4_BF16_PTX, "=h," * 16 + "l,r", [codes, scale], dtype=(tl.bfloat16,) * 16,
+                                      is_pure=True, pack=1)
+        w = in_element_order_16(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12],
+                                v[13], v[14], v[15])
+    else:
+        w = in_element_order_16(
+            _nf4_bf16_element(codes, scale, 0, tables_ptr), _nf4_bf16_element(codes, scale, 1, tables_ptr),
+            _nf4_bf16_element(codes, scale, 2, tables_ptr), _nf4_bf16_element(codes, scale, 3, tables_ptr),
+            _nf4_bf16_element(codes, scale, 4, tables_ptr), _nf4_bf16_element(codes, scale, 5, tables_ptr),
+            _nf4_bf16_element(codes, scale, 6, tables_ptr), _nf4_bf16_element(codes, scale, 7, tables_ptr),
+            _nf4_bf16_element(codes, scale, 8, tables_ptr), _nf4_bf16_element(codes, scale, 9, tables_ptr),
+            _nf4_bf16_element(codes, scale, 10, tables_ptr), _nf4_bf16_element(codes, scale, 11, tables_ptr),
+            _nf4_bf16_element(codes, scale, 12, tables_ptr), _nf4_bf16_element(codes, scale, 13, tables_ptr),
+            _nf4_bf16_element(codes, scale, 14, tables_ptr), _nf4_bf16_element(codes, scale, 15, tables_ptr))
+    return w
 
 
 @triton.jit

@@ -19,17 +19,17 @@ import triton
 import triton.language as tl
 
 from kernels.triton.decode import decode_tile
-from kernels.triton.decode_planes import decode_planes_parts, decode_planes_tile, has_offset, sub_block_size
+from kernels.triton.decode_planes import decode_planes_parts, decode_planes_tile_as, has_offset, sub_block_size
 
 
 @triton.jit
 def _weight_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, PLANES: tl.constexpr, tables_ptr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if PLANES:
-        w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BLOCK_N, BLOCK_K)
+        w = decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, DTYPE, BLOCK_N, BLOCK_K)
     else:
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
-        w = decode_tile(w_ptr, rows, k, n_mask & (k < K), FMT, tables_ptr)
+        w = decode_tile(w_ptr, rows, k, n_mask & (k < K), FMT, tables_ptr).to(DTYPE)
     return w
 
 
@@ -68,7 +68,7 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, st
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + k[None, :],
                     mask=(m[:, None] < M) & k_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -83,7 +83,7 @@ def _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.conste
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[n, k] * x[k] for the tile at k0, `[BLOCK_N, BLOCK_K]` fp32."""
     k = k0 + tl.arange(0, BLOCK_K)
-    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, BLOCK_N, BLOCK_K)
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, tl.float32, BLOCK_N, BLOCK_K)
     return w * tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
 
 
@@ -149,7 +149,7 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & k_mask[None, :],
                     other=0.0).to(DOT_DTYPE)
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -168,5 +168,6 @@ def dequant_kernel(w_ptr, out_ptr, tables_ptr, N, K, row_bytes, FMT: tl.constexp
     rows = n[:, None] * row_bytes
     n_mask = n[:, None] < N
     mask = n_mask & (k[None, :] < K)
-    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, BLOCK_N, BLOCK_K)
-    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, out_ptr.dtype.element_ty, BLOCK_N,
+                     BLOCK_K)
+    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w, mask=mask)
