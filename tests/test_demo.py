@@ -45,6 +45,20 @@ def test_autoencoder_and_text_encoders_load():
     assert clip.encode(prompt).shape[0] == 1
 
 
+def test_text_encoders_tell_the_object_color_from_the_background():
+    """The demo's encoders were pre-trained to parse the grammar (bench.train_demo): swapping the two colors changes
+    T5's mean token output and CLIP's pooled output by more than half their size. Left random, T5's changed by 0.7%
+    and CLIP's by 17%, and the transformer swapped the colors in 8% of held-out images."""
+    files = demo.files()
+    t5 = load_t5(files["t5"], max_length=demo.manifest()["defaults"]["t5_max_length"], dtype=torch.float32)
+    clip = load_clip(files["clip"], tokenizer=files["clip_tokenizer"], dtype=torch.float32)
+    prompts = ["a red circle on a blue background", "a blue circle on a red background"]
+    tokens = t5.encode(prompts).mean(dim=1)
+    pooled = clip.encode(prompts)
+    for a, b in (tokens, pooled):
+        assert (a - b).norm() > 0.5 * a.norm()
+
+
 def test_generate_without_model_flags_uses_the_demo(tmp_path, monkeypatch, linears_in_torch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "demo.png"
