@@ -288,74 +288,52 @@ def nf4_values(b, tables_ptr):
 
 
 @triton.jit
-def _nf4_bf16_element(codes, scale, e: tl.constexpr, tables_ptr):
-    """Portable: element e's weight, its NF4 value (`LOOKUP_WORDS` at `tables_ptr`) times the scale, as bf16."""
-    return (tl.load(tables_ptr + ((codes >> (4 * e)) & 15).to(tl.int32)) * scale).to(tl.bfloat16)
-
-
-@triton.jit
 def nf4_bf16(codes, scale, tables_ptr):
     """int64 words of 16 NF4 codes of one block (element e at bits 4e) and the block's float32 scale -> the bf16
-    weights, in element order once reshaped to `[R, 16 C]` (`in_element_order_16`)."""
+    weights, in element order once reshaped to `[R, 16 C]`."""
     if PTX:
-        v = tl.inline_asm_elementwise(NF4_BF16_PTX, "=h," * 16 + "l,r", [codes, scale], dtype=(tl.bfloat16,) * 16,
-                                      is_pure=True, pack=1)
-        w = in_element_order_16(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12],
-                                v[13], v[14], v[15])
+        w = in_element_order_16(tl.inline_asm_elementwise(NF4_BF16_PTX, "=h," * 16 + "l,r", [codes, scale],
+                                                          dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1))
     else:
-        w = in_element_order_16(
-            _nf4_bf16_element(codes, scale, 0, tables_ptr), _nf4_bf16_element(codes, scale, 1, tables_ptr),
-            _nf4_bf16_element(codes, scale, 2, tables_ptr), _nf4_bf16_element(codes, scale, 3, tables_ptr),
-            _nf4_bf16_element(codes, scale, 4, tables_ptr), _nf4_bf16_element(codes, scale, 5, tables_ptr),
-            _nf4_bf16_element(codes, scale, 6, tables_ptr), _nf4_bf16_element(codes, scale, 7, tables_ptr),
-            _nf4_bf16_element(codes, scale, 8, tables_ptr), _nf4_bf16_element(codes, scale, 9, tables_ptr),
-            _nf4_bf16_element(codes, scale, 10, tables_ptr), _nf4_bf16_element(codes, scale, 11, tables_ptr),
-            _nf4_bf16_element(codes, scale, 12, tables_ptr), _nf4_bf16_element(codes, scale, 13, tables_ptr),
-            _nf4_bf16_element(codes, scale, 14, tables_ptr), _nf4_bf16_element(codes, scale, 15, tables_ptr))
+        code = (codes[:, :, None] >> (4 * tl.arange(0, 16))[None, None, :]) & 15
+        w = (tl.load(tables_ptr + code.to(tl.int32)) * scale[:, :, None]).to(tl.bfloat16)
     return w
 
 
 @triton.jit
-def in_element_order_8(v0, v1, v2, v3, v4, v5, v6, v7):
-    """8 tensors `[R, C]`, value i of element 8c + i -> `[R, C, 2, 2, 2]`, element order once reshaped to `[R, 8 C]`.
-    tl.join adds a last axis (index 0: its first argument), so the leaves pair element i with i + 4 and the root
-    parts even from odd."""
-    return tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+def in_element_order_8(v):
+    """A tuple of 8 tensors `[R, C]`, value i of element 8c + i -> `[R, C, 2, 2, 2]`, element order once reshaped to
+    `[R, 8 C]`. tl.join adds a last axis (index 0: its first argument), so the leaves pair element i with i + 4 and
+    the root parts even from odd."""
+    return tl.join(tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6])), tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7])))
 
 
 @triton.jit
-def in_element_order_16(v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
-    """As `in_element_order_8`, for 16 values an element group."""
-    return tl.join(in_element_order_8(v0, v2, v4, v6, v8, v10, v12, v14),
-                   in_element_order_8(v1, v3, v5, v7, v9, v11, v13, v15))
+def in_element_order_16(v):
+    """As `in_element_order_8`, for a tuple of 16 values an element group."""
+    return tl.join(in_element_order_8((v[0], v[2], v[4], v[6], v[8], v[10], v[12], v[14])),
+                   in_element_order_8((v[1], v[3], v[5], v[7], v[9], v[11], v[13], v[15])))
 
 
 @triton.jit
-def _code_and_top_bit(low, top, e: tl.constexpr, WIDTH: tl.constexpr):
-    """Portable: the bits of 2^23 + code of element e, its low `WIDTH` bits from `low`, its top bit bit e of `top`."""
-    return ((low >> (WIDTH * e)) & ((1 << WIDTH) - 1)) | (((top >> e) & 1) << WIDTH) | FLOAT_OF_TWO_POW_23
+def _codes_and_top_bits(low, top, COUNT: tl.constexpr, WIDTH: tl.constexpr):
+    """Portable: the bits of 2^23 + code of each of the `COUNT` elements of a word, `[R, C, COUNT]` in element
+    order: element e's low `WIDTH` bits from `low` (at bits `WIDTH` e), its top bit bit e of `top`."""
+    e = tl.arange(0, COUNT)[None, None, :]
+    return ((low[:, :, None] >> (WIDTH * e)) & ((1 << WIDTH) - 1)) | (((top[:, :, None] >> e) & 1) << WIDTH) | \
+        FLOAT_OF_TWO_POW_23
 
 
 @triton.jit
 def three_bit_float_bits(low, third):
     """Q3_K codes, 16 elements a word: `low` int32 words of 2-bit fields (element e at bits 2e), `third` their
     third bits (bit e, zero-extended 16-bit words) -> int32 bits of the float32 2^23 + code, in element order once
-    reshaped to `[R, 16 C]` (`in_element_order_16`)."""
+    reshaped to `[R, 16 C]`."""
     if PTX:
-        v = tl.inline_asm_elementwise(THREE_BIT_PTX, "=r," * 16 + "r,r", [low, third], dtype=(tl.int32,) * 16,
-                                      is_pure=True, pack=1)
-        bits = in_element_order_16(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12],
-                                v[13], v[14], v[15])
+        bits = in_element_order_16(tl.inline_asm_elementwise(THREE_BIT_PTX, "=r," * 16 + "r,r", [low, third],
+                                                             dtype=(tl.int32,) * 16, is_pure=True, pack=1))
     else:
-        bits = in_element_order_16(
-            _code_and_top_bit(low, third, 0, 2), _code_and_top_bit(low, third, 1, 2),
-            _code_and_top_bit(low, third, 2, 2), _code_and_top_bit(low, third, 3, 2),
-            _code_and_top_bit(low, third, 4, 2), _code_and_top_bit(low, third, 5, 2),
-            _code_and_top_bit(low, third, 6, 2), _code_and_top_bit(low, third, 7, 2),
-            _code_and_top_bit(low, third, 8, 2), _code_and_top_bit(low, third, 9, 2),
-            _code_and_top_bit(low, third, 10, 2), _code_and_top_bit(low, third, 11, 2),
-            _code_and_top_bit(low, third, 12, 2), _code_and_top_bit(low, third, 13, 2),
-            _code_and_top_bit(low, third, 14, 2), _code_and_top_bit(low, third, 15, 2))
+        bits = _codes_and_top_bits(low, third, 16, 2)
     return bits
 
 
@@ -363,15 +341,10 @@ def three_bit_float_bits(low, third):
 def five_bit_float_bits(low, fifth):
     """5-bit codes, 8 elements a word: `low` int32 words of 4-bit fields (element e at bits 4e), `fifth` their fifth
     bits (bit e, zero-extended bytes) -> int32 bits of the float32 2^23 + code, in element order once reshaped to
-    `[R, 8 C]` (`in_element_order_8`)."""
+    `[R, 8 C]`."""
     if PTX:
-        v = tl.inline_asm_elementwise(FIVE_BIT_PTX, "=r," * 8 + "r,r", [low, fifth], dtype=(tl.int32,) * 8,
-                                      is_pure=True, pack=1)
-        bits = in_element_order_8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7])
+        bits = in_element_order_8(tl.inline_asm_elementwise(FIVE_BIT_PTX, "=r," * 8 + "r,r", [low, fifth],
+                                                            dtype=(tl.int32,) * 8, is_pure=True, pack=1))
     else:
-        bits = in_element_order_8(
-            _code_and_top_bit(low, fifth, 0, 4), _code_and_top_bit(low, fifth, 1, 4),
-            _code_and_top_bit(low, fifth, 2, 4), _code_and_top_bit(low, fifth, 3, 4),
-            _code_and_top_bit(low, fifth, 4, 4), _code_and_top_bit(low, fifth, 5, 4),
-            _code_and_top_bit(low, fifth, 6, 4), _code_and_top_bit(low, fifth, 7, 4))
+        bits = _codes_and_top_bits(low, fifth, 8, 4)
     return bits
