@@ -24,7 +24,9 @@ setup(
     ],
     extras_require={
         # sentencepiece + protobuf: the text encoder tests train a T5 SentencePiece model, which transformers reads via protobuf;
-        # peft: diffusers' load_lora_weights needs it (the LoRA tests' reference)
-        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45", "diffusers>=0.30", "sentencepiece", "protobuf", "peft"],
+        # peft: diffusers' load_lora_weights needs it (the LoRA tests' reference);
+        # scikit-image, matplotlib: bench.quality's image metrics and plots, bench.demo_eval's object regions
+        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.45", "diffusers>=0.30", "sentencepiece", "protobuf", "peft",
+                 "scikit-image", "matplotlib"],
     },
 )

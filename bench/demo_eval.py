@@ -39,6 +39,7 @@ class Judgement:
     color: str | None  # None: no object found
     shape: str | None
     shape_any_aspect: str | None = None
+    stray_pixels: int = 0  # pixels unlike the background outside the object's region, ignored by the verdicts
 
 
 TEMPLATE_SIDE = 64
@@ -77,6 +78,20 @@ def nearest_color(rgb: np.ndarray) -> str:
     return NAMES[int(np.argmin(((PALETTE - rgb) ** 2).sum(axis=1)))]
 
 
+def object_mask(differs: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of the pixels that differ from the background: the object. A decoded image can
+    carry a few stray pixels elsewhere (an autoencoder's speck in a corner), which would otherwise stretch the
+    object's bounding box across the picture and misplace every template."""
+    from skimage.measure import label
+
+    regions = label(differs, connectivity=2)
+    if regions.max() == 0:
+        return differs
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    return regions == sizes.argmax()
+
+
 def judge(image: np.ndarray) -> Judgement:
     """What a (H, W, 3) uint8 image shows, by the world's rules."""
     pixels = image.astype(np.float32)
@@ -85,9 +100,11 @@ def judge(image: np.ndarray) -> Judgement:
     background_rgb = np.median(border, axis=0)
     background = nearest_color(background_rgb)
     distance = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=-1))
-    mask = distance > 60.0  # palette colors are at least ~90 apart; anti-aliased edges fall on either side
+    differs = distance > 60.0  # palette colors are at least ~90 apart; anti-aliased edges fall on either side
+    mask = object_mask(differs)
+    stray = int(differs.sum() - mask.sum())
     if mask.sum() < 12:
-        return Judgement(background, None, None)
+        return Judgement(background, None, None, stray_pixels=stray)
     color = nearest_color(np.median(pixels[mask], axis=0))
     ys, xs = np.nonzero(mask)
     cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
@@ -105,7 +122,7 @@ def judge(image: np.ndarray) -> Judgement:
             iou = (template & mask).sum() / max((template | mask).sum(), 1)
             if iou > best_iou:
                 best, best_iou = shape, iou
-    return Judgement(background, color, best, shape_in_box(mask))
+    return Judgement(background, color, best, shape_in_box(mask), stray)
 
 
 def judge_accuracy(count: int = 200, seed: int = 1) -> dict[str, float]:
@@ -191,7 +208,9 @@ def main(argv=None) -> None:
 
     truth = judge_accuracy()
     ceiling = autoencoder_accuracy(q8.ae)
-    accuracy = score(scenes, [judge(im) for im in q8_images])
+    verdicts = [judge(im) for im in q8_images]
+    accuracy = score(scenes, verdicts)
+    stray = [v.stray_pixels for v in verdicts if v.stray_pixels]
     lines = [
         "# Demo model: prompt adherence on held-out combinations",
         "",
@@ -209,6 +228,11 @@ def main(argv=None) -> None:
         "",
         "The last column is the ceiling for generated images: held-out scenes (200) rendered, encoded and decoded by "
         "the shipped autoencoder, then judged.",
+        "",
+        f"The judge reads the object as the largest connected region unlike the background. Pixels unlike the "
+        f"background outside it (specks, a second object) are ignored by the verdicts and counted here: "
+        f"{len(stray)} of {len(verdicts)} images have any"
+        + (f", at most {max(stray)} pixels (of {q8_images[0].shape[0] * q8_images[0].shape[1]})." if stray else "."),
         "",
         f"Q8_0 GGUF vs the BF16 safetensors it was converted from, same prompts and seeds ({len(psnrs)} images): "
         f"PSNR mean {np.mean(psnrs):.1f} dB, worst {min(psnrs):.1f} dB.",

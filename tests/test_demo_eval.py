@@ -23,3 +23,16 @@ def test_a_square_drawn_as_a_rectangle_is_a_square_for_the_any_aspect_verdict():
     image[40:88, 30:98] = demo_world.COLORS["red"]  # 48 x 68: no square template fits it well
     verdict = demo_eval.judge(image)
     assert (verdict.background, verdict.color, verdict.shape_any_aspect) == ("blue", "red", "square")
+
+
+def test_a_speck_away_from_the_object_does_not_change_its_shape():
+    """An autoencoder's stray pixel in a corner once stretched the object's bounding box across the picture, and
+    well-drawn squares were judged circles."""
+    image = np.zeros((128, 128, 3), dtype=np.uint8)
+    image[...] = demo_world.COLORS["red"]
+    image[35:93, 33:91] = demo_world.COLORS["yellow"]
+    image[127, 0] = image[126, 1] = demo_world.COLORS["orange"]
+    verdict = demo_eval.judge(image)
+    assert (verdict.background, verdict.color, verdict.shape, verdict.shape_any_aspect) == ("red", "yellow", "square",
+                                                                                              "square")
+    assert verdict.stray_pixels == 2

@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("skimage")
-pytest.importorskip("matplotlib")
-
-from bench.quality import levels as lv  # noqa: E402
-from bench.quality import metrics, report, vram  # noqa: E402
-from bench.quality.__main__ import main  # noqa: E402
-from engine.checkpoints import load_checkpoint  # noqa: E402
-from engine.demo import files as demo_files  # noqa: E402
-from flux_model import Flux, FluxConfig  # noqa: E402
-from kernels.qtensor import QTensor  # noqa: E402
+from bench.quality import levels as lv
+from bench.quality import metrics, report, vram
+from bench.quality.__main__ import main
+from engine.checkpoints import load_checkpoint
+from engine.demo import files as demo_files
+from flux_model import Flux, FluxConfig
+from kernels.qtensor import QTensor
 
 
 def test_identical_images_have_infinite_psnr_and_unit_ssim():
