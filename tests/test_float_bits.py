@@ -89,6 +89,15 @@ def float_bits(v: int) -> int:
     return 0x4B000000 | v
 
 
+def half_bits(v: int) -> int:
+    """The half form: 0.5 + v / 256 (v < 128)."""
+    assert np.uint32(0x3F000000 | v << 16).view(np.float32) == np.float32(0.5 + v / 256)
+    return 0x3F000000 | v << 16
+
+
+FORMS = {"": float_bits, " half": half_bits}
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_int8_bits(seed):
     rng = np.random.default_rng(seed)
@@ -101,7 +110,7 @@ def test_int8_bits(seed):
 
 NF4_BITS = [int(b) for b in np.asarray(NF4_VALUES, dtype=np.float32).view(np.uint32)]
 # the byte-table words each asm takes as operands from $9 on, every fourth (pack=4), as the kernels pass them
-TABLE_WORDS = {"nibble": [], "nibble iq4": LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4],
+TABLE_WORDS = {"nibble": [], "nibble half": [], "nibble iq4": LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4],
                "nibble nf4": LOOKUP_WORDS[NF4_WORDS_AT:NF4_WORDS_AT + 16]}
 
 
@@ -111,6 +120,7 @@ def test_lookup_words_start_with_the_nf4_values():
 
 
 @pytest.mark.parametrize("name,table", [("nibble", [float_bits(v) for v in range(16)]),
+                                        ("nibble half", [half_bits(v) for v in range(16)]),
                                         ("nibble iq4", [float_bits(v + 128) for v in IQ4_VALUES]),
                                         ("nibble nf4", NF4_BITS)])
 def test_nibble_lookups_every_code_in_every_position(name, table):
@@ -126,24 +136,26 @@ def test_nibble_lookups_every_code_in_every_position(name, table):
                 assert [out[f"${i + 4}"] for i in range(4)] == [table[c >> 4] for c in codes]
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("seed", range(4))
-def test_three_bit_codes(seed):
+def test_three_bit_codes(seed, form):
     rng = np.random.default_rng(seed)
     words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, 62, dtype=np.uint64)]
     thirds = [0xFFFF, 0] + [int(h) for h in rng.integers(0, 2**16, 62)]
     for low, third in zip(words, thirds):
-        out = run_ptx(PTX_SOURCES["three bit"], {"$16": low, "$17": third})
-        expected = [float_bits(((low >> (2 * e)) & 3) | (((third >> e) & 1) << 2)) for e in range(16)]
+        out = run_ptx(PTX_SOURCES["three bit" + form], {"$16": low, "$17": third})
+        expected = [FORMS[form](((low >> (2 * e)) & 3) | (((third >> e) & 1) << 2)) for e in range(16)]
         assert [out[f"${e}"] for e in range(16)] == expected
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("seed", range(4))
-def test_five_bit_codes(seed):
+def test_five_bit_codes(seed, form):
     rng = np.random.default_rng(seed)
     words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, 254, dtype=np.uint64)]
     for low, fifth in zip(words, [0xFF, 0] + list(range(254))):
-        out = run_ptx(PTX_SOURCES["five bit"], {"$8": low, "$9": fifth})
-        expected = [float_bits(((low >> (4 * e)) & 15) | (((fifth >> e) & 1) << 4)) for e in range(8)]
+        out = run_ptx(PTX_SOURCES["five bit" + form], {"$8": low, "$9": fifth})
+        expected = [FORMS[form](((low >> (4 * e)) & 15) | (((fifth >> e) & 1) << 4)) for e in range(8)]
         assert [out[f"${e}"] for e in range(8)] == expected
 
 

@@ -106,6 +106,21 @@ def test_planes_fused_matmul_equals_reference(fmt, M, dtype):
     _check_fused(fmt, M, dtype, ODD_N, odd_k(fmt), layout="planes")
 
 
+@pytest.mark.parametrize("fmt", PLANES_FORMATS)
+def test_planes_gemv_stays_float32_accurate_with_outlier_activations(fmt):
+    """The M = 1 kernel sums the half form's products (`qmatmul._gemv_sub_block_sums`), whose rounding follows
+    sum(|x|) rather than the result: with a few activations 300 times the rest (as Flux's have), it must stay far
+    below the bf16 output's own rounding (2^-9), at float32 accumulation's scale."""
+    weight, dense = quantized_weight(fmt, n=ODD_N, k=1024, layout="planes")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 1024)).astype(np.float32)
+    x[0, rng.integers(0, 1024, 8)] *= 300
+    x = torch.from_numpy(x).to(torch.bfloat16).float()  # products with bf16 inputs are exact in the half form
+    exact = x.double() @ dense.double().T
+    y = quant_linear_triton(x.to(DEVICE), weight, None).double().cpu()
+    assert (y - exact).norm() / exact.norm() <= 2e-5
+
+
 @pytest.mark.parametrize("block_k", [16, 32, 64])  # the GPU tiles: inside one block, one block, two blocks
 @pytest.mark.parametrize("fmt", PLANES_FORMATS)
 def test_planes_kernels_on_the_gpu_tiles(fmt, block_k, monkeypatch):

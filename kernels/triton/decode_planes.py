@@ -19,8 +19,8 @@ import triton.language as tl
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                    Q6_K, Q8_0)
-from kernels.triton.float_bits import (FLOAT_OF_TWO_POW_23, five_bit_float_bits, int8_float_bits, nf4_bf16,
-                                       nf4_values, nibble_float_bits, three_bit_float_bits)
+from kernels.triton.float_bits import (five_bit_float_bits, float_form, int8_float_bits, nf4_bf16, nf4_values,
+                                       nibble_float_bits, three_bit_float_bits)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -35,12 +35,6 @@ def _plane_bytes(nb, size: tl.constexpr):
 def _bits_to_float(bits, offset: tl.constexpr):
     """The float32 of `bits` (2^23 + v, v < 2^23 an integer) less 2^23 + offset: `v - offset`, exact."""
     return bits.to(tl.float32, bitcast=True) - (TWO_POW_23 + offset)
-
-
-@triton.jit
-def _exact_float(q, offset: tl.constexpr):
-    """`q - offset` as float32 for integers 0 <= q < 2^23 (exact)."""
-    return _bits_to_float(q | FLOAT_OF_TWO_POW_23, offset)
 
 
 @triton.jit
@@ -80,16 +74,18 @@ def _interleave(low, high, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexpr, tables_ptr,
+def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexpr, tables_ptr, HALF: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`float_bits`), from a plane of
-    int8 codes (`BITS` 8, v = code + 128) or of 4-bit codes (v = code, or with `IQ4` kvalues_iq4nl[code] + 128)."""
+    """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`HALF`: 0.5 + v / 256;
+    `float_bits`), from a plane of int8 codes (`BITS` 8, v = code + 128) or of 4-bit codes (v = code, or with `IQ4`
+    kvalues_iq4nl[code] + 128)."""
     if BITS == 8:
+        tl.static_assert(not HALF, "int8 codes + 128 reach 255: no half form")
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
         return int8_float_bits(tl.load(w_ptr + plane + k, mask=n_mask & (k < K), other=0))
     else:
         tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
-        low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4, tables_ptr)
+        low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4, tables_ptr, HALF)
         return _interleave(low, high, BLOCK_N, BLOCK_K)
 
 
@@ -116,14 +112,16 @@ def _k_quant_d(w_ptr, plane, t, per_block: tl.constexpr, mask):
 
 
 @triton.jit
-def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Q5_0, Q5_1, Q5_K: the tile's 5-bit codes as int32 bits of the float32 2^23 + code, 8 elements at a time: a
+def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """Q5_0, Q5_1, Q5_K: the tile's 5-bit codes as int32 bits of the float32 2^23 + code (`HALF`: 0.5 + code /
+    256), 8 elements at a time: a
     32-bit word of a plane of 4-bit codes and a byte of a plane of fifth bits (bit e of byte m: element 8m + e,
     as Q5_0's and Q5_1's little-endian u32 per block has them too)."""
     m = (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
     m_mask = n_mask & (m < K // 8)
     bits = five_bit_float_bits(_typed(w_ptr, low_plane + 4 * m, m_mask, tl.int32),
-                               tl.load(w_ptr + fifth_plane + m, mask=m_mask, other=0).to(tl.int32))
+                               tl.load(w_ptr + fifth_plane + m, mask=m_mask, other=0).to(tl.int32), HALF)
     return tl.reshape(bits, (BLOCK_N, BLOCK_K))
 
 
@@ -142,12 +140,35 @@ def has_offset(fmt: int) -> bool:
     return _FORMAT_NAMES[fmt] in ("Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K")
 
 
+@triton.constexpr_function
+def code_offset(fmt: int) -> int:
+    """What `fmt` subtracts from a stored code (as `float_bits` gives it) to get its value."""
+    return {"Q8_0": 128, "IQ4_NL": 128, "IQ4_XS": 128, "Q4_0": 8, "Q5_0": 16, "Q6_K": 32, "Q3_K": 4}.get(
+        _FORMAT_NAMES[fmt], 0)
+
+
+@triton.constexpr_function
+def has_half_form(fmt: int) -> bool:
+    """Whether every stored code of `fmt` is below 128, so `decode_planes_parts` can give it in the half form."""
+    return _FORMAT_NAMES[fmt] in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
 @triton.jit
-def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr,
+def _code_value(bits, FMT: tl.constexpr, HALF: tl.constexpr):
+    if HALF:
+        v = bits.to(tl.float32, bitcast=True)
+    else:
+        v = _bits_to_float(bits, code_offset(FMT))
+    return v
+
+
+@triton.jit
+def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, HALF: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(v, scale, offset): the tile's weights are `v * scale + offset`, v `[BLOCK_N, BLOCK_K]` per element, scale and
     offset `[BLOCK_N, sub-blocks]` per sub-block of `sub_block_size(FMT)` elements (offset only where
-    `has_offset(FMT)`; elsewhere it is the scale again, unused)."""
+    `has_offset(FMT)`; elsewhere it is the scale again, unused). With `HALF` (where `has_half_form(FMT)`) v is
+    instead 0.5 + (v + code_offset(FMT)) / 256, the stored code in the half form (`float_bits`)."""
     if FMT == NF4:
         nb = K // 64
         b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
@@ -164,9 +185,13 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             scale_plane = high_plane + _plane_bytes(nb, 64)
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, 16, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, t_mask, tl.int8).to(tl.float32)
-            bits = _code_bits(w_ptr, rows, k0, K, n_mask, 4, False, tables_ptr, BLOCK_N, BLOCK_K) | \
-                (_two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K) << 4)
-            v = _bits_to_float(bits, 32)
+            top = _two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K)
+            if HALF:
+                top = top << 20
+            else:
+                top = top << 4
+            v = _code_value(_code_bits(w_ptr, rows, k0, K, n_mask, 4, False, tables_ptr, HALF, BLOCK_N, BLOCK_K) | top,
+                            FMT, HALF)
             offset = scale
         elif FMT == Q3_K:  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
             low_plane = _plane_bytes(nb, 32)
@@ -180,8 +205,8 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
             m_mask = n_mask & (m < K // 16)
             bits = three_bit_float_bits(_typed(w_ptr, rows + low_plane + 4 * m, m_mask, tl.int32),
-                                        _typed(w_ptr, rows + 2 * m, m_mask, tl.uint16).to(tl.int32))
-            v = _bits_to_float(tl.reshape(bits, (BLOCK_N, BLOCK_K)), 4)
+                                        _typed(w_ptr, rows + 2 * m, m_mask, tl.uint16).to(tl.int32), HALF)
+            v = _code_value(tl.reshape(bits, (BLOCK_N, BLOCK_K)), FMT, HALF)
             offset = scale
         else:  # Q2_K: scales (a byte each: scale | min << 4) | qs: 2-bit codes | d | dmin
             codes_plane = _plane_bytes(nb, 16)
@@ -190,7 +215,8 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             scale = _k_quant_d(w_ptr, rows + d_plane, t, 16, t_mask) * (packed & 15).to(tl.float32)
             offset = -(_k_quant_d(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, 16, t_mask) *
                        (packed >> 4).to(tl.float32))
-            v = _exact_float(_two_bit_codes(w_ptr, rows + codes_plane, k0, K, n_mask, BLOCK_N, BLOCK_K), 0)
+            v = _code_value(float_form(_two_bit_codes(w_ptr, rows + codes_plane, k0, K, n_mask, BLOCK_N, BLOCK_K),
+                                       HALF), FMT, HALF)
     elif (FMT == Q4_K) | (FMT == Q5_K):
         # 32-element sub-blocks: d | dmin | 12 bytes of 6-bit scales and mins | (Q5_K: qh, fifth bits) | qs
         nb = K // 256
@@ -209,11 +235,11 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
         scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * sc.to(tl.float32)
         offset = -(_k_quant_d(w_ptr, rows + dmin_plane, t, 8, t_mask) * mn.to(tl.float32))
         if FMT == Q4_K:
-            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, tables_ptr, BLOCK_N, BLOCK_K)
+            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, tables_ptr, HALF, BLOCK_N, BLOCK_K)
         else:
             bits = _five_bit_code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), rows + codes_plane, k0, K,
-                                       n_mask, BLOCK_N, BLOCK_K)
-        v = _bits_to_float(bits, 0)
+                                       n_mask, HALF, BLOCK_N, BLOCK_K)
+        v = _code_value(bits, FMT, HALF)
     elif FMT == IQ4_XS:
         # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | qs
         nb = K // 256
@@ -223,46 +249,37 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
         low4 = (_scale_bytes(w_ptr, rows + low_plane, t, 4, 8, j // 2, t_mask) >> (4 * (j % 2))) & 15
         top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), t, 2, 8, j // 4, t_mask) >> (2 * (j % 4))) & 3
         scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
-        bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, tables_ptr, BLOCK_N,
-                          BLOCK_K)
-        v = _bits_to_float(bits, 128)
+        bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, tables_ptr, HALF,
+                          BLOCK_N, BLOCK_K)
+        v = _code_value(bits, FMT, HALF)
         offset = scale
     else:
         tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1)
                          | (FMT == IQ4_NL), "decode_planes_tile: format without a planes layout")
-        # every other planes format: 32-element blocks, an f16 scale `d` first
+        # every other planes format: 32-element blocks, an f16 scale `d` first (and Q4_1's, Q5_1's min `m`)
         nb = K // 32
         d_plane = _plane_bytes(nb, 2)
         b, b_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
         scale = _typed(w_ptr, rows + 2 * b, b_mask, tl.float16).to(tl.float32)
         offset = scale
-        if FMT == Q8_0:
-            v = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 8, False, tables_ptr, BLOCK_N,
-                                          BLOCK_K), 128)
-        elif FMT == Q4_0:
-            v = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 4, False, tables_ptr, BLOCK_N,
-                                          BLOCK_K), 8)
-        elif FMT == IQ4_NL:
-            v = _bits_to_float(_code_bits(w_ptr, rows + d_plane, k0, K, n_mask, 4, True, tables_ptr, BLOCK_N,
-                                          BLOCK_K), 128)
-        elif FMT == Q4_1:
+        codes_plane = d_plane
+        if (FMT == Q4_1) | (FMT == Q5_1):
             offset = _typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32)
-            v = _bits_to_float(_code_bits(w_ptr, rows + 2 * d_plane, k0, K, n_mask, 4, False, tables_ptr, BLOCK_N,
-                                          BLOCK_K), 0)
-        elif FMT == Q5_0:
-            v = _bits_to_float(_five_bit_code_bits(w_ptr, rows + d_plane + _plane_bytes(nb, 4), rows + d_plane, k0, K,
-                                                   n_mask, BLOCK_N, BLOCK_K), 16)
+            codes_plane = 2 * d_plane
+        if (FMT == Q5_0) | (FMT == Q5_1):
+            bits = _five_bit_code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 4), rows + codes_plane, k0, K,
+                                       n_mask, HALF, BLOCK_N, BLOCK_K)
         else:
-            offset = _typed(w_ptr, rows + d_plane + 2 * b, b_mask, tl.float16).to(tl.float32)
-            v = _bits_to_float(_five_bit_code_bits(w_ptr, rows + 2 * d_plane + _plane_bytes(nb, 4), rows + 2 * d_plane,
-                                                   k0, K, n_mask, BLOCK_N, BLOCK_K), 0)
+            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 8 if FMT == Q8_0 else 4, FMT == IQ4_NL,
+                              tables_ptr, HALF, BLOCK_N, BLOCK_K)
+        v = _code_value(bits, FMT, HALF)
     return v, scale, offset
 
 
 @triton.jit
 def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BLOCK_N, BLOCK_K)
+    v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, False, BLOCK_N, BLOCK_K)
     w = v * _expand(scale, BLOCK_N, BLOCK_K, sub_block_size(FMT))
     if has_offset(FMT):
         w += _expand(offset, BLOCK_N, BLOCK_K, sub_block_size(FMT))
