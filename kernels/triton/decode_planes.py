@@ -186,7 +186,7 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, 16, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, t_mask, tl.int8).to(tl.float32)
             top = _two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K)
-            if HALF:
+            if HALF:  # above the low 4 bits, in either form
                 top = top << 20
             else:
                 top = top << 4
