@@ -89,6 +89,37 @@ def _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.conste
 
 
 @triton.jit
+def _split_in_8(t):
+    """`[..., 2, 2, 2]` -> its 8 parts `[...]`, in element order (tl.split takes the last axis first)."""
+    a, b = tl.split(t)
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    e0, e4 = tl.split(a0)
+    e2, e6 = tl.split(a1)
+    e1, e5 = tl.split(b0)
+    e3, e7 = tl.split(b1)
+    return e0, e1, e2, e3, e4, e5, e6, e7
+
+
+@triton.jit
+def _dots_of_8(v, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over j < 8 of v[n, 8q + j] * x[8q + j], `[BLOCK_N, BLOCK_K // 8]`: a multiply and seven multiply-adds in
+    a chain. tl.sum reduces a thread's elements as a tree, a multiply and an add for every other element (sm_90,
+    the FMA GEMV per element: Q4_0 4.00 -> 3.61, Q6_K 7.14 -> 6.88)."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = _split_in_8(tl.reshape(v, (BLOCK_N, BLOCK_K // 8, 2, 2, 2)))
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split_in_8(tl.reshape(x, (1, BLOCK_K // 8, 2, 2, 2)))
+    s = v0 * x0
+    s += v1 * x1
+    s += v2 * x2
+    s += v3 * x3
+    s += v4 * x4
+    s += v5 * x5
+    s += v6 * x6
+    s += v7 * x7
+    return s
+
+
+@triton.jit
 def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     """Planes: sum over each sub-block of W[n, k] * x[k] for the tile at k0, `[BLOCK_N, sub-blocks]` fp32. The
@@ -105,7 +136,7 @@ def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.
     v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, HALF, BLOCK_N, BLOCK_K)
     k = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    dots = tl.sum(tl.reshape(v * x[None, :], (BLOCK_N, BLOCK_K // QK, QK)), axis=2)
+    dots = tl.sum(tl.reshape(_dots_of_8(v, x, BLOCK_N, BLOCK_K), (BLOCK_N, BLOCK_K // QK, QK // 8)), axis=2)
     if HALF or has_offset(FMT):
         x_sums = tl.sum(tl.reshape(x, (BLOCK_K // QK, QK)), axis=1)[None, :]
     if HALF:
