@@ -109,8 +109,9 @@ def _scale_bytes(w_ptr, plane, t, size: tl.constexpr, per_block: tl.constexpr, b
 
 @triton.jit
 def _k_quant_d(w_ptr, plane, t, per_block: tl.constexpr, mask):
-    """The f16 super-block scale (or min) of each sub-block `t`, as float32."""
-    return _typed(w_ptr, plane, t // per_block, mask, tl.float16).to(tl.float32)
+    """The f16 super-block scale (or min) of each sub-block `t`, as float32. Addressed in bytes: indexed in f16
+    elements (and Q6_K's int8 scales likewise), Q6_K's 16-deep GEMM tile spilled 16 bytes on sm_80-89."""
+    return _typed(w_ptr, plane + 2 * (t // per_block), 0, mask, tl.float16).to(tl.float32)
 
 
 @triton.jit
@@ -186,7 +187,7 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             high_plane = _plane_bytes(nb, 128)
             scale_plane = high_plane + _plane_bytes(nb, 64)
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, 16, t_mask) * \
-                _typed(w_ptr, rows + scale_plane, t, t_mask, tl.int8).to(tl.float32)
+                _typed(w_ptr, rows + scale_plane + t, 0, t_mask, tl.int8).to(tl.float32)
             top = _two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K)
             if HALF:  # above the low 4 bits, in either form
                 top = top << 20
