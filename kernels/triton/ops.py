@@ -63,7 +63,7 @@ def split_k_config(fmt: str, layout: str, dtype_name: str) -> dict:
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
 # without spills for every format, dtype and sm_80-90 (`python -m bench.compile_check`). Planes, sm_90, with the
 # decoders before PRMT: 64 x 128 counted Q4_0 6.8, Q8_0 6.3, Q6_K 10.0, NF4 11.3 (32 x 128: 7.2, 6.7, 10.3, 15.5;
-# 32 x 256 about as 64 x 128 with more registers); now 4.7, 5.0, 8.7, 10.1. Blocks: 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
+# 32 x 256 about as 64 x 128 with more registers); now 3.7, 4.6, 6.7, 9.7. Blocks: 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
 GEMV_CONFIGS = {"planes": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1),
                 "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=1)}
 # No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
