@@ -33,7 +33,8 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS
             for layout in (layout for layout in layouts if layout == "blocks" or has_planes(fmt)):
                 yield ("dequant", fmt, "fp16", 0, cc, layout)
                 for dtype in dtypes:
-                    yield ("gemv", fmt, dtype, 0, cc, layout)
+                    # config index 1: the GEMV for weights its tiles divide (EVEN, no masked loads; planes only)
+                    yield from (("gemv", fmt, dtype, even, cc, layout) for even in range(1 + (layout == "planes")))
                     yield ("qmv", fmt, dtype, 0, cc, layout)
                     for i in range(len(gemm_configs(dtype, layout, cc))):
                         yield ("qmm", fmt, dtype, i, cc, layout)
@@ -87,7 +88,8 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         num_warps, num_stages = config["num_warps"], config["num_stages"]
         signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": "*fp32", "tables_ptr": "*fp32", "N": "i32",
                      "K": "i32", "row_bytes": "i32", "k_per_split": "i32"}
-        constexprs = common | {"HAS_BIAS": True} | {k: v for k, v in config.items() if k.startswith("BLOCK")}
+        constexprs = common | {"HAS_BIAS": True, "EVEN": bool(config_index)} | {
+            k: v for k, v in config.items() if k.startswith("BLOCK")}
     else:
         signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": act if kernel_name == "qmm" else "*fp32",
                      "tables_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32"}

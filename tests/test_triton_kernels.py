@@ -138,7 +138,9 @@ def test_planes_kernels_on_the_gpu_tiles(fmt, block_k, monkeypatch):
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
 def test_gemv_on_its_gpu_tile(fmt, layout, monkeypatch):
     """The M = 1 kernel with the tile it runs on a GPU for the layout (128 or 64 columns: several splits, tiles of
-    whole 32-element blocks, tiles inside a K-quant super-block), on odd shapes and on eight K-quant super-blocks."""
+    whole 32-element blocks, tiles inside a K-quant super-block), on odd shapes and on eight K-quant super-blocks;
+    for the planes layout also on a weight its tiles divide (no masked loads: `gemv_kernel`'s EVEN), in K splits of
+    3 tiles with a last split of 1 (2 N tiles: 16 splits wanted for 34 tiles)."""
     if not interpreting():
         pytest.skip("on a GPU the tiles above are the ones that run")
     if layout == "planes" and not has_planes(fmt):
@@ -149,6 +151,11 @@ def test_gemv_on_its_gpu_tile(fmt, layout, monkeypatch):
     monkeypatch.setattr(ops, "INTERPRETER_GEMV", dict(BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"]))
     _check_fused(fmt, 1, torch.float32, ODD_N, odd_k(fmt), layout=layout)
     _check_fused(fmt, 1, torch.float16, N, 4 * K, layout=layout)
+    if layout == "planes":
+        n, k = 2 * tile["BLOCK_N"], 34 * tile["BLOCK_K"]
+        assert ops.gemv_even(layout, n, k, tile) and ops._split_k_grid(n, k, tile["BLOCK_N"], tile["BLOCK_K"],
+                                                                        DEVICE) == ((2, 12), 3 * tile["BLOCK_K"])
+        _check_fused(fmt, 1, torch.float16, n, k, layout=layout)
 
 
 @pytest.mark.parametrize("method", METHODS)

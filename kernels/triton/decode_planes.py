@@ -2,7 +2,10 @@
 
 `decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BLOCK_N, BLOCK_K)` returns the float32 weights
 `[BLOCK_N, BLOCK_K]` of columns `k0 .. k0 + BLOCK_K` of the rows at byte offsets `rows` (`[BLOCK_N, 1]`). `k0` is a
-multiple of BLOCK_K, and where BLOCK_K spans several blocks it is a multiple of the block size.
+multiple of BLOCK_K, and where BLOCK_K spans several blocks it is a multiple of the block size. `n_mask` marks the
+rows that exist; None says the whole tile lies inside the weight (every row exists and k0 + BLOCK_K <= K), and then
+no load is masked: the masks' compares and the zeroing of masked lanes cost about 0.2-0.6 instructions an element
+in the FMA GEMV (sm_90).
 
 What the layout buys over `decode.decode_tile`, per tile rather than per element:
 - codes are contiguous loads of planes in element order: bytes and 32-bit words, turned into floats a register at
@@ -38,11 +41,29 @@ def _bits_to_float(bits, offset: tl.constexpr):
 
 
 @triton.jit
+def _load(pointer, mask):
+    """tl.load, masked (zeros outside) unless `mask` is None."""
+    if mask is None:
+        return tl.load(pointer)
+    else:
+        return tl.load(pointer, mask=mask, other=0)
+
+
+@triton.jit
+def _within(n_mask, index, count):
+    """The mask of loads at `index` (< count to exist) in the rows of `n_mask`; None where `n_mask` is."""
+    if n_mask is None:
+        return None
+    else:
+        return n_mask & (index < count)
+
+
+@triton.jit
 def _typed(w_ptr, base, index, mask, dtype: tl.constexpr):
     """Aligned loads of the `dtype` fields `index` of the plane at byte offset `base` (planes are 16-byte aligned,
     fields naturally aligned within them). Indexed in `dtype`'s elements, not bytes, so the compiler sees fields
     side by side as contiguous and loads them 128 bits at a time."""
-    return tl.load((w_ptr + base).to(tl.pointer_type(dtype)) + index, mask=mask, other=0)
+    return _load((w_ptr + base).to(tl.pointer_type(dtype)) + index, mask)
 
 
 @triton.jit
@@ -59,14 +80,28 @@ def _blocks(k0, K, n_mask, QK: tl.constexpr, BLOCK_K: tl.constexpr):
     """Indices `[1, blocks]` of the blocks a tile spans and their mask."""
     NB: tl.constexpr = BLOCK_K // QK if BLOCK_K >= QK else 1
     b = (k0 // QK + tl.arange(0, NB))[None, :]
-    return b, n_mask & (b < K // QK)
+    return b, _within(n_mask, b, K // QK)
+
+
+@triton.jit
+def _sub_blocks(k0, K, n_mask, QK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A K-quant (or IQ4_XS) tile's super-block `s` (one scalar: a tile at most 256 deep lies in one), the indices
+    `j` `[1, sub-blocks]` of its `QK`-element sub-blocks within `s`, and the rows' mask for `s`. The super-block's
+    fields then load once a row, where indexed per sub-block each sub-block loaded its own (sm_90, per element:
+    GEMM 128x128x128 Q3_K 9.67 -> 8.38, IQ4_XS 8.81 -> 8.52; Q4_K 8.00 -> 7.45 before `_k4_scales_mins`)."""
+    tl.static_assert(BLOCK_K <= 256, "K-quant tiles lie in one super-block")
+    NB: tl.constexpr = BLOCK_K // QK if BLOCK_K >= QK else 1
+    s = k0 >> 8  # k0 >= 0: shifts and masks, where // and % of a signed k0 take a sign correction each
+    # s as a [1, 1] tensor in the mask: Triton's interpreter types a mask & a scalar compare int32, and refuses it
+    return s, ((k0 & 255) // QK + tl.arange(0, NB))[None, :], _within(n_mask, tl.full((1, 1), 0, tl.int32) + s,
+                                                                      K // 256)
 
 
 @triton.jit
 def _nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K: tl.constexpr):
     """The bytes `[BLOCK_N, BLOCK_K // 2]` of the tile's 4-bit codes, two a byte, the first in the low nibble."""
     j = (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
-    return tl.load(w_ptr + plane + j, mask=n_mask & (j < K // 2), other=0)
+    return _load(w_ptr + plane + j, _within(n_mask, j, K // 2))
 
 
 @triton.jit
@@ -84,7 +119,7 @@ def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexp
     if BITS == 8:
         tl.static_assert(not HALF, "int8 codes + 128 reach 255: no half form")
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
-        return int8_float_bits(tl.load(w_ptr + plane + k, mask=n_mask & (k < K), other=0))
+        return int8_float_bits(_load(w_ptr + plane + k, _within(n_mask, k, K)))
     else:
         tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
         low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4, tables_ptr, HALF)
@@ -96,35 +131,74 @@ def _two_bit_codes(w_ptr, plane, k0, K, n_mask, BLOCK_N: tl.constexpr, BLOCK_K: 
     """The tile's codes as int32 `[BLOCK_N, BLOCK_K]` from a plane of 2-bit codes in element order, 4 a byte, the
     first in the lowest bits."""
     j = (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
-    b = tl.load(w_ptr + plane + j, mask=n_mask & (j < K // 4), other=0).to(tl.int32)
+    b = _load(w_ptr + plane + j, _within(n_mask, j, K // 4)).to(tl.int32)
     # tl.join stacks on a new last axis, so join(join(f0, f2), join(f1, f3)) lays fields out as f0 f1 f2 f3
     return tl.reshape(tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _scale_bytes(w_ptr, plane, t, size: tl.constexpr, per_block: tl.constexpr, byte, mask):
-    """Byte `byte` (a `[1, sub-blocks]` index) of the `size`-byte scales of the block holding each sub-block `t`."""
-    return tl.load(w_ptr + plane + size * (t // per_block) + byte, mask=mask, other=0).to(tl.int32)
+def _scale_bytes(w_ptr, plane, s, size: tl.constexpr, byte, mask):
+    """Byte `byte` (a `[1, sub-blocks]` index) of super-block `s`'s `size` bytes of sub-block scales."""
+    return _load(w_ptr + plane + size * s + byte, mask).to(tl.int32)
 
 
 @triton.jit
-def _k_quant_d(w_ptr, plane, t, per_block: tl.constexpr, mask):
-    """The f16 super-block scale (or min) of each sub-block `t`, as float32. Addressed in bytes: indexed in f16
-    elements (and Q6_K's int8 scales likewise), Q6_K's 16-deep GEMM tile spilled 16 bytes on sm_80-89."""
-    return _typed(w_ptr, plane + 2 * (t // per_block), 0, mask, tl.float16).to(tl.float32)
+def _k_quant_d(w_ptr, plane, s, mask):
+    """The f16 scale (or min) of super-block `s`, as float32, `[BLOCK_N, 1]`."""
+    return _typed(w_ptr, plane, s, mask, tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _k_quant_d_of(w_ptr, plane, t, mask):
+    """The f16 super-block scale (or min) of each 16-element sub-block `t`, as float32, `[BLOCK_N, sub-blocks]`.
+    Q6_K and Q2_K load their scales per sub-block, not per super-block (`_sub_blocks`): their decoders count fewer
+    instructions so (sm_90, GEMM 128x128x128 per element: Q6_K 9.70 against 10.12, Q2_K 9.22 against 9.41).
+    Addressed in bytes: indexed in f16 elements, Q6_K's 16-deep GEMM tile spilled 16 bytes on sm_80-89."""
+    return _typed(w_ptr, plane + 2 * (t // 16), 0, mask, tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _k4_scales_mins(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
+    """Q4_K's and Q5_K's 6-bit scales and mins of sub-blocks `j` of super-block `s` (ggml's get_scale_min_k4):
+    those of sub-blocks 0-3 in bits 0-5 of bytes j (scales) and 4 + j (mins), those of 4-7 in the nibbles of byte
+    4 + j topped by bits 6-7 of bytes j - 4 and j. A tile at most 128 deep lies in one half of its super-block, so
+    the whole tile takes one of the two forms, four bytes at a time: three 32-bit words a row, not three bytes a
+    sub-block (sm_90, per element: Q4_K's FMA GEMV 4.02 -> 3.61, its GEMM 128x128x128 7.45 -> 7.61; Q5_K's GEMM
+    8.83 -> 8.38)."""
+    tl.static_assert(BLOCK_K <= 128, "the tile lies in one half of a super-block")
+    a = _typed(w_ptr, plane, 3 * s, mask, tl.int32)
+    c = _typed(w_ptr, plane, 3 * s + 1, mask, tl.int32)
+    e = _typed(w_ptr, plane, 3 * s + 2, mask, tl.int32)
+    upper = (k0 >> 7) & 1  # sub-blocks 4-7
+    low = 0x3F3F3F3F >> (2 * upper)
+    high = 0x30303030 * upper
+    sc = (tl.where(upper == 1, e, a) & low) | ((a >> 2) & high)
+    mn = (tl.where(upper == 1, e >> 4, c) & low) | ((c >> 2) & high)
+    shift = 8 * (j % 4)
+    return (sc >> shift) & 63, (mn >> shift) & 63
 
 
 @triton.jit
 def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     """Q5_0, Q5_1, Q5_K: the tile's 5-bit codes as int32 bits of the float32 2^23 + code (`HALF`: 0.5 + code /
-    256), 8 elements at a time: a
-    32-bit word of a plane of 4-bit codes and a byte of a plane of fifth bits (bit e of byte m: element 8m + e,
-    as Q5_0's and Q5_1's little-endian u32 per block has them too)."""
+    256), 8 elements at a time: a 32-bit word of a plane of 4-bit codes and a byte of a plane of fifth bits (bit e
+    of byte m: element 8m + e, as Q5_0's and Q5_1's little-endian u32 per block has them too).
+
+    The fifth bits load as `[rows, words, 4]` bytes, which Triton vectorises four to a load, as it does the 4-bit
+    words. As one `[rows, BLOCK_K / 8]` tile they loaded 16 to a thread, which set the whole tile's register layout
+    to a row a thread and quadrupled x's shared-memory loads in the FMA GEMV (sm_90, per element: Q5_K 5.11 ->
+    4.68, Q5_1 4.68 -> 4.34)."""
     m = (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
-    m_mask = n_mask & (m < K // 8)
-    bits = five_bit_float_bits(_typed(w_ptr, low_plane, m, m_mask, tl.int32),
-                               tl.load(w_ptr + fifth_plane + m, mask=m_mask, other=0).to(tl.int32), HALF)
+    m_mask = _within(n_mask, m, K // 8)
+    G: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # fifth-bit bytes a load
+    m3 = tl.reshape(m, (1, BLOCK_K // 8 // G, G))
+    if n_mask is None:
+        fifth_mask = None
+    else:
+        fifth_mask = n_mask[:, :, None] & (m3 < K // 8)
+    fifth = tl.reshape(_load(w_ptr + fifth_plane[:, :, None] + m3, fifth_mask), (BLOCK_N, BLOCK_K // 8))
+    bits = five_bit_float_bits(_typed(w_ptr, low_plane, m, m_mask, tl.int32), fifth.to(tl.int32), HALF)
     return tl.reshape(bits, (BLOCK_N, BLOCK_K))
 
 
@@ -182,11 +256,11 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
     elif (FMT == Q6_K) | (FMT == Q3_K) | (FMT == Q2_K):
         # 16-element sub-blocks; the planes follow the block's fields (kernels/repack.py)
         nb = K // 256
-        t, t_mask = _blocks(k0, K, n_mask, 16, BLOCK_K)
         if FMT == Q6_K:  # ql: low 4 bits | qh: top 2 bits | int8 scales | d
             high_plane = _plane_bytes(nb, 128)
             scale_plane = high_plane + _plane_bytes(nb, 64)
-            scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, 16, t_mask) * \
+            t, t_mask = _blocks(k0, K, n_mask, 16, BLOCK_K)
+            scale = _k_quant_d_of(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, 0, t_mask, tl.int8).to(tl.float32)
             top = _two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K)
             if HALF:  # above the low 4 bits, in either form
@@ -197,16 +271,17 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
                             FMT, HALF)
             offset = scale
         elif FMT == Q3_K:  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
+            s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
             low_plane = _plane_bytes(nb, 32)
             scale_plane = low_plane + _plane_bytes(nb, 64)
-            j = t % 16  # low 4 bits: nibble j // 8 of byte j % 8; top 2: bits 2 (j // 4) of byte 8 + j % 4
-            low4 = (_scale_bytes(w_ptr, rows + scale_plane, t, 12, 16, j % 8, t_mask) >> (4 * (j // 8))) & 15
-            top2 = (_scale_bytes(w_ptr, rows + scale_plane, t, 12, 16, 8 + j % 4, t_mask) >> (2 * (j // 4))) & 3
-            scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), t, 16, t_mask) * \
+            # sub-block j: low 4 bits in nibble j // 8 of byte j % 8; top 2 in bits 2 (j // 4) of byte 8 + j % 4
+            low4 = (_scale_bytes(w_ptr, rows + scale_plane, s, 12, j % 8, s_mask) >> (4 * (j // 8))) & 15
+            top2 = (_scale_bytes(w_ptr, rows + scale_plane, s, 12, 8 + j % 4, s_mask) >> (2 * (j // 4))) & 3
+            scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask) * \
                 ((low4 | (top2 << 4)) - 32).to(tl.float32)
             # 16 elements at a time: a 32-bit word of low bits and a 16-bit word of third bits
             m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
-            m_mask = n_mask & (m < K // 16)
+            m_mask = _within(n_mask, m, K // 16)
             bits = three_bit_float_bits(_typed(w_ptr, rows + low_plane, m, m_mask, tl.int32),
                                         _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32), HALF)
             v = _code_value(tl.reshape(bits, (BLOCK_N, BLOCK_K)), FMT, HALF)
@@ -214,29 +289,23 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
         else:  # Q2_K: scales (a byte each: scale | min << 4) | qs: 2-bit codes | d | dmin
             codes_plane = _plane_bytes(nb, 16)
             d_plane = codes_plane + _plane_bytes(nb, 64)
-            packed = _scale_bytes(w_ptr, rows, t, 16, 16, t % 16, t_mask)
-            scale = _k_quant_d(w_ptr, rows + d_plane, t, 16, t_mask) * (packed & 15).to(tl.float32)
-            offset = -(_k_quant_d(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, 16, t_mask) *
+            t, t_mask = _blocks(k0, K, n_mask, 16, BLOCK_K)
+            packed = _load(w_ptr + rows + t, t_mask).to(tl.int32)
+            scale = _k_quant_d_of(w_ptr, rows + d_plane, t, t_mask) * (packed & 15).to(tl.float32)
+            offset = -(_k_quant_d_of(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, t_mask) *
                        (packed >> 4).to(tl.float32))
             v = _code_value(float_form(_two_bit_codes(w_ptr, rows + codes_plane, k0, K, n_mask, BLOCK_N, BLOCK_K),
                                        HALF), FMT, HALF)
     elif (FMT == Q4_K) | (FMT == Q5_K):
         # 32-element sub-blocks: d | dmin | 12 bytes of 6-bit scales and mins | (Q5_K: qh, fifth bits) | qs
         nb = K // 256
-        t, t_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
+        s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
         dmin_plane = _plane_bytes(nb, 2)
         scale_plane = dmin_plane + _plane_bytes(nb, 2)
         codes_plane = scale_plane + _plane_bytes(nb, 12)
-        # ggml's get_scale_min_k4: sub-blocks 0-3 in bits 0-5 of bytes j (scale) and 4 + j (min); 4-7 in the
-        # nibbles of byte 4 + j, topped by bits 6-7 of bytes j - 4 and j
-        j = t % 8
-        a = _scale_bytes(w_ptr, rows + scale_plane, t, 12, 8, j % 4, t_mask)
-        c = _scale_bytes(w_ptr, rows + scale_plane, t, 12, 8, 4 + j % 4, t_mask)
-        e = _scale_bytes(w_ptr, rows + scale_plane, t, 12, 8, 8 + j % 4, t_mask)
-        sc = tl.where(j < 4, a & 63, (e & 15) | ((a >> 6) << 4))
-        mn = tl.where(j < 4, c & 63, (e >> 4) | ((c >> 6) << 4))
-        scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * sc.to(tl.float32)
-        offset = -(_k_quant_d(w_ptr, rows + dmin_plane, t, 8, t_mask) * mn.to(tl.float32))
+        sc, mn = _k4_scales_mins(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K)
+        scale = _k_quant_d(w_ptr, rows, s, s_mask) * sc.to(tl.float32)
+        offset = -(_k_quant_d(w_ptr, rows + dmin_plane, s, s_mask) * mn.to(tl.float32))
         if FMT == Q4_K:
             bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, tables_ptr, HALF, BLOCK_N, BLOCK_K)
         else:
@@ -246,12 +315,11 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
     elif FMT == IQ4_XS:
         # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | qs
         nb = K // 256
-        t, t_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
+        s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
         low_plane = 2 * _plane_bytes(nb, 2)
-        j = t % 8
-        low4 = (_scale_bytes(w_ptr, rows + low_plane, t, 4, 8, j // 2, t_mask) >> (4 * (j % 2))) & 15
-        top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), t, 2, 8, j // 4, t_mask) >> (2 * (j % 4))) & 3
-        scale = _k_quant_d(w_ptr, rows, t, 8, t_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
+        low4 = (_scale_bytes(w_ptr, rows + low_plane, s, 4, j // 2, s_mask) >> (4 * (j % 2))) & 15
+        top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), s, 2, j // 4, s_mask) >> (2 * (j % 4))) & 3
+        scale = _k_quant_d(w_ptr, rows, s, s_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
         bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, tables_ptr, HALF,
                           BLOCK_N, BLOCK_K)
         v = _code_value(bits, FMT, HALF)
@@ -302,7 +370,7 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
         nb = K // 64
         b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
         m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
-        codes = _typed(w_ptr, rows + _plane_bytes(nb, 4), m, n_mask & (m < K // 16), tl.int64)
+        codes = _typed(w_ptr, rows + _plane_bytes(nb, 4), m, _within(n_mask, m, K // 16), tl.int64)
         scale = _expand(_typed(w_ptr, rows, b, b_mask, tl.float32), BLOCK_N, BLOCK_K // 16, 4)
         w = tl.reshape(nf4_bf16(codes, scale, tables_ptr), (BLOCK_N, BLOCK_K))
     else:

@@ -61,11 +61,19 @@ def split_k_config(fmt: str, layout: str, dtype_name: str) -> dict:
 
 
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
-# without spills for every format, dtype and sm_80-90 (`python -m bench.compile_check`). Planes, sm_90, with the
-# decoders before PRMT: 64 x 128 counted Q4_0 6.8, Q8_0 6.3, Q6_K 10.0, NF4 11.3 (32 x 128: 7.2, 6.7, 10.3, 15.5;
-# 32 x 256 about as 64 x 128 with more registers); now 3.7, 4.6, 6.7, 9.7. Blocks: 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
-GEMV_CONFIGS = {"planes": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1),
+# without spills for every format, dtype and sm_80-90 (`python -m bench.compile_check`). Planes: 128 x 128 in 4
+# warps, four rows a thread, over which each thread's x loads, sub-block sums and scale decoding spread (sm_90,
+# without masks, per element against 64 x 128: Q4_0 3.42 -> 3.07, Q6_K 6.31 -> 5.80, NF4 9.56 -> 7.30; 128 x 256,
+# 256 x 128 or 2 warps: 0.1-0.5 fewer for some formats, at 240-255 registers, spilling for Q6_K and NF4). Blocks:
+# 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
+GEMV_CONFIGS = {"planes": dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1),
                 "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=1)}
+
+
+def gemv_even(layout: str, N: int, K: int, cfg: dict) -> bool:
+    """Whether the FMA GEMV's `cfg` tiles lie wholly inside an (N, K) weight in `layout` (`gemv_kernel`'s EVEN: its
+    loads need no masks). The blocks decoder always masks."""
+    return layout == "planes" and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0
 # No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
 # output to be bit-identical (the fused kernels keep fusion: their decoded weight may differ in the last bit there)
 DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, enable_fp_fusion=False)
@@ -167,7 +175,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             cfg = INTERPRETER_GEMV if interpreting() else GEMV_CONFIGS[weight.layout]
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             gemv_kernel[grid](x, weight.raw, bias_arg, out, table, N, K, weight.raw.shape[1], k_per_split, FMT=fmt,
-                              PLANES=planes, HAS_BIAS=has_bias, **cfg)
+                              PLANES=planes, HAS_BIAS=has_bias, EVEN=gemv_even(weight.layout, N, K, cfg), **cfg)
             return out.to(x.dtype)
         if kernel == "split-k":
             out = torch.zeros((M, N), dtype=torch.float32, device=x.device)

@@ -80,12 +80,22 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, st
 
 
 @triton.jit
+def _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K: tl.constexpr):
+    """x[k0 .. k0 + BLOCK_K] as fp32 (masked at K unless `n_mask` is None: the tile lies inside the weight)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    if n_mask is None:
+        x = tl.load(x_ptr + k)
+    else:
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, PLANES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[n, k] * x[k] for the tile at k0, `[BLOCK_N, BLOCK_K]` fp32."""
-    k = k0 + tl.arange(0, BLOCK_K)
     w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, tl.float32, BLOCK_N, BLOCK_K)
-    return w * tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+    return w * _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K)[None, :]
 
 
 @triton.jit
@@ -134,8 +144,7 @@ def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.
     QK: tl.constexpr = sub_block_size(FMT)
     HALF: tl.constexpr = has_half_form(FMT)
     v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, HALF, BLOCK_N, BLOCK_K)
-    k = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    x = _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K)
     dots = tl.sum(tl.reshape(_dots_of_8(v, x, BLOCK_N, BLOCK_K), (BLOCK_N, BLOCK_K // QK, QK // 8)), axis=2)
     if HALF or has_offset(FMT):
         x_sums = tl.sum(tl.reshape(x, (BLOCK_K // QK, QK)), axis=1)[None, :]
@@ -149,25 +158,31 @@ def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, N, K, row_bytes, k_per_split, FMT: tl.constexpr,
-                PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += W[n, ks] @ x[ks] for one (n-tile, K-split). No reduction inside the loop: one FMA per
-    weight element into a tile of partial sums, summed over K once after it."""
+    weight element into a tile of partial sums, summed over K once after it. `EVEN`: BLOCK_N divides N and BLOCK_K
+    divides K (Flux's layers), so no load needs a mask."""
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = n[:, None] * row_bytes
-    n_mask = n[:, None] < N
+    if EVEN:
+        n_mask = None
+    else:
+        n_mask = n[:, None] < N
     k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
+    k_end = tl.minimum(k_start + k_per_split, K)  # the last split may hold fewer tiles
     # the first tile's products start the partial sums, so they take the products' register layout: a tile zeroed
     # by tl.zeros gets a default layout, and every tile would be shuffled into it through shared memory
     if PLANES:
         acc = _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k_start, K, FMT, BLOCK_N, BLOCK_K)
-        for k0 in range(k_start + BLOCK_K, k_start + k_per_split, BLOCK_K):
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             acc += _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT, BLOCK_N, BLOCK_K)
     else:
         acc = _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k_start, K, FMT, PLANES, BLOCK_N, BLOCK_K)
-        for k0 in range(k_start + BLOCK_K, k_start + k_per_split, BLOCK_K):
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             acc += _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT, PLANES, BLOCK_N, BLOCK_K)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
