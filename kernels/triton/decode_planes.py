@@ -67,6 +67,22 @@ def _typed(w_ptr, base, index, mask, dtype: tl.constexpr):
 
 
 @triton.jit
+def _by_fours(w_ptr, base, index, n_mask, count, dtype: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr):
+    """`_typed` fields `index` (`[1, C]`, consecutive; < count to exist), loaded as `[BLOCK_N, C / 4, 4]`: four a
+    load. Q5's fifth-bit bytes, one a 32-bit word of 4-bit codes, loaded as one `[BLOCK_N, C]` tile, were
+    vectorised 16 a thread, which set the whole tile's register layout to a row a thread and quadrupled x's
+    shared-memory loads in the FMA GEMV (sm_90, per element: Q5_K 5.11 -> 4.68, Q5_1 4.68 -> 4.34). Q3_K's 16-bit
+    third bits count more so (5.33 -> 5.45): its 16-element asm calls set the layout there."""
+    G: tl.constexpr = 4 if C >= 4 else C
+    index = tl.reshape(index, (1, C // G, G))
+    if n_mask is None:
+        mask = None
+    else:
+        mask = n_mask[:, :, None] & (index < count)
+    return tl.reshape(_load((w_ptr + base).to(tl.pointer_type(dtype))[:, :, None] + index, mask), (BLOCK_N, C))
+
+
+@triton.jit
 def _expand(per_block, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QK: tl.constexpr):
     """`[BLOCK_N, blocks]` values of the blocks a tile spans -> `[BLOCK_N, BLOCK_K]`, one per element."""
     if BLOCK_K >= QK:
@@ -183,22 +199,11 @@ def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, HALF: tl.c
                         BLOCK_K: tl.constexpr):
     """Q5_0, Q5_1, Q5_K: the tile's 5-bit codes as int32 bits of the float32 2^23 + code (`HALF`: 0.5 + code /
     256), 8 elements at a time: a 32-bit word of a plane of 4-bit codes and a byte of a plane of fifth bits (bit e
-    of byte m: element 8m + e, as Q5_0's and Q5_1's little-endian u32 per block has them too).
-
-    The fifth bits load as `[rows, words, 4]` bytes, which Triton vectorises four to a load, as it does the 4-bit
-    words. As one `[rows, BLOCK_K / 8]` tile they loaded 16 to a thread, which set the whole tile's register layout
-    to a row a thread and quadrupled x's shared-memory loads in the FMA GEMV (sm_90, per element: Q5_K 5.11 ->
-    4.68, Q5_1 4.68 -> 4.34)."""
+    of byte m: element 8m + e, as Q5_0's and Q5_1's little-endian u32 per block has them too)."""
     m = (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
-    m_mask = _within(n_mask, m, K // 8)
-    G: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # fifth-bit bytes a load
-    m3 = tl.reshape(m, (1, BLOCK_K // 8 // G, G))
-    if n_mask is None:
-        fifth_mask = None
-    else:
-        fifth_mask = n_mask[:, :, None] & (m3 < K // 8)
-    fifth = tl.reshape(_load(w_ptr + fifth_plane[:, :, None] + m3, fifth_mask), (BLOCK_N, BLOCK_K // 8))
-    bits = five_bit_float_bits(_typed(w_ptr, low_plane, m, m_mask, tl.int32), fifth.to(tl.int32), HALF)
+    fifth = _by_fours(w_ptr, fifth_plane, m, n_mask, K // 8, tl.uint8, BLOCK_N, BLOCK_K // 8)
+    bits = five_bit_float_bits(_typed(w_ptr, low_plane, m, _within(n_mask, m, K // 8), tl.int32), fifth.to(tl.int32),
+                               HALF)
     return tl.reshape(bits, (BLOCK_N, BLOCK_K))
 
 
