@@ -33,9 +33,10 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS
             for layout in (layout for layout in layouts if layout == "blocks" or has_planes(fmt)):
                 yield ("dequant", fmt, "fp16", 0, cc, layout)
                 for dtype in dtypes:
-                    # config index 1: the GEMV for weights its tiles divide (EVEN, no masked loads; planes only)
-                    yield from (("gemv", fmt, dtype, even, cc, layout) for even in range(1 + (layout == "planes")))
-                    yield ("qmv", fmt, dtype, 0, cc, layout)
+                    # config index 1: the split-K kernels for weights their tiles divide (EVEN: no masked weight
+                    # loads; planes only)
+                    for kernel in ("gemv", "qmv"):
+                        yield from ((kernel, fmt, dtype, even, cc, layout) for even in range(1 + (layout == "planes")))
                     for i in range(len(gemm_configs(dtype, layout, cc))):
                         yield ("qmm", fmt, dtype, i, cc, layout)
 
@@ -104,7 +105,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
             signature["k_per_split"] = "i32"
             config = split_k_config(fmt, layout, dtype)
             num_warps, num_stages = config["num_warps"], config["num_stages"]
-            constexprs |= {k: v for k, v in config.items() if k.startswith("BLOCK")}
+            constexprs |= {"EVEN": bool(config_index)} | {k: v for k, v in config.items() if k.startswith("BLOCK")}
     for name in constexprs:
         signature[name] = "constexpr"
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}

@@ -282,7 +282,7 @@ def kernel_layout(fmt: str) -> str:
 def jobs(archs, formats):
     """Each kernel in the layout it runs on (planes formats in both, to compare); the GEMM in each of its tiles in
     the layout it runs on."""
-    from kernels.triton.ops import GEMV_CONFIGS, gemm_configs, gemv_even
+    from kernels.triton.ops import GEMV_CONFIGS, even_tiles, gemm_configs, split_k_config
 
     for cc in archs:
         yield ("bf16", "BF16", cc, "blocks")
@@ -290,9 +290,10 @@ def jobs(archs, formats):
             for layout in dict.fromkeys(("blocks", kernel_layout(fmt))):
                 tiles = len(gemm_configs("bf16", layout, cc)) if layout == kernel_layout(fmt) else 1
                 yield from (("qmm", fmt, cc, layout, i) for i in range(tiles))
-                yield ("qmv", fmt, cc, layout)
-                # Flux's shapes fill the GEMV's tiles: its launch without masked loads (compile_check's index 1)
-                yield ("gemv", fmt, cc, layout, int(gemv_even(layout, FLUX_N, FLUX_K, GEMV_CONFIGS[layout])))
+                # Flux's shapes fill the split-K kernels' tiles: their launches without masked weight loads
+                # (compile_check's index 1)
+                for kernel, config in (("qmv", split_k_config(fmt, layout, "bf16")), ("gemv", GEMV_CONFIGS[layout])):
+                    yield (kernel, fmt, cc, layout, int(even_tiles(layout, FLUX_N, FLUX_K, config)))
                 yield ("dequant", fmt, cc, layout)
 
 

@@ -89,13 +89,13 @@ def float_bits(v: int) -> int:
     return 0x4B000000 | v
 
 
-def half_bits(v: int) -> int:
-    """The half form: 0.5 + v / 256 (v < 128)."""
-    assert np.uint32(0x3F000000 | v << 16).view(np.float32) == np.float32(0.5 + v / 256)
-    return 0x3F000000 | v << 16
+def bits_128(v: int) -> int:
+    """The 128 form: 128 + v (v < 128)."""
+    assert np.uint32(0x43000000 | v << 16).view(np.float32) == np.float32(128 + v)
+    return 0x43000000 | v << 16
 
 
-FORMS = {"": float_bits, " half": half_bits}
+FORMS = {"": float_bits, " 128": bits_128}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -110,7 +110,7 @@ def test_int8_bits(seed):
 
 NF4_BITS = [int(b) for b in np.asarray(NF4_VALUES, dtype=np.float32).view(np.uint32)]
 # the byte-table words each asm takes as operands from $9 on, every fourth (pack=4), as the kernels pass them
-TABLE_WORDS = {"nibble": [], "nibble half": [], "nibble iq4": LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4],
+TABLE_WORDS = {"nibble": [], "nibble 128": [], "nibble iq4": LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4],
                "nibble nf4": LOOKUP_WORDS[NF4_WORDS_AT:NF4_WORDS_AT + 16]}
 
 
@@ -120,7 +120,7 @@ def test_lookup_words_start_with_the_nf4_values():
 
 
 @pytest.mark.parametrize("name,table", [("nibble", [float_bits(v) for v in range(16)]),
-                                        ("nibble half", [half_bits(v) for v in range(16)]),
+                                        ("nibble 128", [bits_128(v) for v in range(16)]),
                                         ("nibble iq4", [float_bits(v + 128) for v in IQ4_VALUES]),
                                         ("nibble nf4", NF4_BITS)])
 def test_nibble_lookups_every_code_in_every_position(name, table):

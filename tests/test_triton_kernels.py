@@ -108,14 +108,14 @@ def test_planes_fused_matmul_equals_reference(fmt, M, dtype):
 
 @pytest.mark.parametrize("fmt", PLANES_FORMATS)
 def test_planes_gemv_stays_float32_accurate_with_outlier_activations(fmt):
-    """The M = 1 kernel sums the half form's products (`qmatmul._gemv_sub_block_sums`), whose rounding follows
+    """The M = 1 kernel sums the 128 form's products (`qmatmul._gemv_sub_block_sums`), whose rounding follows
     sum(|x|) rather than the result: with a few activations 300 times the rest (as Flux's have), it must stay far
     below the bf16 output's own rounding (2^-9), at float32 accumulation's scale."""
     weight, dense = quantized_weight(fmt, n=ODD_N, k=1024, layout="planes")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 1024)).astype(np.float32)
     x[0, rng.integers(0, 1024, 8)] *= 300
-    x = torch.from_numpy(x).to(torch.bfloat16).float()  # products with bf16 inputs are exact in the half form
+    x = torch.from_numpy(x).to(torch.bfloat16).float()  # products with bf16 inputs are exact in the 128 form
     exact = x.double() @ dense.double().T
     y = quant_linear_triton(x.to(DEVICE), weight, None).double().cpu()
     assert (y - exact).norm() / exact.norm() <= 2e-5
@@ -138,9 +138,7 @@ def test_planes_kernels_on_the_gpu_tiles(fmt, block_k, monkeypatch):
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
 def test_gemv_on_its_gpu_tile(fmt, layout, monkeypatch):
     """The M = 1 kernel with the tile it runs on a GPU for the layout (128 or 64 columns: several splits, tiles of
-    whole 32-element blocks, tiles inside a K-quant super-block), on odd shapes and on eight K-quant super-blocks;
-    for the planes layout also on a weight its tiles divide (no masked loads: `gemv_kernel`'s EVEN), in K splits of
-    3 tiles with a last split of 1 (2 N tiles: 16 splits wanted for 34 tiles)."""
+    whole 32-element blocks, tiles inside a K-quant super-block), on odd shapes and on eight K-quant super-blocks."""
     if not interpreting():
         pytest.skip("on a GPU the tiles above are the ones that run")
     if layout == "planes" and not has_planes(fmt):
@@ -151,11 +149,24 @@ def test_gemv_on_its_gpu_tile(fmt, layout, monkeypatch):
     monkeypatch.setattr(ops, "INTERPRETER_GEMV", dict(BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"]))
     _check_fused(fmt, 1, torch.float32, ODD_N, odd_k(fmt), layout=layout)
     _check_fused(fmt, 1, torch.float16, N, 4 * K, layout=layout)
-    if layout == "planes":
+
+
+@pytest.mark.parametrize("fmt", PLANES_FORMATS)
+def test_split_k_kernels_on_a_weight_their_tiles_divide(fmt, monkeypatch):
+    """The M <= 16 kernels with their GPU tiles on a weight those divide (`EVEN`: no masked weight loads), in K
+    splits of 3 tiles and a last one of 1 (2 N tiles: 16 splits wanted for 34 tiles)."""
+    if not interpreting():
+        pytest.skip("on a GPU the tiles above are the ones that run")
+    from kernels.triton import ops
+
+    gemv, split_k = ops.GEMV_CONFIGS["planes"], ops.split_k_config(fmt, "planes", "fp16")
+    monkeypatch.setattr(ops, "INTERPRETER_GEMV", {name: gemv[name] for name in ("BLOCK_N", "BLOCK_K")})
+    monkeypatch.setattr(ops, "INTERPRETER_SPLIT_K", {name: split_k[name] for name in ("BLOCK_N", "BLOCK_M", "BLOCK_K")})
+    for M, tile in ((1, gemv), (3, split_k)):
         n, k = 2 * tile["BLOCK_N"], 34 * tile["BLOCK_K"]
-        assert ops.gemv_even(layout, n, k, tile) and ops._split_k_grid(n, k, tile["BLOCK_N"], tile["BLOCK_K"],
-                                                                        DEVICE) == ((2, 12), 3 * tile["BLOCK_K"])
-        _check_fused(fmt, 1, torch.float16, n, k, layout=layout)
+        assert ops.even_tiles("planes", n, k, tile)
+        assert ops._split_k_grid(n, k, tile["BLOCK_N"], tile["BLOCK_K"], DEVICE) == ((2, 12), 3 * tile["BLOCK_K"])
+        _check_fused(fmt, M, torch.float16, n, k, layout="planes")
 
 
 @pytest.mark.parametrize("method", METHODS)

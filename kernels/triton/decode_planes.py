@@ -127,18 +127,18 @@ def _interleave(low, high, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexpr, tables_ptr, HALF: tl.constexpr,
+def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`HALF`: 0.5 + v / 256;
+    """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`BIASED`: 128 + v;
     `float_bits`), from a plane of int8 codes (`BITS` 8, v = code + 128) or of 4-bit codes (v = code, or with `IQ4`
     kvalues_iq4nl[code] + 128)."""
     if BITS == 8:
-        tl.static_assert(not HALF, "int8 codes + 128 reach 255: no half form")
+        tl.static_assert(not BIASED, "int8 codes + 128 reach 255: no 128 form")
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
         return int8_float_bits(_load(w_ptr + plane + k, _within(n_mask, k, K)))
     else:
         tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
-        low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4, tables_ptr, HALF)
+        low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4, tables_ptr, BIASED)
         return _interleave(low, high, BLOCK_N, BLOCK_K)
 
 
@@ -195,15 +195,15 @@ def _k4_scales_mins(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, BIASED: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    """Q5_0, Q5_1, Q5_K: the tile's 5-bit codes as int32 bits of the float32 2^23 + code (`HALF`: 0.5 + code /
-    256), 8 elements at a time: a 32-bit word of a plane of 4-bit codes and a byte of a plane of fifth bits (bit e
+    """Q5_0, Q5_1, Q5_K: the tile's 5-bit codes as int32 bits of the float32 2^23 + code (`BIASED`: 128 + code),
+    8 elements at a time: a 32-bit word of a plane of 4-bit codes and a byte of a plane of fifth bits (bit e
     of byte m: element 8m + e, as Q5_0's and Q5_1's little-endian u32 per block has them too)."""
     m = (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
     fifth = _by_fours(w_ptr, fifth_plane, m, n_mask, K // 8, tl.uint8, BLOCK_N, BLOCK_K // 8)
     bits = five_bit_float_bits(_typed(w_ptr, low_plane, m, _within(n_mask, m, K // 8), tl.int32), fifth.to(tl.int32),
-                               HALF)
+                               BIASED)
     return tl.reshape(bits, (BLOCK_N, BLOCK_K))
 
 
@@ -230,14 +230,14 @@ def code_offset(fmt: int) -> int:
 
 
 @triton.constexpr_function
-def has_half_form(fmt: int) -> bool:
-    """Whether every stored code of `fmt` is below 128, so `decode_planes_parts` can give it in the half form."""
+def has_biased_form(fmt: int) -> bool:
+    """Whether every stored code of `fmt` is below 128, so `decode_planes_parts` can give it in the 128 form."""
     return _FORMAT_NAMES[fmt] in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 @triton.jit
-def _code_value(bits, FMT: tl.constexpr, HALF: tl.constexpr):
-    if HALF:
+def _code_value(bits, FMT: tl.constexpr, BIASED: tl.constexpr):
+    if BIASED:
         v = bits.to(tl.float32, bitcast=True)
     else:
         v = _bits_to_float(bits, code_offset(FMT))
@@ -245,12 +245,12 @@ def _code_value(bits, FMT: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, HALF: tl.constexpr,
+def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, BIASED: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(v, scale, offset): the tile's weights are `v * scale + offset`, v `[BLOCK_N, BLOCK_K]` per element, scale and
     offset `[BLOCK_N, sub-blocks]` per sub-block of `sub_block_size(FMT)` elements (offset only where
-    `has_offset(FMT)`; elsewhere it is the scale again, unused). With `HALF` (where `has_half_form(FMT)`) v is
-    instead 0.5 + (v + code_offset(FMT)) / 256, the stored code in the half form (`float_bits`)."""
+    `has_offset(FMT)`; elsewhere it is the scale again, unused). With `BIASED` (where `has_biased_form(FMT)`) v
+    is instead 128 + v + code_offset(FMT), the stored code in the 128 form (`float_bits`)."""
     if FMT == NF4:
         nb = K // 64
         b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
@@ -268,12 +268,12 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             scale = _k_quant_d_of(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, 0, t_mask, tl.int8).to(tl.float32)
             top = _two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K)
-            if HALF:  # above the low 4 bits, in either form
+            if BIASED:  # above the low 4 bits, in either form
                 top = top << 20
             else:
                 top = top << 4
-            v = _code_value(_code_bits(w_ptr, rows, k0, K, n_mask, 4, False, tables_ptr, HALF, BLOCK_N, BLOCK_K) | top,
-                            FMT, HALF)
+            v = _code_value(_code_bits(w_ptr, rows, k0, K, n_mask, 4, False, tables_ptr, BIASED, BLOCK_N, BLOCK_K) | top,
+                            FMT, BIASED)
             offset = scale
         elif FMT == Q3_K:  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
             s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
@@ -288,8 +288,8 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
             m_mask = _within(n_mask, m, K // 16)
             bits = three_bit_float_bits(_typed(w_ptr, rows + low_plane, m, m_mask, tl.int32),
-                                        _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32), HALF)
-            v = _code_value(tl.reshape(bits, (BLOCK_N, BLOCK_K)), FMT, HALF)
+                                        _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32), BIASED)
+            v = _code_value(tl.reshape(bits, (BLOCK_N, BLOCK_K)), FMT, BIASED)
             offset = scale
         else:  # Q2_K: scales (a byte each: scale | min << 4) | qs: 2-bit codes | d | dmin
             codes_plane = _plane_bytes(nb, 16)
@@ -300,7 +300,7 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             offset = -(_k_quant_d_of(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, t_mask) *
                        (packed >> 4).to(tl.float32))
             v = _code_value(float_form(_two_bit_codes(w_ptr, rows + codes_plane, k0, K, n_mask, BLOCK_N, BLOCK_K),
-                                       HALF), FMT, HALF)
+                                       BIASED), FMT, BIASED)
     elif (FMT == Q4_K) | (FMT == Q5_K):
         # 32-element sub-blocks: d | dmin | 12 bytes of 6-bit scales and mins | (Q5_K: qh, fifth bits) | qs
         nb = K // 256
@@ -312,11 +312,12 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
         scale = _k_quant_d(w_ptr, rows, s, s_mask) * sc.to(tl.float32)
         offset = -(_k_quant_d(w_ptr, rows + dmin_plane, s, s_mask) * mn.to(tl.float32))
         if FMT == Q4_K:
-            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, tables_ptr, HALF, BLOCK_N, BLOCK_K)
+            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, tables_ptr, BIASED, BLOCK_N,
+                              BLOCK_K)
         else:
             bits = _five_bit_code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), rows + codes_plane, k0, K,
-                                       n_mask, HALF, BLOCK_N, BLOCK_K)
-        v = _code_value(bits, FMT, HALF)
+                                       n_mask, BIASED, BLOCK_N, BLOCK_K)
+        v = _code_value(bits, FMT, BIASED)
     elif FMT == IQ4_XS:
         # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | qs
         nb = K // 256
@@ -325,9 +326,9 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
         low4 = (_scale_bytes(w_ptr, rows + low_plane, s, 4, j // 2, s_mask) >> (4 * (j % 2))) & 15
         top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), s, 2, j // 4, s_mask) >> (2 * (j % 4))) & 3
         scale = _k_quant_d(w_ptr, rows, s, s_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
-        bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, tables_ptr, HALF,
+        bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, tables_ptr, BIASED,
                           BLOCK_N, BLOCK_K)
-        v = _code_value(bits, FMT, HALF)
+        v = _code_value(bits, FMT, BIASED)
         offset = scale
     else:
         tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1)
@@ -344,27 +345,41 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             codes_plane = 2 * d_plane
         if (FMT == Q5_0) | (FMT == Q5_1):
             bits = _five_bit_code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 4), rows + codes_plane, k0, K,
-                                       n_mask, HALF, BLOCK_N, BLOCK_K)
+                                       n_mask, BIASED, BLOCK_N, BLOCK_K)
         else:
             bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 8 if FMT == Q8_0 else 4, FMT == IQ4_NL,
-                              tables_ptr, HALF, BLOCK_N, BLOCK_K)
-        v = _code_value(bits, FMT, HALF)
+                              tables_ptr, BIASED, BLOCK_N, BLOCK_K)
+        v = _code_value(bits, FMT, BIASED)
     return v, scale, offset
 
 
 @triton.jit
-def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr,
+def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, EXACT: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, False, BLOCK_N, BLOCK_K)
-    w = v * _expand(scale, BLOCK_N, BLOCK_K, sub_block_size(FMT))
-    if has_offset(FMT):
-        w += _expand(offset, BLOCK_N, BLOCK_K, sub_block_size(FMT))
+    """`EXACT`: the reference's float32 weights bit for bit, `(code - offset) * scale (+ offset)`, each operation
+    rounded as it rounds (the dequantize kernel, compiled without multiply-add fusion). Otherwise, where the codes
+    have the 128 form, `(128 + code) * scale + base` with the block's `base = offset - (128 + code offset) *
+    scale`: one multiply-add an element where the exact form takes a subtraction, a multiply and an add, for the
+    fused kernels, whose decoded weight may differ in its last bit (sm_90, per element: split-K GEMV Q4_0 5.09 ->
+    ...)."""
+    QK: tl.constexpr = sub_block_size(FMT)
+    BIASED: tl.constexpr = has_biased_form(FMT) and not EXACT
+    v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BIASED, BLOCK_N, BLOCK_K)
+    if BIASED:
+        base = -(128 + code_offset(FMT)) * scale
+        if has_offset(FMT):
+            base += offset
+        w = v * _expand(scale, BLOCK_N, BLOCK_K, QK) + _expand(base, BLOCK_N, BLOCK_K, QK)
+    else:
+        w = v * _expand(scale, BLOCK_N, BLOCK_K, QK)
+        if has_offset(FMT):
+            w += _expand(offset, BLOCK_N, BLOCK_K, QK)
     return w
 
 
 @triton.jit
 def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, DTYPE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`decode_planes_tile(...).to(DTYPE)`. NF4 to bf16 in tiles at least a block deep goes 16 elements of a block at
     a time (`float_bits.nf4_bf16`): on NVIDIA GPUs the block's 16 possible weights are rounded to bf16 once per call
     and each element looks its weight up in them, which saves a multiply and a conversion an element, and looks up
@@ -379,5 +394,5 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
         scale = _expand(_typed(w_ptr, rows, b, b_mask, tl.float32), BLOCK_N, BLOCK_K // 16, 4)
         w = tl.reshape(nf4_bf16(codes, scale, tables_ptr), (BLOCK_N, BLOCK_K))
     else:
-        w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BLOCK_N, BLOCK_K).to(DTYPE)
+        w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, EXACT, BLOCK_N, BLOCK_K).to(DTYPE)
     return w

@@ -2,9 +2,10 @@
 
 A code byte `v` placed in the low bits of 2^23's bit pattern (0x4B000000) is the float 2^23 + v; one float
 subtraction then gives the value exactly (`decode_planes._bits_to_float`). A code below 128 can instead be placed
-at bit 16 of 0.5's bit pattern (0x3F000000, the "half form"): the float 0.5 + v / 256, whose product with a bf16 or
-fp16 activation is exact in float32, so the M = 1 kernel sums those products and takes the offset out once per
-sub-block instead of subtracting it from every element (`qmatmul._gemv_sub_block_sums`). The planes decoders receive their
+at bit 16 of 128's bit pattern (0x43000000, the "128 form"): the float 128 + v, exact in bf16 too, whose product with
+a bf16 or fp16 activation is exact in float32. The M = 1 kernel sums those products and takes 128 and the code's
+offset out once per sub-block instead of subtracting them from every element (`qmatmul._gemv_sub_block_sums`); the
+tensor-core kernels decode v * scale + offset as one multiply-add of the 128 form and per-block constants. The planes decoders receive their
 codes' bytes as packed 32-bit registers; here, on NVIDIA GPUs, one `prmt` per code moves a byte into that pattern
 (and, for 4-bit codes, `prmt`s look 4 codes up in a 16-entry byte table held in four registers), where Triton's own
 code would extract every byte, mask it, shift it and OR it in (sm_90: IQ4_NL's GEMM counted 16.5 instructions a
@@ -27,7 +28,7 @@ from kernels.formats import IQ4_VALUES, NF4_VALUES
 # inline PTX only where Triton compiles for an NVIDIA GPU (the interpreter and ROCm take the portable twins)
 PTX = tl.constexpr(not triton.knobs.runtime.interpret and torch.version.hip is None)
 FLOAT_OF_TWO_POW_23 = tl.constexpr(0x4B000000)  # 2^23's float32 bits: OR a value < 2^23 in, it lands in the mantissa
-FLOAT_OF_HALF = tl.constexpr(0x3F000000)  # 0.5's: OR v << 16 in (v < 128), it is 0.5 + v / 256
+FLOAT_OF_128 = tl.constexpr(0x43000000)  # 128's: OR v << 16 in (v < 128), it is 128 + v
 
 
 def _assemble(lines: list[str]) -> str:
@@ -39,12 +40,12 @@ def _assemble(lines: list[str]) -> str:
     return "{\n.reg .b32 " + scratch + ";\n" + "\n".join(lines) + "\n}"
 
 
-def _float_bits_of_bytes(sources: list[tuple[str, int]], half: bool = False) -> list[str]:
+def _float_bits_of_bytes(sources: list[tuple[str, int]], biased: bool = False) -> list[str]:
     """Output $i: the bits of 2^23 + byte `byte` of register `source` (the i-th pair): that byte, two zero bytes
-    and 0x4B from the constant 0x4B000000; or with `half` (bytes below 128) of 0.5 + byte / 256: two zero bytes,
-    that byte and 0x3F."""
-    if half:
-        return [f"prmt.b32 ${i}, {source}, 0x3F000000, 0x7{byte}44;" for i, (source, byte) in enumerate(sources)]
+    and 0x4B from the constant 0x4B000000; or with `biased` (bytes below 128) of 128 + byte: two zero bytes,
+    that byte and 0x43."""
+    if biased:
+        return [f"prmt.b32 ${i}, {source}, 0x43000000, 0x7{byte}44;" for i, (source, byte) in enumerate(sources)]
     return [f"prmt.b32 ${i}, {source}, 0x4B000000, 0x744{byte};" for i, (source, byte) in enumerate(sources)]
 
 
@@ -91,8 +92,8 @@ _LOW_ELEMENTS = [("a", 0), ("a", 2), ("b", 0), ("b", 2)]
 _HIGH_ELEMENTS = [("a", 1), ("a", 3), ("b", 1), ("b", 3)]
 
 
-def _nibble_bits_ptx(table: bool, half: bool = False) -> str:
-    """4 packed bytes ($8) of two 4-bit codes -> the bits of 2^23 + v (`half`: 0.5 + v / 256) for the low nibbles
+def _nibble_bits_ptx(table: bool, biased: bool = False) -> str:
+    """4 packed bytes ($8) of two 4-bit codes -> the bits of 2^23 + v (`biased`: 128 + v) for the low nibbles
     ($0-$3) and the high ones ($4-$7): v the code itself, or with `table` byte `code` of the table in the words from
     $9 on."""
     if not table:
@@ -101,7 +102,7 @@ def _nibble_bits_ptx(table: bool, half: bool = False) -> str:
     else:
         lines = _lookups(_broadcast_words(9, 1))
         elements = [(f"v{part}0", byte) for part, byte in _LOW_ELEMENTS + _HIGH_ELEMENTS]
-    return _assemble(lines + _float_bits_of_bytes(elements, half))
+    return _assemble(lines + _float_bits_of_bytes(elements, biased))
 
 
 def _nibble_float32_ptx() -> str:
@@ -148,9 +149,9 @@ def _nf4_bf16_ptx() -> str:
     return _assemble(lines)
 
 
-def _three_bit_ptx(half: bool = False) -> str:
+def _three_bit_ptx(biased: bool = False) -> str:
     """Q3_K's codes of 16 elements, the low 2 bits from $16 (element e at bits 2e..2e+1) and the third from $17
-    (bit e) -> the bits of 2^23 (`half`: 0.5 + 1/256 x) + (low | third << 2) for elements 0-15 ($0-$15). Elements i, 4 + i, 8 + i, 12 + i
+    (bit e) -> the bits of 2^23 (`biased`: 128) + (low | third << 2) for elements 0-15 ($0-$15). Elements i, 4 + i, 8 + i, 12 + i
     are fields i of $16's four bytes: one shift and mask gives their low bits, a byte each; the third bits are first
     spread a nibble to a byte (nibble k of $17 to byte k), so that their bit i lands on bit 2 with one more shift."""
     lines = ["shl.b32 h, $17, 8;",  # nibble k of the 16 third bits -> bits 8k..8k+3
@@ -170,12 +171,12 @@ def _three_bit_ptx(half: bool = False) -> str:
             lines.append(f"shr.b32 y, h, {i - 2};")
         lines += [f"and.b32 v{i}, {low}, 0x03030303;", f"and.b32 y, {third}, 0x04040404;", f"or.b32 v{i}, v{i}, y;"]
     sources = [(f"v{e % 4}", e // 4) for e in range(16)]
-    return _assemble(lines + _float_bits_of_bytes(sources, half))
+    return _assemble(lines + _float_bits_of_bytes(sources, biased))
 
 
-def _five_bit_ptx(half: bool = False) -> str:
+def _five_bit_ptx(biased: bool = False) -> str:
     """5-bit codes of 8 elements, the low 4 bits from $8 (element e at bits 4e..4e+3) and the fifth from $9 (bit e)
-    -> the bits of 2^23 + code (`half`: 0.5 + code / 256) for elements 0-7 ($0-$7). The even elements' fifth bits (0, 2, 4, 6) reach bit 4 of
+    -> the bits of 2^23 + code (`biased`: 128 + code) for elements 0-7 ($0-$7). The even elements' fifth bits (0, 2, 4, 6) reach bit 4 of
     bytes 0-3 by one multiply: shifts of 4, 10, 16 and 22 (0x00410410); the other products collide only at bits
     10, 16 and 22, and their carries stop at bits 11, 17 and 23, so the mask 0x10101010 keeps just the four."""
     lines = ["and.b32 va, $8, 0x0f0f0f0f;",  # elements 0, 2, 4, 6, a byte each
@@ -190,7 +191,7 @@ def _five_bit_ptx(half: bool = False) -> str:
              "mul.lo.u32 f, f, 0x00410410;",
              "and.b32 f, f, 0x10101010;",
              "or.b32 vb, vb, f;"]
-    return _assemble(lines + _float_bits_of_bytes([("vb" if e % 2 else "va", e // 2) for e in range(8)], half))
+    return _assemble(lines + _float_bits_of_bytes([("vb" if e % 2 else "va", e // 2) for e in range(8)], biased))
 
 
 def float32_byte_tables(values) -> list[tuple[int, ...]]:
@@ -211,8 +212,8 @@ LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("
                      + byte_table_words(IQ4_OFFSET_BINARY))
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "nibble": _nibble_bits_ptx(False), "nibble iq4": _nibble_bits_ptx(True),
                "nibble nf4": _nibble_float32_ptx(), "three bit": _three_bit_ptx(), "five bit": _five_bit_ptx(),
-               "nf4 bf16": _nf4_bf16_ptx(), "nibble half": _nibble_bits_ptx(False, half=True),
-               "three bit half": _three_bit_ptx(half=True), "five bit half": _five_bit_ptx(half=True)}
+               "nf4 bf16": _nf4_bf16_ptx(), "nibble 128": _nibble_bits_ptx(False, biased=True),
+               "three bit 128": _three_bit_ptx(biased=True), "five bit 128": _five_bit_ptx(biased=True)}
 INT8_PTX = tl.constexpr(PTX_SOURCES["int8"])
 NIBBLE_PTX = tl.constexpr(PTX_SOURCES["nibble"])
 NIBBLE_IQ4_PTX = tl.constexpr(PTX_SOURCES["nibble iq4"])
@@ -220,9 +221,9 @@ NIBBLE_NF4_PTX = tl.constexpr(PTX_SOURCES["nibble nf4"])
 THREE_BIT_PTX = tl.constexpr(PTX_SOURCES["three bit"])
 FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
 NF4_BF16_PTX = tl.constexpr(PTX_SOURCES["nf4 bf16"])
-NIBBLE_HALF_PTX = tl.constexpr(PTX_SOURCES["nibble half"])
-THREE_BIT_HALF_PTX = tl.constexpr(PTX_SOURCES["three bit half"])
-FIVE_BIT_HALF_PTX = tl.constexpr(PTX_SOURCES["five bit half"])
+NIBBLE_128_PTX = tl.constexpr(PTX_SOURCES["nibble 128"])
+THREE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["three bit 128"])
+FIVE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["five bit 128"])
 # kvalues_iq4nl + 128 four to a little-endian word, for the portable twin's selects (signed, as Triton's int32
 # constants are)
 IQ4_WORD_0, IQ4_WORD_1, IQ4_WORD_2, IQ4_WORD_3 = (
@@ -240,10 +241,10 @@ def int8_float_bits(b):
 
 
 @triton.jit
-def float_form(v, HALF: tl.constexpr):
-    """Portable: int32 codes -> the bits of the float32 2^23 + v, or with `HALF` of 0.5 + v / 256 (v < 128)."""
-    if HALF:
-        bits = (v << 16) | FLOAT_OF_HALF
+def float_form(v, BIASED: tl.constexpr):
+    """Portable: int32 codes -> the bits of the float32 2^23 + v, or with `BIASED` of 128 + v (v < 128)."""
+    if BIASED:
+        bits = (v << 16) | FLOAT_OF_128
     else:
         bits = v | FLOAT_OF_TWO_POW_23
     return bits
@@ -262,14 +263,14 @@ def _word(tables_ptr, i):
 
 
 @triton.jit
-def nibble_float_bits(b, IQ4: tl.constexpr, tables_ptr, HALF: tl.constexpr):
-    """uint8 bytes of two 4-bit codes -> int32 bits of the float32 2^23 + v (`HALF`: 0.5 + v / 256) for the low
+def nibble_float_bits(b, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr):
+    """uint8 bytes of two 4-bit codes -> int32 bits of the float32 2^23 + v (`BIASED`: 128 + v) for the low
     nibble and for the high one, where v is the code itself, or with IQ4 kvalues_iq4nl[code] + 128 (its byte table
-    at `tables_ptr`, `LOOKUP_WORDS`; not in the half form)."""
-    tl.static_assert(not (IQ4 and HALF), "kvalues_iq4nl + 128 reach 241: no half form")
+    at `tables_ptr`, `LOOKUP_WORDS`; not in the 128 form)."""
+    tl.static_assert(not (IQ4 and BIASED), "kvalues_iq4nl + 128 reach 241: no 128 form")
     if PTX:
-        if HALF:
-            low, high = tl.inline_asm_elementwise(NIBBLE_HALF_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+        if BIASED:
+            low, high = tl.inline_asm_elementwise(NIBBLE_128_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
         elif IQ4:
             low, high = tl.inline_asm_elementwise(
@@ -286,8 +287,8 @@ def nibble_float_bits(b, IQ4: tl.constexpr, tables_ptr, HALF: tl.constexpr):
         if IQ4:
             low = iq4_offset_binary(low)
             high = iq4_offset_binary(high)
-        low = float_form(low, HALF)
-        high = float_form(high, HALF)
+        low = float_form(low, BIASED)
+        high = float_form(high, BIASED)
     return low, high
 
 
@@ -342,38 +343,38 @@ def in_element_order_16(v):
 
 
 @triton.jit
-def _codes_and_top_bits(low, top, COUNT: tl.constexpr, WIDTH: tl.constexpr, HALF: tl.constexpr):
-    """Portable: the bits of 2^23 + code (`HALF`: 0.5 + code / 256) of each of the `COUNT` elements of a word,
+def _codes_and_top_bits(low, top, COUNT: tl.constexpr, WIDTH: tl.constexpr, BIASED: tl.constexpr):
+    """Portable: the bits of 2^23 + code (`BIASED`: 128 + code) of each of the `COUNT` elements of a word,
     `[R, C, COUNT]` in element order: element e's low `WIDTH` bits from `low` (at bits `WIDTH` e), its top bit bit e
     of `top`."""
     e = tl.arange(0, COUNT)[None, None, :]
     return float_form(((low[:, :, None] >> (WIDTH * e)) & ((1 << WIDTH) - 1)) | (((top[:, :, None] >> e) & 1) << WIDTH),
-                      HALF)
+                      BIASED)
 
 
 @triton.jit
-def three_bit_float_bits(low, third, HALF: tl.constexpr):
+def three_bit_float_bits(low, third, BIASED: tl.constexpr):
     """Q3_K codes, 16 elements a word: `low` int32 words of 2-bit fields (element e at bits 2e), `third` their
-    third bits (bit e, zero-extended 16-bit words) -> int32 bits of the float32 2^23 + code (`HALF`: 0.5 +
-    code / 256), in element order once reshaped to `[R, 16 C]`."""
+    third bits (bit e, zero-extended 16-bit words) -> int32 bits of the float32 2^23 + code (`BIASED`:
+    128 + code), in element order once reshaped to `[R, 16 C]`."""
     if PTX:
-        bits = in_element_order_16(tl.inline_asm_elementwise(THREE_BIT_HALF_PTX if HALF else THREE_BIT_PTX,
+        bits = in_element_order_16(tl.inline_asm_elementwise(THREE_BIT_128_PTX if BIASED else THREE_BIT_PTX,
                                                              "=r," * 16 + "r,r", [low, third],
                                                              dtype=(tl.int32,) * 16, is_pure=True, pack=1))
     else:
-        bits = _codes_and_top_bits(low, third, 16, 2, HALF)
+        bits = _codes_and_top_bits(low, third, 16, 2, BIASED)
     return bits
 
 
 @triton.jit
-def five_bit_float_bits(low, fifth, HALF: tl.constexpr):
+def five_bit_float_bits(low, fifth, BIASED: tl.constexpr):
     """5-bit codes, 8 elements a word: `low` int32 words of 4-bit fields (element e at bits 4e), `fifth` their fifth
-    bits (bit e, zero-extended bytes) -> int32 bits of the float32 2^23 + code (`HALF`: 0.5 + code / 256), in
+    bits (bit e, zero-extended bytes) -> int32 bits of the float32 2^23 + code (`BIASED`: 128 + code), in
     element order once reshaped to `[R, 8 C]`."""
     if PTX:
-        bits = in_element_order_8(tl.inline_asm_elementwise(FIVE_BIT_HALF_PTX if HALF else FIVE_BIT_PTX,
+        bits = in_element_order_8(tl.inline_asm_elementwise(FIVE_BIT_128_PTX if BIASED else FIVE_BIT_PTX,
                                                             "=r," * 8 + "r,r", [low, fifth],
                                                             dtype=(tl.int32,) * 8, is_pure=True, pack=1))
     else:
-        bits = _codes_and_top_bits(low, fifth, 8, 4, HALF)
+        bits = _codes_and_top_bits(low, fifth, 8, 4, BIASED)
     return bits

@@ -44,11 +44,13 @@ WIDE_M_CONFIG = (128, 256, 64, 8, 8, 2)
 # sm_90's budget, not sm_86/89's shared memory, and on sm_80 it spills 140-260 bytes.
 DEEP_K_CONFIG = (128, 128, 128, 8, 8, 2)
 # 1 < M <= 16, per weight layout and activation dtype. Planes: 128 deep, which spreads each K step's scale loads and
-# pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 10.8 -> 7.5, Q4_K 16.1 -> 8.4).
-# fp32 activations 32 deep there (64 spilled 28 bytes for Q8_0 on sm_86/89). Blocks: 32 deep, where deeper tiles spill
+# pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 10.8 -> 7.5, Q4_K 16.1 -> 8.4);
+# one stage in 4 warps, as the FMA GEMV: with two, the pipeliner staged the weight's bytes through shared memory
+# (cp.async, then a shared load per 16 bytes) before decoding them from registers anyway (Q4_0 7.55 -> 5.33, Q4_K
+# 8.02 -> 5.72; 8 warps 5.73, 6.20). fp32 activations 32 deep there (64 spilled 28 bytes for Q8_0 on sm_86/89). Blocks: 32 deep, where deeper tiles spill
 # (Q5_K, Q5_1, Q6_K, IQ4_XS); fp32 activations two stages there (three spilled 8 bytes for IQ4_XS on sm_90).
 _SPLIT_K_BLOCKS = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
-_SPLIT_K_PLANES = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=128, num_warps=8, num_stages=2)
+_SPLIT_K_PLANES = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=128, num_warps=4, num_stages=1)
 SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
                               "fp32": dict(_SPLIT_K_PLANES, BLOCK_K=32)},
                    "blocks": {"fp16": _SPLIT_K_BLOCKS, "bf16": _SPLIT_K_BLOCKS,
@@ -70,9 +72,9 @@ GEMV_CONFIGS = {"planes": dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages
                 "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=1)}
 
 
-def gemv_even(layout: str, N: int, K: int, cfg: dict) -> bool:
-    """Whether the FMA GEMV's `cfg` tiles lie wholly inside an (N, K) weight in `layout` (`gemv_kernel`'s EVEN: its
-    loads need no masks). The blocks decoder always masks."""
+def even_tiles(layout: str, N: int, K: int, cfg: dict) -> bool:
+    """Whether the split-K kernels' `cfg` tiles lie wholly inside an (N, K) weight in `layout` (`gemv_kernel`'s and
+    `qmv_kernel`'s EVEN: their weight loads need no masks). The blocks decoder always masks."""
     return layout == "planes" and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0
 # No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
 # output to be bit-identical (the fused kernels keep fusion: their decoded weight may differ in the last bit there)
@@ -175,14 +177,15 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             cfg = INTERPRETER_GEMV if interpreting() else GEMV_CONFIGS[weight.layout]
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             gemv_kernel[grid](x, weight.raw, bias_arg, out, table, N, K, weight.raw.shape[1], k_per_split, FMT=fmt,
-                              PLANES=planes, HAS_BIAS=has_bias, EVEN=gemv_even(weight.layout, N, K, cfg), **cfg)
+                              PLANES=planes, HAS_BIAS=has_bias, EVEN=even_tiles(weight.layout, N, K, cfg), **cfg)
             return out.to(x.dtype)
         if kernel == "split-k":
             out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
             cfg = INTERPRETER_SPLIT_K if interpreting() else split_k_config(weight.format, weight.layout, dtype_name)
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], k_per_split,
-                             FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **cfg)
+                             FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
+                             EVEN=even_tiles(weight.layout, N, K, cfg), **cfg)
             return out.to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], out.stride(0))

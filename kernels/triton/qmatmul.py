@@ -10,6 +10,9 @@
   sums meeting in an fp32 buffer with atomic adds.
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
   where the FMA kernel would decode the weight once per row.
+
+The split-K kernels load without masks where their tiles divide the weight (`EVEN`, Flux's layers), and the
+tensor-core kernels decode codes below 128 in the 128 form, one multiply-add an element (`decode_planes_tile`).
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
 
 Each reads the weight in either layout (`PLANES`: `kernels/repack.py`).
@@ -19,15 +22,17 @@ import triton
 import triton.language as tl
 
 from kernels.triton.decode import decode_tile
-from kernels.triton.decode_planes import (code_offset, decode_planes_parts, decode_planes_tile_as, has_half_form,
+from kernels.triton.decode_planes import (code_offset, decode_planes_parts, decode_planes_tile_as, has_biased_form,
                                           has_offset, sub_block_size)
 
 
 @triton.jit
 def _weight_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, PLANES: tl.constexpr, tables_ptr,
-                 DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 DTYPE: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight tile in DTYPE. `EXACT`: the reference's weights bit for bit (`decode_planes_tile`), as the
+    dequantize kernel gives them; the fused kernels take a decode that may differ in the last bit."""
     if PLANES:
-        w = decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, DTYPE, BLOCK_N, BLOCK_K)
+        w = decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, DTYPE, EXACT, BLOCK_N, BLOCK_K)
     else:
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
         w = decode_tile(w_ptr, rows, k, n_mask & (k < K), FMT, tables_ptr).to(DTYPE)
@@ -69,7 +74,7 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, st
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, BLOCK_N, BLOCK_K)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, False, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + k[None, :],
                     mask=(m[:, None] < M) & k_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -94,7 +99,7 @@ def _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K: tl.constexpr):
 def _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, PLANES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[n, k] * x[k] for the tile at k0, `[BLOCK_N, BLOCK_K]` fp32."""
-    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, tl.float32, BLOCK_N, BLOCK_K)
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, tl.float32, False, BLOCK_N, BLOCK_K)
     return w * _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K)[None, :]
 
 
@@ -136,20 +141,20 @@ def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.
     codes' values times x are summed first (one multiply-add an element), then scaled once per sub-block, where
     decoding the weight first costs a multiply more an element.
 
-    Codes below 128 come in the half form, 0.5 + c / 256 for a stored code c (`float_bits`): its product with x is
-    exact in float32, and sum((c - offset) x) = 256 sum((0.5 + c / 256) x) - (128 + offset) sum(x), so the offset
-    leaves once per sub-block instead of a subtraction an element. The sum then carries float32 rounding of
-    sum(|x|) / 2 rather than of sum(|(c - offset) x|), 256 times over: a relative error of about 2^-16 of sum(|x|),
-    far below the bf16 output's 2^-9 (tests/test_triton_kernels.py measures it)."""
+    Codes below 128 come in the 128 form, 128 + c for a stored code c (`float_bits`): its product with x is exact
+    in float32, and sum((c - offset) x) = sum((128 + c) x) - (128 + offset) sum(x), so the offset leaves once per
+    sub-block instead of a subtraction an element. The sum then carries float32 rounding of 128 sum(|x|) rather
+    than of sum(|(c - offset) x|): a relative error of about 2^-17 of sum(|x|), far below the bf16 output's 2^-9
+    (tests/test_triton_kernels.py measures it)."""
     QK: tl.constexpr = sub_block_size(FMT)
-    HALF: tl.constexpr = has_half_form(FMT)
-    v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, HALF, BLOCK_N, BLOCK_K)
+    BIASED: tl.constexpr = has_biased_form(FMT)
+    v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BIASED, BLOCK_N, BLOCK_K)
     x = _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K)
     dots = tl.sum(tl.reshape(_dots_of_8(v, x, BLOCK_N, BLOCK_K), (BLOCK_N, BLOCK_K // QK, QK // 8)), axis=2)
-    if HALF or has_offset(FMT):
+    if BIASED or has_offset(FMT):
         x_sums = tl.sum(tl.reshape(x, (BLOCK_K // QK, QK)), axis=1)[None, :]
-    if HALF:
-        dots = dots * 256.0 - (128 + code_offset(FMT)) * x_sums
+    if BIASED:
+        dots -= (128 + code_offset(FMT)) * x_sums
     sums = dots * scale
     if has_offset(FMT):
         sums += offset * x_sums
@@ -162,7 +167,8 @@ def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, N, K, row_bytes, k_pe
                 BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += W[n, ks] @ x[ks] for one (n-tile, K-split). No reduction inside the loop: one FMA per
     weight element into a tile of partial sums, summed over K once after it. `EVEN`: BLOCK_N divides N and BLOCK_K
-    divides K (Flux's layers), so no load needs a mask."""
+    divides K (Flux's layers), so no weight load needs a mask (planes only)."""
+    tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -193,24 +199,30 @@ def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, N, K, row_bytes, k_pe
 @triton.jit
 def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
-    tensor-core work nobody waits for, since streaming the weight bounds the time."""
+    tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s."""
+    tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     rows = n[:, None] * row_bytes
-    n_mask = n[:, None] < N
+    if EVEN:
+        n_mask = None
+    else:
+        n_mask = n[:, None] < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, BLOCK_N, BLOCK_K)
-        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & k_mask[None, :],
-                    other=0.0).to(DOT_DTYPE)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, False, BLOCK_N, BLOCK_K)
+        if EVEN:
+            x_mask = m[:, None] < M
+        else:
+            x_mask = (m[:, None] < M) & (k[None, :] < K)
+        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=x_mask, other=0.0).to(DOT_DTYPE)
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.where(split == 0, tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32), 0.0)[:, None]
@@ -227,6 +239,6 @@ def dequant_kernel(w_ptr, out_ptr, tables_ptr, N, K, row_bytes, FMT: tl.constexp
     rows = n[:, None] * row_bytes
     n_mask = n[:, None] < N
     mask = n_mask & (k[None, :] < K)
-    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, out_ptr.dtype.element_ty, BLOCK_N,
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, out_ptr.dtype.element_ty, True, BLOCK_N,
                      BLOCK_K)
     tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w, mask=mask)
