@@ -176,9 +176,10 @@ def _three_bit_ptx(biased: bool = False) -> str:
 
 def _five_bit_ptx(biased: bool = False) -> str:
     """5-bit codes of 8 elements, the low 4 bits from $8 (element e at bits 4e..4e+3) and the fifth from $9 (bit e)
-    -> the bits of 2^23 + code (`biased`: 128 + code) for elements 0-7 ($0-$7). The even elements' fifth bits (0, 2, 4, 6) reach bit 4 of
-    bytes 0-3 by one multiply: shifts of 4, 10, 16 and 22 (0x00410410); the other products collide only at bits
-    10, 16 and 22, and their carries stop at bits 11, 17 and 23, so the mask 0x10101010 keeps just the four."""
+    -> the bits of 2^23 + code (`biased`: 128 + code) for elements 0-7 ($0-$7). The even elements' fifth bits (0,
+    2, 4, 6) reach bit 4 of bytes 0-3 by one multiply: shifts of 4, 10, 16 and 22 (0x00410410); the other products
+    collide only at bits 10, 16 and 22, and their carries stop at bits 11, 17 and 23, so the mask 0x10101010 keeps
+    just the four. The odd elements' (1, 3, 5, 7) take shifts one less (0x00208208), the same pattern a bit up."""
     lines = ["and.b32 va, $8, 0x0f0f0f0f;",  # elements 0, 2, 4, 6, a byte each
              "shr.b32 vb, $8, 4;",
              "and.b32 vb, vb, 0x0f0f0f0f;",  # elements 1, 3, 5, 7
@@ -186,9 +187,8 @@ def _five_bit_ptx(biased: bool = False) -> str:
              "mul.lo.u32 f, f, 0x00410410;",
              "and.b32 f, f, 0x10101010;",
              "or.b32 va, va, f;",
-             "shr.b32 f, $9, 1;",
-             "and.b32 f, f, 0x55;",
-             "mul.lo.u32 f, f, 0x00410410;",
+             "and.b32 f, $9, 0xaa;",
+             "mul.lo.u32 f, f, 0x00208208;",
              "and.b32 f, f, 0x10101010;",
              "or.b32 vb, vb, f;"]
     return _assemble(lines + _float_bits_of_bytes([("vb" if e % 2 else "va", e // 2) for e in range(8)], biased))
