@@ -159,6 +159,20 @@ def test_five_bit_codes(seed, form):
         assert [out[f"${e}"] for e in range(8)] == expected
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("seed", range(4))
+def test_six_bit_codes(seed, form):
+    """Q6_K: every 16-bit word of top bits (each element's top 2 bits in every value, next to every other), with
+    random and extreme words of low bits."""
+    rng = np.random.default_rng(seed)
+    tops = list(range(seed, 1 << 16, 4))
+    words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, len(tops) - 2, dtype=np.uint64)]
+    for low, top in zip(words, tops):
+        out = run_ptx(PTX_SOURCES["six bit" + form], {"$8": low, "$9": top})
+        expected = [FORMS[form](((low >> (4 * e)) & 15) | (((top >> (2 * e)) & 3) << 4)) for e in range(8)]
+        assert [out[f"${e}"] for e in range(8)] == expected
+
+
 def nf4_bf16_expected(codes, scale: np.float32) -> list[int]:
     """What decoding to float32 and converting gives: bf16(float32(value[code] * scale))."""
     values = np.asarray(NF4_VALUES, dtype=np.float32)[np.asarray(codes)] * np.float32(scale)

@@ -23,7 +23,7 @@ from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                    Q6_K, Q8_0)
 from kernels.triton.float_bits import (five_bit_float_bits, float_form, int8_float_bits, nf4_bf16, nf4_values,
-                                       nibble_float_bits, three_bit_float_bits)
+                                       nibble_float_bits, six_bit_float_bits, three_bit_float_bits)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -267,13 +267,12 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             t, t_mask = _blocks(k0, K, n_mask, 16, BLOCK_K)
             scale = _k_quant_d_of(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, 0, t_mask, tl.int8).to(tl.float32)
-            top = _two_bit_codes(w_ptr, rows + high_plane, k0, K, n_mask, BLOCK_N, BLOCK_K)
-            if BIASED:  # above the low 4 bits, in either form
-                top = top << 20
-            else:
-                top = top << 4
-            v = _code_value(_code_bits(w_ptr, rows, k0, K, n_mask, 4, False, tables_ptr, BIASED, BLOCK_N, BLOCK_K) | top,
-                            FMT, BIASED)
+            # 8 elements at a time: a 32-bit word of low 4 bits and a 16-bit word of top 2 bits
+            m = (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+            m_mask = _within(n_mask, m, K // 8)
+            bits = six_bit_float_bits(_typed(w_ptr, rows, m, m_mask, tl.int32),
+                                      _typed(w_ptr, rows + high_plane, m, m_mask, tl.uint16).to(tl.int32), BIASED)
+            v = _code_value(tl.reshape(bits, (BLOCK_N, BLOCK_K)), FMT, BIASED)
             offset = scale
         elif FMT == Q3_K:  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
             s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
