@@ -360,7 +360,7 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr
     have the 128 form, `(128 + code) * scale + base` with the block's `base = offset - (128 + code offset) *
     scale`: one multiply-add an element where the exact form takes a subtraction, a multiply and an add, for the
     fused kernels, whose decoded weight may differ in its last bit (sm_90, per element: split-K GEMV Q4_0 5.09 ->
-    ...)."""
+    4.22, GEMM 128x128x128 Q4_0 6.56 -> 5.72, Q4_K 7.61 -> 6.64)."""
     QK: tl.constexpr = sub_block_size(FMT)
     BIASED: tl.constexpr = has_biased_form(FMT) and not EXACT
     v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BIASED, BLOCK_N, BLOCK_K)

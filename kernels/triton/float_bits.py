@@ -395,28 +395,26 @@ def three_bit_float_bits(low, third, BIASED: tl.constexpr):
 
 
 @triton.jit
-def five_bit_float_bits(low, fifth, BIASED: tl.constexpr):
-    """5-bit codes, 8 elements a word: `low` int32 words of 4-bit fields (element e at bits 4e), `fifth` their fifth
-    bits (bit e, zero-extended bytes) -> int32 bits of the float32 2^23 + code (`BIASED`: 128 + code), in
-    element order once reshaped to `[R, 8 C]`."""
+def _eight_with_top_bits(low, top, ASM: tl.constexpr, ASM_128: tl.constexpr, TOP: tl.constexpr,
+                         BIASED: tl.constexpr):
+    """8 elements a word: `low` int32 words of their low 4 bits (element e at bits 4e), `top` their top `TOP` bits
+    (at bits `TOP` e, zero-extended) -> int32 bits of the float32 2^23 + code by the asm `ASM` (`BIASED`: 128 +
+    code by `ASM_128`), in element order once reshaped to `[R, 8 C]`."""
     if PTX:
-        bits = in_element_order_8(tl.inline_asm_elementwise(FIVE_BIT_128_PTX if BIASED else FIVE_BIT_PTX,
-                                                            "=r," * 8 + "r,r", [low, fifth],
+        bits = in_element_order_8(tl.inline_asm_elementwise(ASM_128 if BIASED else ASM, "=r," * 8 + "r,r", [low, top],
                                                             dtype=(tl.int32,) * 8, is_pure=True, pack=1))
     else:
-        bits = _codes_and_top_bits(low, fifth, 8, 4, 1, BIASED)
+        bits = _codes_and_top_bits(low, top, 8, 4, TOP, BIASED)
     return bits
 
 
 @triton.jit
+def five_bit_float_bits(low, fifth, BIASED: tl.constexpr):
+    """5-bit codes (Q5_0, Q5_1, Q5_K): `_eight_with_top_bits`, the fifth bits bit e of zero-extended bytes."""
+    return _eight_with_top_bits(low, fifth, FIVE_BIT_PTX, FIVE_BIT_128_PTX, 1, BIASED)
+
+
+@triton.jit
 def six_bit_float_bits(low, top, BIASED: tl.constexpr):
-    """Q6_K codes, 8 elements a word: `low` int32 words of 4-bit fields (element e at bits 4e), `top` their top 2
-    bits (bits 2e, zero-extended 16-bit words) -> int32 bits of the float32 2^23 + code (`BIASED`: 128 + code),
-    in element order once reshaped to `[R, 8 C]`."""
-    if PTX:
-        bits = in_element_order_8(tl.inline_asm_elementwise(SIX_BIT_128_PTX if BIASED else SIX_BIT_PTX,
-                                                            "=r," * 8 + "r,r", [low, top],
-                                                            dtype=(tl.int32,) * 8, is_pure=True, pack=1))
-    else:
-        bits = _codes_and_top_bits(low, top, 8, 4, 2, BIASED)
-    return bits
+    """Q6_K codes: `_eight_with_top_bits`, the top 2 bits at bits 2e of zero-extended 16-bit words."""
+    return _eight_with_top_bits(low, top, SIX_BIT_PTX, SIX_BIT_128_PTX, 2, BIASED)
