@@ -111,11 +111,13 @@ def kernel_path(x: torch.Tensor, weight: QTensor) -> str:
     method = quant_linear_method(x, weight)
     if method == "torch":
         return "torch"
-    from kernels.triton.ops import fused_kernel, interpreting
+    from kernels.triton.ops import DTYPES, fused_kernel, interpreting
 
     if interpreting():
         return "triton interpreter"
-    return f"triton {fused_kernel(x.numel() // x.shape[-1])}" if method == "fused" else f"triton {method}"
+    if method == "fused":
+        return f"triton {fused_kernel(x.numel() // x.shape[-1], weight.format, DTYPES[x.dtype][0])}"
+    return f"triton {method}"
 
 
 def make_weight(fmt: str, K: int, N: int, device: torch.device, seed: int = 0) -> QTensor:

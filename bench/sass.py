@@ -3,7 +3,8 @@
     python -m bench.sass [--archs sm_90] [--formats Q4_K,Q8_0] [--m 1,16,256,4608] [--workers N]
 
 Each kernel launch `quant_linear` makes with bf16 activations (the GEMM for M > 16 in each tile its autotuner tries,
-the split-K tensor-core GEMV for 1 < M <= 16, the FMA GEMV for M = 1, the dequantize kernel of "dequantize + matmul")
+the split-K tensor-core GEMV for 1 < M <= 16, the FMA GEMV for M = 1 (NF4 the split-K there too,
+`kernels.triton.ops.SPLIT_K_AT_M_1`), the dequantize kernel of "dequantize + matmul")
 is compiled for the architecture as Triton's JIT
 specialises it for Flux's shapes (every pointer and every size that is a multiple of 16 marked so: K, N, strides,
 `row_bytes` where the format's row length is), with Triton's bundled ptxas, and disassembled with its cuobjdump.
@@ -231,10 +232,10 @@ def estimate_rows(rows: list[dict], ms: list[int]):
             weight_bytes = get_format(fmt).row_bytes(FLUX_K) * FLUX_N
             for M in ms:
                 base = launch_ms(bf16, gpu, M, 2 * FLUX_N * FLUX_K)
-                if fused_kernel(M) == "gemm":
+                if fused_kernel(M, fmt, "bf16") == "gemm":
                     fused_row = min(gemm_tiles[(fmt, cc)], key=lambda r: launch_ms(r, gpu, M, weight_bytes))
                 else:
-                    fused_row = by_key[(FUSED_KERNEL[fused_kernel(M)], fmt, cc)]
+                    fused_row = by_key[(FUSED_KERNEL[fused_kernel(M, fmt, "bf16")], fmt, cc)]
                 issue, _, memory = launch_terms(fused_row, gpu, M, weight_bytes)
                 fused = launch_ms(fused_row, gpu, M, weight_bytes)
                 scratch = launch_ms(by_key[("dequant", fmt, cc)], gpu, M, weight_bytes) + base
@@ -335,9 +336,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['warps']} | {r['loop']} | {r['per_element']:.2f} | " + " | ".join(cells)
               + f" | {widths} | {r['registers']} | {r['spills']} | {r['shared'] / 1024:.0f} |")
 
-    print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: the FMA GEMV at M = 1, the split-K "
-          f"tensor-core GEMV for M <= 16, the GEMM above in its fastest tile; fused issue / memory <= 0.8 is "
-          f"memory-bound)\n")
+    print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: the FMA GEMV at M = 1 (NF4: the "
+          f"split-K, `ops.SPLIT_K_AT_M_1`), the split-K tensor-core GEMV for M <= 16, the GEMM above in its fastest "
+          f"tile; fused issue / memory <= 0.8 is memory-bound)\n")
     print("| GPU | format | M | bf16 kernel (ms) | fused / bf16 | dequantize + matmul / bf16 | best / bf16 | "
           "fused issue / memory |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -151,6 +151,15 @@ def test_gemv_on_its_gpu_tile(fmt, layout, monkeypatch):
     _check_fused(fmt, 1, torch.float16, N, 4 * K, layout=layout)
 
 
+def test_nf4_with_bf16_activations_takes_the_tensor_core_kernel_at_m_1():
+    from kernels.triton.ops import fused_kernel
+
+    assert [fused_kernel(1, "NF4", "bf16"), fused_kernel(1, "NF4", "fp16"), fused_kernel(1, "Q4_K", "bf16"),
+            fused_kernel(16, "Q4_K", "bf16"), fused_kernel(17, "NF4", "bf16")] == \
+        ["split-k", "gemv", "gemv", "split-k", "gemm"]
+    _check_fused("NF4", 1, torch.bfloat16, N, K, layout="planes")
+
+
 @pytest.mark.parametrize("fmt", PLANES_FORMATS)
 def test_split_k_kernels_on_a_weight_their_tiles_divide(fmt, monkeypatch):
     """The M <= 16 kernels with their GPU tiles on a weight those divide (`EVEN`: no masked weight loads), in K

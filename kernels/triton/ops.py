@@ -115,10 +115,19 @@ def _gemm_autotuned(configs: tuple):
                            key=["M", "N", "K", "FMT", "PLANES"])(qmm_kernel)
 
 
-def fused_kernel(M: int) -> str:
-    """Which fused kernel `quant_linear_triton` runs for M rows: "gemv" (FMA, M = 1), "split-k" (tensor cores,
-    M <= SMALL_M) or "gemm"."""
-    return "gemv" if M == 1 else "split-k" if M <= SMALL_M else "gemm"
+# (format, activation dtype) whose M = 1 runs on the split-K tensor-core kernel rather than the FMA GEMV: NF4's
+# FMA GEMV looks each code's float32 value up in four byte tables (sm_90: 7.30 instructions a weight element), the
+# tensor-core kernel bound for bf16 its bf16 weight in two (4.80; with fp16 activations it decodes to float32 first,
+# 8.02). H100 model at M = 1, issue time over memory time: 1.40 -> 0.92.
+SPLIT_K_AT_M_1 = frozenset({("NF4", "bf16")})
+
+
+def fused_kernel(M: int, fmt: str, dtype_name: str) -> str:
+    """Which fused kernel `quant_linear_triton` runs for M rows of `dtype_name` activations and a `fmt` weight:
+    "gemv" (FMA, M = 1), "split-k" (tensor cores, M <= SMALL_M) or "gemm"."""
+    if M == 1 and (fmt, dtype_name) not in SPLIT_K_AT_M_1:
+        return "gemv"
+    return "split-k" if M <= SMALL_M else "gemm"
 
 
 def _split_k_grid(N: int, K: int, BLOCK_N: int, BLOCK_K: int, device) -> tuple[tuple[int, int], int]:
@@ -171,7 +180,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
     bias_arg = bias if has_bias else x
     table = lookup_table(x.device)
     with state.on_device(x.device):
-        kernel = fused_kernel(M)
+        kernel = fused_kernel(M, weight.format, dtype_name)
         if kernel == "gemv":
             out = torch.zeros((1, N), dtype=torch.float32, device=x.device)
             cfg = INTERPRETER_GEMV if interpreting() else GEMV_CONFIGS[weight.layout]
