@@ -57,9 +57,17 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
                               "fp32": dict(_SPLIT_K_BLOCKS, num_stages=2)}}
 
 
+# Planes formats whose split-K kernel runs in 8 warps: in 4, Q3_K's spilled 12 bytes on sm_80 and IQ4_NL's on
+# sm_86/89 (and Q3_K counts fewer in 8: sm_90, 6.23 against 7.27 a weight element)
+SPLIT_K_8_WARPS = frozenset({"Q3_K", "IQ4_NL"})
+
+
 def split_k_config(fmt: str, layout: str, dtype_name: str) -> dict:
     """The split-K tile for a weight of `fmt` in `layout` and activations `dtype_name`."""
-    return SPLIT_K_CONFIGS[layout][dtype_name]
+    config = SPLIT_K_CONFIGS[layout][dtype_name]
+    if layout == "planes" and fmt in SPLIT_K_8_WARPS:
+        config = dict(config, num_warps=8)
+    return config
 
 
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
