@@ -103,7 +103,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         else:
             kernel = qmatmul.qmv_kernel
             signature["k_per_split"] = "i32"
-            config = split_k_config(fmt, layout, dtype)
+            config = split_k_config(fmt, layout, dtype, cc)
             num_warps, num_stages = config["num_warps"], config["num_stages"]
             constexprs |= {"EVEN": bool(config_index)} | {k: v for k, v in config.items() if k.startswith("BLOCK")}
     for name in constexprs:

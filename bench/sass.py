@@ -174,7 +174,7 @@ def analyse(job) -> dict:
         if kernel_name == "qmm":
             bn, bm, bk, _, warps, _ = gemm_configs("bf16", layout, cc)[config_index]
         else:
-            config = {"qmv": split_k_config(fmt, layout, "bf16"), "gemv": GEMV_CONFIGS[layout],
+            config = {"qmv": split_k_config(fmt, layout, "bf16", cc), "gemv": GEMV_CONFIGS[layout],
                       "dequant": DEQUANT_CONFIG}[kernel_name]
             bn, bk, warps, bm = config["BLOCK_N"], config["BLOCK_K"], config["num_warps"], config.get("BLOCK_M", 0)
     loop = main_loop(disassemble(compiled.asm["cubin"]))
@@ -293,7 +293,8 @@ def jobs(archs, formats):
                 yield from (("qmm", fmt, cc, layout, i) for i in range(tiles))
                 # Flux's shapes fill the split-K kernels' tiles: their launches without masked weight loads
                 # (compile_check's index 1)
-                for kernel, config in (("qmv", split_k_config(fmt, layout, "bf16")), ("gemv", GEMV_CONFIGS[layout])):
+                split_k = split_k_config(fmt, layout, "bf16", cc)
+                for kernel, config in (("qmv", split_k), ("gemv", GEMV_CONFIGS[layout])):
                     yield (kernel, fmt, cc, layout, int(even_tiles(layout, FLUX_N, FLUX_K, config)))
                 yield ("dequant", fmt, cc, layout)
 

@@ -168,7 +168,7 @@ def test_split_k_kernels_on_a_weight_their_tiles_divide(fmt, monkeypatch):
         pytest.skip("on a GPU the tiles above are the ones that run")
     from kernels.triton import ops
 
-    gemv, split_k = ops.GEMV_CONFIGS["planes"], ops.split_k_config(fmt, "planes", "fp16")
+    gemv, split_k = ops.GEMV_CONFIGS["planes"], ops.split_k_config(fmt, "planes", "fp16", 90)
     monkeypatch.setattr(ops, "INTERPRETER_GEMV", {name: gemv[name] for name in ("BLOCK_N", "BLOCK_K")})
     monkeypatch.setattr(ops, "INTERPRETER_SPLIT_K", {name: split_k[name] for name in ("BLOCK_N", "BLOCK_M", "BLOCK_K")})
     for M, tile in ((1, gemv), (3, split_k)):

@@ -1,17 +1,17 @@
 """Codes -> float32 bit patterns by the mantissa trick, four codes per 32-bit register with PRMT byte permutes.
 
 A code byte `v` placed in the low bits of 2^23's bit pattern (0x4B000000) is the float 2^23 + v; one float
-subtraction then gives the value exactly (`decode_planes._bits_to_float`). A code below 128 can instead be placed
-at bit 16 of 128's bit pattern (0x43000000, the "128 form"): the float 128 + v, exact in bf16 too, whose product with
-a bf16 or fp16 activation is exact in float32. The M = 1 kernel sums those products and takes 128 and the code's
+subtraction then gives the value exactly (`decode_planes._bits_to_float`). A code below 128 can instead be placed at
+bit 16 of 128's bit pattern (0x43000000, the "128 form"): the float 128 + v, exact in bf16 too, whose product with a
+bf16 or fp16 activation is exact in float32. The M = 1 kernel sums those products and takes 128 and the code's
 offset out once per sub-block instead of subtracting them from every element (`qmatmul._gemv_sub_block_sums`); the
-tensor-core kernels decode v * scale + offset as one multiply-add of the 128 form and per-block constants. The planes decoders receive their
-codes' bytes as packed 32-bit registers; here, on NVIDIA GPUs, one `prmt` per code moves a byte into that pattern
-(and, for 4-bit codes, `prmt`s look 4 codes up in a 16-entry byte table held in four registers), where Triton's own
-code would extract every byte, mask it, shift it and OR it in (sm_90: IQ4_NL's GEMM counted 16.5 instructions a
-decoded element with three selects per code, now 7.7). 3- and 5-bit codes come as a 32-bit word of low bits with
-its high bits, 16 or 8 elements an asm call, the high bits merged before the conversion. The byte tables reach the
-asm as operands loaded from the kernels' lookup table (`LOOKUP_WORDS`).
+tensor-core kernels decode v * scale + offset as one multiply-add of the 128 form and per-block constants. The
+planes decoders receive their codes' bytes as packed 32-bit registers; here, on NVIDIA GPUs, one `prmt` per code
+moves a byte into that pattern (and, for 4-bit codes, `prmt`s look 4 codes up in a 16-entry byte table held in four
+registers), where Triton's own code would extract every byte, mask it, shift it and OR it in (sm_90: IQ4_NL's GEMM
+counted 16.5 instructions a decoded element with three selects per code, now 7.7). 3-, 5- and 6-bit codes come as a
+32-bit word of low bits with their high bits, 16 or 8 elements an asm call, the high bits merged before the
+conversion. The byte tables reach the asm as operands loaded from the kernels' lookup table (`LOOKUP_WORDS`).
 
 Each function has a portable twin in plain Triton, taken under Triton's interpreter (which runs no assembly) and on
 GPUs that are not NVIDIA's. `PTX_SOURCES` holds the assembly as text: tests/test_float_bits.py runs it through a
@@ -151,8 +151,8 @@ def _nf4_bf16_ptx() -> str:
 
 def _three_bit_ptx(biased: bool = False) -> str:
     """Q3_K's codes of 16 elements, the low 2 bits from $16 (element e at bits 2e..2e+1) and the third from $17
-    (bit e) -> the bits of 2^23 (`biased`: 128) + (low | third << 2) for elements 0-15 ($0-$15). Elements i, 4 + i, 8 + i, 12 + i
-    are fields i of $16's four bytes: one shift and mask gives their low bits, a byte each; the third bits are first
+    (bit e) -> the bits of 2^23 (`biased`: 128) + (low | third << 2) for elements 0-15 ($0-$15). Elements i, 4 + i,
+    8 + i, 12 + i are fields i of $16's four bytes: one shift and mask gives their low bits, a byte each; the third bits are first
     spread a nibble to a byte (nibble k of $17 to byte k), so that their bit i lands on bit 2 with one more shift."""
     lines = ["shl.b32 h, $17, 8;",  # nibble k of the 16 third bits -> bits 8k..8k+3
              "or.b32 h, h, $17;",

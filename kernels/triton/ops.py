@@ -47,8 +47,9 @@ DEEP_K_CONFIG = (128, 128, 128, 8, 8, 2)
 # pipeline waits over 4x the elements of a 32-deep tile (sm_90, per element: Q4_0 10.8 -> 7.5, Q4_K 16.1 -> 8.4);
 # one stage in 4 warps, as the FMA GEMV: with two, the pipeliner staged the weight's bytes through shared memory
 # (cp.async, then a shared load per 16 bytes) before decoding them from registers anyway (Q4_0 7.55 -> 5.33, Q4_K
-# 8.02 -> 5.72; 8 warps 5.73, 6.20). fp32 activations 32 deep there (64 spilled 28 bytes for Q8_0 on sm_86/89). Blocks: 32 deep, where deeper tiles spill
-# (Q5_K, Q5_1, Q6_K, IQ4_XS); fp32 activations two stages there (three spilled 8 bytes for IQ4_XS on sm_90).
+# 8.02 -> 5.72; 8 warps 5.73, 6.20). fp32 activations 32 deep there (64 spilled 28 bytes for Q8_0 on sm_86/89).
+# Blocks: 32 deep, where deeper tiles spill (Q5_K, Q5_1, Q6_K, IQ4_XS); fp32 activations two stages there (three
+# spilled 8 bytes for IQ4_XS on sm_90).
 _SPLIT_K_BLOCKS = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=32, num_warps=8, num_stages=3)
 _SPLIT_K_PLANES = dict(BLOCK_N=128, BLOCK_M=SMALL_M, BLOCK_K=128, num_warps=4, num_stages=1)
 SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
@@ -57,15 +58,16 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
                               "fp32": dict(_SPLIT_K_BLOCKS, num_stages=2)}}
 
 
-# Planes formats whose split-K kernel runs in 8 warps: in 4, Q3_K's spilled 12 bytes on sm_80 and IQ4_NL's on
-# sm_86/89 (and Q3_K counts fewer in 8: sm_90, 6.23 against 7.27 a weight element)
-SPLIT_K_8_WARPS = frozenset({"Q3_K", "IQ4_NL"})
+# Planes formats whose split-K kernel runs in 8 warps, and on which architectures: in 4, Q3_K's spilled 12 bytes on
+# sm_80 (and counts more everywhere: sm_90, 7.27 against 6.23 a weight element), IQ4_NL's 12 bytes on sm_86/89 (on
+# sm_90 it counts fewer in 4: 5.84 against 6.70)
+SPLIT_K_8_WARPS = {"Q3_K": (80, 86, 89, 90), "IQ4_NL": (86, 89)}
 
 
-def split_k_config(fmt: str, layout: str, dtype_name: str) -> dict:
-    """The split-K tile for a weight of `fmt` in `layout` and activations `dtype_name`."""
+def split_k_config(fmt: str, layout: str, dtype_name: str, cc: int) -> dict:
+    """The split-K tile for a weight of `fmt` in `layout`, activations `dtype_name`, compute capability `cc`."""
     config = SPLIT_K_CONFIGS[layout][dtype_name]
-    if layout == "planes" and fmt in SPLIT_K_8_WARPS:
+    if layout == "planes" and cc in SPLIT_K_8_WARPS.get(fmt, ()):
         config = dict(config, num_warps=8)
     return config
 
@@ -198,7 +200,8 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             return out.to(x.dtype)
         if kernel == "split-k":
             out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-            cfg = INTERPRETER_SPLIT_K if interpreting() else split_k_config(weight.format, weight.layout, dtype_name)
+            cfg = INTERPRETER_SPLIT_K if interpreting() else split_k_config(
+                weight.format, weight.layout, dtype_name, state.compute_capability(x.device))
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], k_per_split,
                              FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
