@@ -75,7 +75,7 @@ def split_k_config(fmt: str, layout: str, dtype_name: str, cc: int) -> dict:
 # M = 1, per weight layout: among the tiles tried, the fewest SASS instructions per weight element that compile
 # without spills for every format, dtype and sm_80-90 (`python -m bench.compile_check`). Planes: 128 x 128 in 4
 # warps, four rows a thread, over which each thread's x loads, sub-block sums and scale decoding spread (sm_90,
-# without masks, per element against 64 x 128: Q4_0 3.42 -> 3.07, Q6_K 6.31 -> 5.80, NF4 9.56 -> 7.30; 128 x 256,
+# without masks, per element against 64 x 128: Q4_0 3.41 -> 3.06, Q6_K 4.92 -> 4.48, NF4 9.56 -> 7.30; 128 x 256,
 # 256 x 128 or 2 warps: 0.1-0.5 fewer for some formats, at 240-255 registers, spilling for Q6_K and NF4). Blocks:
 # 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
 GEMV_CONFIGS = {"planes": dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1),
@@ -86,6 +86,8 @@ def even_tiles(layout: str, N: int, K: int, cfg: dict) -> bool:
     """Whether the split-K kernels' `cfg` tiles lie wholly inside an (N, K) weight in `layout` (`gemv_kernel`'s and
     `qmv_kernel`'s EVEN: their weight loads need no masks). The blocks decoder always masks."""
     return layout == "planes" and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0
+
+
 # No multiply-add fusion in the dequantize kernel: `q * scale - min` must round twice, as the reference does, for its
 # output to be bit-identical (the fused kernels keep fusion: their decoded weight may differ in the last bit there)
 DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, enable_fp_fusion=False)
@@ -127,8 +129,8 @@ def _gemm_autotuned(configs: tuple):
 
 # (format, activation dtype) whose M = 1 runs on the split-K tensor-core kernel rather than the FMA GEMV: NF4's
 # FMA GEMV looks each code's float32 value up in four byte tables (sm_90: 7.30 instructions a weight element), the
-# tensor-core kernel bound for bf16 its bf16 weight in two (4.80; with fp16 activations it decodes to float32 first,
-# 8.02). H100 model at M = 1, issue time over memory time: 1.40 -> 0.92.
+# tensor-core kernel, with bf16 activations, each weight's bf16 in two (4.80; with fp16 activations it decodes to
+# float32 first, 8.02). H100 model at M = 1, issue time over memory time: 1.40 -> 0.92.
 SPLIT_K_AT_M_1 = frozenset({("NF4", "bf16")})
 
 

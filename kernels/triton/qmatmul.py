@@ -10,12 +10,11 @@
   sums meeting in an fp32 buffer with atomic adds.
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
   where the FMA kernel would decode the weight once per row.
-
-The split-K kernels load without masks where their tiles divide the weight (`EVEN`, Flux's layers), and the
-tensor-core kernels decode codes below 128 in the 128 form, one multiply-add an element (`decode_planes_tile`).
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
 
-Each reads the weight in either layout (`PLANES`: `kernels/repack.py`).
+Each reads the weight in either layout (`PLANES`: `kernels/repack.py`). The split-K kernels load without masks
+where their tiles divide the weight (`EVEN`, Flux's layers), and the tensor-core kernels decode codes below 128 in
+the 128 form, one multiply-add an element (`decode_planes_tile`).
 """
 
 import triton
