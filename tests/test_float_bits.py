@@ -150,26 +150,18 @@ def test_three_bit_codes(seed, form):
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("seed", range(4))
-def test_five_bit_codes(seed, form):
+@pytest.mark.parametrize("name,top_bits", [("five bit", 1), ("six bit", 2)])
+def test_eight_codes_with_top_bits(name, top_bits, seed, form):
+    """The Q5 formats (1 top bit an element) and Q6_K (2), 8 elements a word: over the four seeds every top-bits
+    value (each element's top bits in every value, next to every other), with random and extreme words of low
+    bits."""
     rng = np.random.default_rng(seed)
-    words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, 254, dtype=np.uint64)]
-    for low, fifth in zip(words, [0xFF, 0] + list(range(254))):
-        out = run_ptx(PTX_SOURCES["five bit" + form], {"$8": low, "$9": fifth})
-        expected = [FORMS[form](((low >> (4 * e)) & 15) | (((fifth >> e) & 1) << 4)) for e in range(8)]
-        assert [out[f"${e}"] for e in range(8)] == expected
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("seed", range(4))
-def test_six_bit_codes(seed, form):
-    """Q6_K: every 16-bit word of top bits (each element's top 2 bits in every value, next to every other), with
-    random and extreme words of low bits."""
-    rng = np.random.default_rng(seed)
-    tops = list(range(seed, 1 << 16, 4))
+    tops = list(range(seed, 1 << (8 * top_bits), 4))
     words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, len(tops) - 2, dtype=np.uint64)]
+    mask = (1 << top_bits) - 1
     for low, top in zip(words, tops):
-        out = run_ptx(PTX_SOURCES["six bit" + form], {"$8": low, "$9": top})
-        expected = [FORMS[form](((low >> (4 * e)) & 15) | (((top >> (2 * e)) & 3) << 4)) for e in range(8)]
+        out = run_ptx(PTX_SOURCES[name + form], {"$8": low, "$9": top})
+        expected = [FORMS[form](((low >> (4 * e)) & 15) | (((top >> (top_bits * e)) & mask) << 4)) for e in range(8)]
         assert [out[f"${e}"] for e in range(8)] == expected
 
 
