@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
-from kernels.triton.float_bits import IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES
+from kernels.triton.float_bits import IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES
 
 MASK = 0xFFFFFFFF
 
@@ -114,9 +114,11 @@ TABLE_WORDS = {"nibble": [], "nibble 128": [], "nibble iq4": LOOKUP_WORDS[IQ4_WO
                "nibble nf4": LOOKUP_WORDS[NF4_WORDS_AT:NF4_WORDS_AT + 16]}
 
 
-def test_lookup_words_start_with_the_nf4_values():
-    # the portable twins and the blocks decoder gather NF4 values from the start of the same table
+def test_lookup_words_hold_the_code_book_values():
+    # the portable twins and the blocks decoder gather NF4 values from the start of the same table, IQ4's from theirs
     assert list(LOOKUP_WORDS[:16]) == NF4_BITS
+    iq4 = np.array(LOOKUP_WORDS[IQ4_VALUES_AT:IQ4_VALUES_AT + 16], dtype=np.uint32).view(np.float32)
+    assert iq4.tolist() == list(IQ4_VALUES)
 
 
 @pytest.mark.parametrize("name,table", [("nibble", [float_bits(v) for v in range(16)]),
@@ -165,23 +167,25 @@ def test_eight_codes_with_top_bits(name, top_bits, seed, form):
         assert [out[f"${e}"] for e in range(8)] == expected
 
 
-def nf4_bf16_expected(codes, scale: np.float32) -> list[int]:
+def code_book_bf16_expected(values, codes, scale: np.float32) -> list[int]:
     """What decoding to float32 and converting gives: bf16(float32(value[code] * scale))."""
-    values = np.asarray(NF4_VALUES, dtype=np.float32)[np.asarray(codes)] * np.float32(scale)
-    return [int(v) & 0xFFFF for v in torch.from_numpy(values).to(torch.bfloat16).view(torch.int16)]
+    weights = np.asarray(values, dtype=np.float32)[np.asarray(codes)] * np.float32(scale)
+    return [int(v) & 0xFFFF for v in torch.from_numpy(weights).to(torch.bfloat16).view(torch.int16)]
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_nf4_bf16_every_code_in_every_position(seed):
+@pytest.mark.parametrize("name,values", [("nf4 bf16", NF4_VALUES), ("iq4 bf16", IQ4_VALUES)])
+def test_code_book_bf16_every_code_in_every_position(name, values, seed):
     rng = np.random.default_rng(seed)
-    # scales of every size: rounding ties and carries into the exponent, subnormal products, the largest normals
-    scales = [np.float32(1.0), np.float32(3.0e38), np.float32(1e-39), np.float32(2.0**-130)] + \
-        list(rng.lognormal(0, 8, 60).astype(np.float32)) + list(rng.uniform(0, 1, 60).astype(np.float32))
+    # scales of every size and sign (IQ4_XS's sub-block scales are negative too): rounding ties and carries into the
+    # exponent, subnormal products, the largest normals
+    scales = [np.float32(1.0), np.float32(3.0e38), np.float32(1e-39), np.float32(2.0**-130), np.float32(-2.5)] + \
+        list(rng.lognormal(0, 8, 60).astype(np.float32)) + list(rng.uniform(-1, 1, 60).astype(np.float32))
     for i, scale in enumerate(scales):
         codes = np.roll(rng.permutation(16), i)
         word = sum(int(c) << (4 * e) for e, c in enumerate(codes))
-        out = run_ptx(PTX_SOURCES["nf4 bf16"], {"$16": word, "$17": bits_of(scale)})
-        assert [out[f"${e}"] for e in range(16)] == nf4_bf16_expected(codes, scale), scale
+        out = run_ptx(PTX_SOURCES[name], {"$16": word, "$17": bits_of(scale)})
+        assert [out[f"${e}"] for e in range(16)] == code_book_bf16_expected(values, codes, scale), scale
 
 
 def test_cvt_model_rounds_to_nearest_even():

@@ -22,7 +22,7 @@ import triton.language as tl
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                    Q6_K, Q8_0)
-from kernels.triton.float_bits import (five_bit_float_bits, float_form, int8_float_bits, nf4_bf16, nf4_values,
+from kernels.triton.float_bits import (code_book_bf16, five_bit_float_bits, float_form, int8_float_bits, nf4_values,
                                        nibble_float_bits, six_bit_float_bits, three_bit_float_bits)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
@@ -217,6 +217,13 @@ def sub_block_size(fmt: int) -> int:
 
 
 @triton.constexpr_function
+def has_code_book(fmt: int) -> bool:
+    """Whether `fmt`'s 4-bit codes index a code book (NF4's, IQ4's values), a scale a block of
+    `sub_block_size(fmt)` elements (`_code_book_scales`)."""
+    return _FORMAT_NAMES[fmt] in ("NF4", "IQ4_NL", "IQ4_XS")
+
+
+@triton.constexpr_function
 def has_offset(fmt: int) -> bool:
     """Whether `decode_planes_parts` gives `fmt` an offset: Q4_1's and Q5_1's min, the K-quants' -min."""
     return _FORMAT_NAMES[fmt] in ("Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K")
@@ -236,6 +243,34 @@ def has_biased_form(fmt: int) -> bool:
 
 
 @triton.jit
+def _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """NF4's, IQ4_NL's and IQ4_XS's float32 scales `[BLOCK_N, blocks]` of the tile's blocks of `sub_block_size(FMT)`
+    elements, and the byte offset within a row of their plane of 4-bit codes (two a byte, the first in the low
+    nibble)."""
+    if FMT == NF4:  # absmax (f32) | codes
+        nb = K // 64
+        b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
+        scale = _typed(w_ptr, rows, b, b_mask, tl.float32)
+        plane = _plane_bytes(nb, 4)
+    elif FMT == IQ4_NL:  # d (f16) | codes
+        nb = K // 32
+        b, b_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
+        scale = _typed(w_ptr, rows, b, b_mask, tl.float16).to(tl.float32)
+        plane = _plane_bytes(nb, 2)
+    else:
+        tl.static_assert(FMT == IQ4_XS, "_code_book_scales: NF4, IQ4_NL or IQ4_XS")
+        # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | codes
+        nb = K // 256
+        s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
+        low_plane = 2 * _plane_bytes(nb, 2)
+        low4 = (_scale_bytes(w_ptr, rows + low_plane, s, 4, j // 2, s_mask) >> (4 * (j % 2))) & 15
+        top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), s, 2, j // 4, s_mask) >> (2 * (j % 4))) & 3
+        scale = _k_quant_d(w_ptr, rows, s, s_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
+        plane = low_plane + _plane_bytes(nb, 4)
+    return scale, plane
+
+
+@triton.jit
 def _code_value(bits, FMT: tl.constexpr, BIASED: tl.constexpr):
     if BIASED:
         v = bits.to(tl.float32, bitcast=True)
@@ -251,12 +286,14 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
     offset `[BLOCK_N, sub-blocks]` per sub-block of `sub_block_size(FMT)` elements (offset only where
     `has_offset(FMT)`; elsewhere it is the scale again, unused). With `BIASED` (where `has_biased_form(FMT)`) v
     is instead 128 + v + code_offset(FMT), the stored code in the 128 form (`float_bits`)."""
-    if FMT == NF4:
-        nb = K // 64
-        b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
-        scale = _typed(w_ptr, rows, b, b_mask, tl.float32)
-        low, high = nf4_values(_nibble_bytes(w_ptr, rows + _plane_bytes(nb, 4), k0, K, n_mask, BLOCK_K), tables_ptr)
-        v = _interleave(low, high, BLOCK_N, BLOCK_K)
+    if has_code_book(FMT):
+        scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
+        if FMT == NF4:
+            low, high = nf4_values(_nibble_bytes(w_ptr, rows + plane, k0, K, n_mask, BLOCK_K), tables_ptr)
+            v = _interleave(low, high, BLOCK_N, BLOCK_K)
+        else:
+            v = _code_value(_code_bits(w_ptr, rows + plane, k0, K, n_mask, 4, True, tables_ptr, BIASED, BLOCK_N,
+                                       BLOCK_K), FMT, BIASED)
         offset = scale
     elif (FMT == Q6_K) | (FMT == Q3_K) | (FMT == Q2_K):
         # 16-element sub-blocks; the planes follow the block's fields (kernels/repack.py)
@@ -317,21 +354,9 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             bits = _five_bit_code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 32), rows + codes_plane, k0, K,
                                        n_mask, BIASED, BLOCK_N, BLOCK_K)
         v = _code_value(bits, FMT, BIASED)
-    elif FMT == IQ4_XS:
-        # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | qs
-        nb = K // 256
-        s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
-        low_plane = 2 * _plane_bytes(nb, 2)
-        low4 = (_scale_bytes(w_ptr, rows + low_plane, s, 4, j // 2, s_mask) >> (4 * (j % 2))) & 15
-        top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), s, 2, j // 4, s_mask) >> (2 * (j % 4))) & 3
-        scale = _k_quant_d(w_ptr, rows, s, s_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
-        bits = _code_bits(w_ptr, rows + low_plane + _plane_bytes(nb, 4), k0, K, n_mask, 4, True, tables_ptr, BIASED,
-                          BLOCK_N, BLOCK_K)
-        v = _code_value(bits, FMT, BIASED)
-        offset = scale
     else:
-        tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1)
-                         | (FMT == IQ4_NL), "decode_planes_tile: format without a planes layout")
+        tl.static_assert((FMT == Q8_0) | (FMT == Q4_0) | (FMT == Q4_1) | (FMT == Q5_0) | (FMT == Q5_1),
+                         "decode_planes_tile: format without a planes layout")
         # every other planes format: 32-element blocks, an f16 scale `d` first (and Q4_1's, Q5_1's min `m`)
         nb = K // 32
         d_plane = _plane_bytes(nb, 2)
@@ -346,8 +371,8 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             bits = _five_bit_code_bits(w_ptr, rows + codes_plane + _plane_bytes(nb, 4), rows + codes_plane, k0, K,
                                        n_mask, BIASED, BLOCK_N, BLOCK_K)
         else:
-            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 8 if FMT == Q8_0 else 4, FMT == IQ4_NL,
-                              tables_ptr, BIASED, BLOCK_N, BLOCK_K)
+            bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 8 if FMT == Q8_0 else 4, False, tables_ptr,
+                              BIASED, BLOCK_N, BLOCK_K)
         v = _code_value(bits, FMT, BIASED)
     return v, scale, offset
 
@@ -379,19 +404,21 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr
 @triton.jit
 def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, DTYPE: tl.constexpr,
                           EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """`decode_planes_tile(...).to(DTYPE)`. NF4 to bf16 in tiles at least a block deep goes 16 elements of a block at
-    a time (`float_bits.nf4_bf16`): on NVIDIA GPUs the block's 16 possible weights are rounded to bf16 once per call
-    and each element looks its weight up in them, which saves a multiply and a conversion an element, and looks up
-    two byte tables where float32 values take four and a byte transpose (sm_90 GEMM, 128x128x128: 9.9 -> 8.0
-    instructions a decoded element). In shallower tiles the 16 outputs of a call regroup through shared memory
-    (19.9 -> 34.9), so those decode to float32 first, as every other case does."""
-    if (FMT == NF4) and (DTYPE == tl.bfloat16) and (BLOCK_K >= 64):
-        nb = K // 64
-        b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
+    """`decode_planes_tile(...).to(DTYPE)`. The code-book formats (NF4, IQ4_NL, IQ4_XS) to bf16 in tiles at least 64
+    deep go 16 elements of a block at a time (`float_bits.code_book_bf16`): on NVIDIA GPUs the block's 16 possible
+    weights are rounded to bf16 once per block and each element looks its weight up in them, which saves a multiply
+    and a conversion an element, and looks up two byte tables where NF4's float32 values take four and a byte
+    transpose (sm_90 GEMM, 128x128x128: NF4 9.9 -> 8.0 instructions a decoded element), where IQ4's offset-binary
+    bytes take a subtraction an element (IQ4_NL 7.69 -> 6.70, IQ4_XS 8.52 -> 7.72; split-K 5.84 -> 4.88, 6.35 ->
+    5.41). In shallower tiles the 16 outputs of a call regroup through shared memory (NF4 19.9 -> 34.9, IQ4_NL's
+    64x128x32 GEMM 17.8 -> 34.1), so those decode to float32 first, as every other case does."""
+    if has_code_book(FMT) and (DTYPE == tl.bfloat16) and (BLOCK_K >= 64):
+        scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
         m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
-        codes = _typed(w_ptr, rows + _plane_bytes(nb, 4), m, _within(n_mask, m, K // 16), tl.int64)
-        scale = _expand(_typed(w_ptr, rows, b, b_mask, tl.float32), BLOCK_N, BLOCK_K // 16, 4)
-        w = tl.reshape(nf4_bf16(codes, scale, tables_ptr), (BLOCK_N, BLOCK_K))
+        codes = _typed(w_ptr, rows + plane, m, _within(n_mask, m, K // 16), tl.int64)
+        words_per_block: tl.constexpr = sub_block_size(FMT) // 16
+        w = code_book_bf16(codes, _expand(scale, BLOCK_N, BLOCK_K // 16, words_per_block), FMT != NF4, tables_ptr)
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
     else:
         w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, EXACT, BLOCK_N, BLOCK_K).to(DTYPE)
     return w

@@ -128,13 +128,14 @@ def _float32_immediate(value) -> str:
     return f"0f{int(np.asarray(value, dtype='<f4').view('<u4')):08X}"
 
 
-def _nf4_bf16_ptx() -> str:
-    """16 NF4 codes ($16, 64 bits, element e at bits 4e..4e + 3) of one block, its scale ($17) -> the bf16 weights
-    ($0-$15). First the block's 16 possible weights: NF4 value[c] * scale in float32, rounded to bf16 (the same two
-    roundings as decoding to float32, then converting), as two 16-entry byte tables, their low bytes (l0-l3, four
-    entries a word) and their high bytes (h0-h3); then each code looks up both bytes. cvt to bf16x2 needs sm_80, as
-    bf16 tensor-core operands do."""
-    lines = [f"mul.f32 p{c}, $17, {_float32_immediate(value)};" for c, value in enumerate(NF4_VALUES)]
+def _code_book_bf16_ptx(values) -> str:
+    """16 4-bit codes ($16, 64 bits, element e at bits 4e..4e + 3) of one block, its scale ($17) -> the bf16 weights
+    value[code] * scale ($0-$15), for the code book `values` (NF4's, IQ4's). First the block's 16 possible weights:
+    value[c] * scale in float32, rounded to bf16 (the same two roundings as decoding to float32, then converting),
+    as two 16-entry byte tables, their low bytes (l0-l3, four entries a word) and their high bytes (h0-h3); then
+    each code looks up both bytes. cvt to bf16x2 needs sm_80, as bf16 tensor-core operands do. ptxas computes the
+    table once for the calls of a thread that share a block (the same scale register)."""
+    lines = [f"mul.f32 p{c}, $17, {_float32_immediate(value)};" for c, value in enumerate(values)]
     lines += [f"cvt.rn.bf16x2.f32 w{j}, p{2 * j + 1}, p{2 * j};" for j in range(8)]  # p_2j in the low half
     lines += [f"prmt.b32 l{i}, w{2 * i}, w{2 * i + 1}, 0x6420;" for i in range(4)]
     lines += [f"prmt.b32 h{i}, w{2 * i}, w{2 * i + 1}, 0x7531;" for i in range(4)]
@@ -228,15 +229,17 @@ IQ4_OFFSET_BINARY = tuple(v + 128 for v in IQ4_VALUES)  # kvalues_iq4nl as bytes
 # The lookup table the kernels take (`tables_ptr`, 32-bit words): NF4's 16 float32 values (the portable twins and
 # the blocks decoder gather them), then the byte tables of the PRMT lookups, passed to the asm as operands: loaded
 # once, they stay in registers, where constants in the asm were rematerialised for every call (NF4's 16 words:
-# about 2 instructions an element).
+# about 2 instructions an element); then IQ4's values as float32 (`code_book_bf16`'s portable twin gathers them).
 NF4_WORDS_AT = tl.constexpr(16)
 IQ4_WORDS_AT = tl.constexpr(32)
+IQ4_VALUES_AT = tl.constexpr(36)
 LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("<u4")]
                      + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
-                     + byte_table_words(IQ4_OFFSET_BINARY))
+                     + byte_table_words(IQ4_OFFSET_BINARY)
+                     + [int(b) for b in np.asarray(IQ4_VALUES, dtype="<f4").view("<u4")])
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "nibble": _nibble_bits_ptx(False), "nibble iq4": _nibble_bits_ptx(True),
                "nibble nf4": _nibble_float32_ptx(), "three bit": _three_bit_ptx(), "five bit": _five_bit_ptx(),
-               "nf4 bf16": _nf4_bf16_ptx(), "nibble 128": _nibble_bits_ptx(False, biased=True),
+               "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES), "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _three_bit_ptx(biased=True), "five bit 128": _five_bit_ptx(biased=True),
                "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True)}
 INT8_PTX = tl.constexpr(PTX_SOURCES["int8"])
@@ -246,6 +249,7 @@ NIBBLE_NF4_PTX = tl.constexpr(PTX_SOURCES["nibble nf4"])
 THREE_BIT_PTX = tl.constexpr(PTX_SOURCES["three bit"])
 FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
 NF4_BF16_PTX = tl.constexpr(PTX_SOURCES["nf4 bf16"])
+IQ4_BF16_PTX = tl.constexpr(PTX_SOURCES["iq4 bf16"])
 NIBBLE_128_PTX = tl.constexpr(PTX_SOURCES["nibble 128"])
 THREE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["three bit 128"])
 FIVE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["five bit 128"])
@@ -342,15 +346,18 @@ def nf4_values(b, tables_ptr):
 
 
 @triton.jit
-def nf4_bf16(codes, scale, tables_ptr):
-    """int64 words of 16 NF4 codes of one block (element e at bits 4e) and the block's float32 scale -> the bf16
-    weights, in element order once reshaped to `[R, 16 C]`."""
+def code_book_bf16(codes, scale, IQ4: tl.constexpr, tables_ptr):
+    """int64 words of 16 4-bit codes of one block (element e at bits 4e) and the block's float32 scale -> the bf16
+    weights value[code] * scale, NF4's values or with `IQ4` kvalues_iq4nl, in element order once reshaped to
+    `[R, 16 C]`."""
     if PTX:
-        w = in_element_order_16(tl.inline_asm_elementwise(NF4_BF16_PTX, "=h," * 16 + "l,r", [codes, scale],
-                                                          dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1))
+        w = in_element_order_16(tl.inline_asm_elementwise(IQ4_BF16_PTX if IQ4 else NF4_BF16_PTX, "=h," * 16 + "l,r",
+                                                          [codes, scale], dtype=(tl.bfloat16,) * 16, is_pure=True,
+                                                          pack=1))
     else:
         code = (codes[:, :, None] >> (4 * tl.arange(0, 16))[None, None, :]) & 15
-        w = (tl.load(tables_ptr + code.to(tl.int32)) * scale[:, :, None]).to(tl.bfloat16)
+        values = tables_ptr + IQ4_VALUES_AT if IQ4 else tables_ptr
+        w = (tl.load(values + code.to(tl.int32)) * scale[:, :, None]).to(tl.bfloat16)
     return w
 
 

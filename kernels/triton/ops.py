@@ -58,16 +58,19 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
                               "fp32": dict(_SPLIT_K_BLOCKS, num_stages=2)}}
 
 
-# Planes formats whose split-K kernel runs in 8 warps, and on which architectures: in 4, Q3_K's spilled 12 bytes on
-# sm_80 (and counts more everywhere: sm_90, 7.27 against 6.23 a weight element), IQ4_NL's 12 bytes on sm_86/89 (on
-# sm_90 it counts fewer in 4: 5.84 against 6.70)
-SPLIT_K_8_WARPS = {"Q3_K": (80, 86, 89, 90), "IQ4_NL": (86, 89)}
+# Planes formats whose split-K kernel runs in 8 warps, for which activation dtypes and on which architectures: in 4,
+# Q3_K's spilled 12 bytes on sm_80 (and counts more everywhere: sm_90, 7.27 against 6.23 a weight element), IQ4_NL's
+# with fp16 activations 12 bytes on sm_86/89 (with bf16 it takes `float_bits.code_book_bf16` and fits in 4: 5.09 a
+# weight element there, 8.36 in 8 before; on sm_90 4 warps count fewer for both)
+_ALL_ARCHS = (80, 86, 89, 90)
+SPLIT_K_8_WARPS = {("Q3_K", "fp16"): _ALL_ARCHS, ("Q3_K", "bf16"): _ALL_ARCHS, ("Q3_K", "fp32"): _ALL_ARCHS,
+                   ("IQ4_NL", "fp16"): (86, 89)}
 
 
 def split_k_config(fmt: str, layout: str, dtype_name: str, cc: int) -> dict:
     """The split-K tile for a weight of `fmt` in `layout`, activations `dtype_name`, compute capability `cc`."""
     config = SPLIT_K_CONFIGS[layout][dtype_name]
-    if layout == "planes" and cc in SPLIT_K_8_WARPS.get(fmt, ()):
+    if layout == "planes" and cc in SPLIT_K_8_WARPS.get((fmt, dtype_name), ()):
         config = dict(config, num_warps=8)
     return config
 
