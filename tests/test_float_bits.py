@@ -126,7 +126,7 @@ def test_lookup_words_hold_the_code_book_values():
                                         ("nibble iq4", [float_bits(v + 128) for v in IQ4_VALUES]),
                                         ("nibble nf4", NF4_BITS)])
 def test_nibble_lookups_every_code_in_every_position(name, table):
-    words = {f"${9 + 4 * i}": word for i, word in enumerate(TABLE_WORDS[name])}
+    words = {f"${9 + i}": word for i, word in enumerate(TABLE_WORDS[name])}
     # every code as the low and the high nibble of every byte, next to every other code
     for low_code in range(16):
         for high_code in range(16):
@@ -140,13 +140,16 @@ def test_nibble_lookups_every_code_in_every_position(name, table):
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("seed", range(4))
-def test_three_bit_codes(seed, form):
+@pytest.mark.parametrize("name,has_third", [("three bit", True), ("two bit", False)])
+def test_two_bit_fields(name, has_third, seed, form):
+    """Q3_K's 2-bit fields with their third bits, Q2_K's alone, 16 elements a word."""
     rng = np.random.default_rng(seed)
     words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, 62, dtype=np.uint64)]
     thirds = [0xFFFF, 0] + [int(h) for h in rng.integers(0, 2**16, 62)]
     for low, third in zip(words, thirds):
-        out = run_ptx(PTX_SOURCES["three bit" + form], {"$16": low, "$17": third})
-        expected = [FORMS[form](((low >> (2 * e)) & 3) | (((third >> e) & 1) << 2)) for e in range(16)]
+        operands = {"$16": low, "$17": third} if has_third else {"$16": low}
+        out = run_ptx(PTX_SOURCES[name + form], operands)
+        expected = [FORMS[form](((low >> (2 * e)) & 3) | (has_third * ((third >> e) & 1) << 2)) for e in range(16)]
         assert [out[f"${e}"] for e in range(16)] == expected
 
 

@@ -22,8 +22,9 @@ import triton.language as tl
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                    Q6_K, Q8_0)
-from kernels.triton.float_bits import (code_book_bf16, five_bit_float_bits, float_form, int8_float_bits, nf4_values,
-                                       nibble_float_bits, six_bit_float_bits, three_bit_float_bits)
+from kernels.triton.float_bits import (code_book_bf16, five_bit_float_bits, int8_float_bits, nf4_values,
+                                       nibble_float_bits, six_bit_float_bits, three_bit_float_bits,
+                                       two_bit_float_bits)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -114,16 +115,12 @@ def _sub_blocks(k0, K, n_mask, QK: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K: tl.constexpr):
-    """The bytes `[BLOCK_N, BLOCK_K // 2]` of the tile's 4-bit codes, two a byte, the first in the low nibble."""
-    j = (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
-    return _load(w_ptr + plane + j, _within(n_mask, j, K // 2))
-
-
-@triton.jit
-def _interleave(low, high, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The values of the low and the high nibbles back in element order."""
-    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+def _code_words(w_ptr, plane, k0, K, n_mask, PER_WORD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The int32 words `[BLOCK_N, BLOCK_K // PER_WORD]` of the tile's codes, `PER_WORD` a word in element order (4
+    int8 codes, a byte each; 8 4-bit codes, two a byte, the first in the low nibble; 16 2-bit codes, the first in
+    the lowest bits)."""
+    m = (k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD))[None, :]
+    return _typed(w_ptr, plane, m, _within(n_mask, m, K // PER_WORD), tl.int32)
 
 
 @triton.jit
@@ -134,22 +131,11 @@ def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexp
     kvalues_iq4nl[code] + 128)."""
     if BITS == 8:
         tl.static_assert(not BIASED, "int8 codes + 128 reach 255: no 128 form")
-        k = (k0 + tl.arange(0, BLOCK_K))[None, :]
-        return int8_float_bits(_load(w_ptr + plane + k, _within(n_mask, k, K)))
+        bits = int8_float_bits(_code_words(w_ptr, plane, k0, K, n_mask, 4, BLOCK_K))
     else:
         tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
-        low, high = nibble_float_bits(_nibble_bytes(w_ptr, plane, k0, K, n_mask, BLOCK_K), IQ4, tables_ptr, BIASED)
-        return _interleave(low, high, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _two_bit_codes(w_ptr, plane, k0, K, n_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's codes as int32 `[BLOCK_N, BLOCK_K]` from a plane of 2-bit codes in element order, 4 a byte, the
-    first in the lowest bits."""
-    j = (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
-    b = _load(w_ptr + plane + j, _within(n_mask, j, K // 4)).to(tl.int32)
-    # tl.join stacks on a new last axis, so join(join(f0, f2), join(f1, f3)) lays fields out as f0 f1 f2 f3
-    return tl.reshape(tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)), (BLOCK_N, BLOCK_K))
+        bits = nibble_float_bits(_code_words(w_ptr, plane, k0, K, n_mask, 8, BLOCK_K), IQ4, tables_ptr, BIASED)
+    return tl.reshape(bits, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -289,8 +275,8 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
     if has_code_book(FMT):
         scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
         if FMT == NF4:
-            low, high = nf4_values(_nibble_bytes(w_ptr, rows + plane, k0, K, n_mask, BLOCK_K), tables_ptr)
-            v = _interleave(low, high, BLOCK_N, BLOCK_K)
+            v = tl.reshape(nf4_values(_code_words(w_ptr, rows + plane, k0, K, n_mask, 8, BLOCK_K), tables_ptr),
+                           (BLOCK_N, BLOCK_K))
         else:
             v = _code_value(_code_bits(w_ptr, rows + plane, k0, K, n_mask, 4, True, tables_ptr, BIASED, BLOCK_N,
                                        BLOCK_K), FMT, BIASED)
@@ -335,8 +321,8 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             scale = _k_quant_d_of(w_ptr, rows + d_plane, t, t_mask) * (packed & 15).to(tl.float32)
             offset = -(_k_quant_d_of(w_ptr, rows + d_plane + _plane_bytes(nb, 2), t, t_mask) *
                        (packed >> 4).to(tl.float32))
-            v = _code_value(float_form(_two_bit_codes(w_ptr, rows + codes_plane, k0, K, n_mask, BLOCK_N, BLOCK_K),
-                                       BIASED), FMT, BIASED)
+            bits = two_bit_float_bits(_code_words(w_ptr, rows + codes_plane, k0, K, n_mask, 16, BLOCK_K), BIASED)
+            v = _code_value(tl.reshape(bits, (BLOCK_N, BLOCK_K)), FMT, BIASED)
     elif (FMT == Q4_K) | (FMT == Q5_K):
         # 32-element sub-blocks: d | dmin | 12 bytes of 6-bit scales and mins | (Q5_K: qh, fifth bits) | qs
         nb = K // 256

@@ -50,7 +50,7 @@ def _float_bits_of_bytes(sources: list[tuple[str, int]], biased: bool = False) -
 
 
 def _int8_bits_ptx() -> str:
-    """4 packed int8 codes ($4) -> the bits of 2^23 + code + 128 for each ($0-$3): flipping the sign bit makes
+    """A word of 4 int8 codes ($4) -> the bits of 2^23 + code + 128 for each ($0-$3): flipping the sign bit makes
     two's complement offset binary."""
     return _assemble(["xor.b32 b, $4, 0x80808080;"] + _float_bits_of_bytes([("b", i) for i in range(4)]))
 
@@ -76,10 +76,9 @@ def _lookups(tables: list[list[str]], codes: str = "$8", name: str = "") -> list
     return lines
 
 
-def _broadcast_words(first: int, tables: int) -> list[list[str]]:
-    """The operands holding `tables` byte tables of 4 words each from $`first` on, every fourth (`pack=4` gives each
-    broadcast word four registers)."""
-    return [[f"${first + 16 * k + 4 * i}" for i in range(4)] for k in range(tables)]
+def _table_operands(first: int, tables: int) -> list[list[str]]:
+    """The operands holding `tables` byte tables of 4 words each, from $`first` on."""
+    return [[f"${first + 4 * k + i}" for i in range(4)] for k in range(tables)]
 
 
 def byte_table_words(table) -> list[int]:
@@ -93,23 +92,23 @@ _HIGH_ELEMENTS = [("a", 1), ("a", 3), ("b", 1), ("b", 3)]
 
 
 def _nibble_bits_ptx(table: bool, biased: bool = False) -> str:
-    """4 packed bytes ($8) of two 4-bit codes -> the bits of 2^23 + v (`biased`: 128 + v) for the low nibbles
-    ($0-$3) and the high ones ($4-$7): v the code itself, or with `table` byte `code` of the table in the words from
-    $9 on."""
+    """A word ($8) of 8 4-bit codes (element e at bits 4e) -> the bits of 2^23 + v (`biased`: 128 + v) for the low
+    nibbles ($0-$3: elements 0, 2, 4, 6) and the high ones ($4-$7: 1, 3, 5, 7): v the code itself, or with `table`
+    byte `code` of the table in the words $9-$12."""
     if not table:
         lines = ["and.b32 va0, $8, 0x0f0f0f0f;", "shr.b32 vb0, $8, 4;", "and.b32 vb0, vb0, 0x0f0f0f0f;"]
         elements = [("va0", i) for i in range(4)] + [("vb0", i) for i in range(4)]
     else:
-        lines = _lookups(_broadcast_words(9, 1))
+        lines = _lookups(_table_operands(9, 1))
         elements = [(f"v{part}0", byte) for part, byte in _LOW_ELEMENTS + _HIGH_ELEMENTS]
     return _assemble(lines + _float_bits_of_bytes(elements, biased))
 
 
 def _nibble_float32_ptx() -> str:
-    """4 packed bytes ($8) of two 4-bit codes -> the float32 value[code], low nibbles ($0-$3), high ones ($4-$7),
-    from four byte tables in the words from $9 on (byte k of each value: `float32_byte_tables`), then a 4 x 4 byte
-    transpose per 4 elements."""
-    lines = _lookups(_broadcast_words(9, 4))
+    """A word ($8) of 8 4-bit codes -> the float32 value[code], low nibbles ($0-$3), high ones ($4-$7), from four
+    byte tables in the words $9-$24 (byte k of each value: `float32_byte_tables`), then a 4 x 4 byte transpose per 4
+    elements."""
+    lines = _lookups(_table_operands(9, 4))
     out = 0
     for name, elements in (("low", _LOW_ELEMENTS), ("high", _HIGH_ELEMENTS)):
         for half in "ab":
@@ -150,27 +149,31 @@ def _code_book_bf16_ptx(values) -> str:
     return _assemble(lines)
 
 
-def _three_bit_ptx(biased: bool = False) -> str:
-    """Q3_K's codes of 16 elements, the low 2 bits from $16 (element e at bits 2e..2e+1) and the third from $17
-    (bit e) -> the bits of 2^23 (`biased`: 128) + (low | third << 2) for elements 0-15 ($0-$15). Elements i, 4 + i,
-    8 + i, 12 + i are fields i of $16's four bytes: one shift and mask gives their low bits, a byte each; the third bits are first
-    spread a nibble to a byte (nibble k of $17 to byte k), so that their bit i lands on bit 2 with one more shift."""
-    lines = ["shl.b32 h, $17, 8;",  # nibble k of the 16 third bits -> bits 8k..8k+3
-             "or.b32 h, h, $17;",
-             "and.b32 h, h, 0x00ff00ff;",
-             "shl.b32 t, h, 4;",
-             "or.b32 h, h, t;",
-             "and.b32 h, h, 0x0f0f0f0f;"]
+def _two_bit_fields_ptx(third: bool, biased: bool = False) -> str:
+    """Codes of 16 elements, their low 2 bits from $16 (element e at bits 2e..2e+1) and with `third` (Q3_K) a third
+    bit from $17 (bit e) -> the bits of 2^23 (`biased`: 128) + code for elements 0-15 ($0-$15); Q2_K's codes are
+    the 2-bit fields alone. Elements i, 4 + i, 8 + i, 12 + i are fields i of $16's four bytes: one shift and mask
+    gives their low bits, a byte each; the third bits are first spread a nibble to a byte (nibble k of $17 to byte
+    k), so that their bit i lands on bit 2 with one more shift."""
+    lines = []
+    if third:
+        lines += ["shl.b32 h, $17, 8;",  # nibble k of the 16 third bits -> bits 8k..8k+3
+                  "or.b32 h, h, $17;",
+                  "and.b32 h, h, 0x00ff00ff;",
+                  "shl.b32 t, h, 4;",
+                  "or.b32 h, h, t;",
+                  "and.b32 h, h, 0x0f0f0f0f;"]
     for i in range(4):
         low = f"$16" if i == 0 else "x"
         if i:
             lines.append(f"shr.b32 x, $16, {2 * i};")
-        third = "h" if i == 2 else "y"
-        if i < 2:
-            lines.append(f"shl.b32 y, h, {2 - i};")
-        elif i > 2:
-            lines.append(f"shr.b32 y, h, {i - 2};")
-        lines += [f"and.b32 v{i}, {low}, 0x03030303;", f"and.b32 y, {third}, 0x04040404;", f"or.b32 v{i}, v{i}, y;"]
+        lines.append(f"and.b32 v{i}, {low}, 0x03030303;")
+        if third:
+            if i < 2:
+                lines.append(f"shl.b32 y, h, {2 - i};")
+            elif i > 2:
+                lines.append(f"shr.b32 y, h, {i - 2};")
+            lines += [f"and.b32 y, {'h' if i == 2 else 'y'}, 0x04040404;", f"or.b32 v{i}, v{i}, y;"]
     sources = [(f"v{e % 4}", e // 4) for e in range(16)]
     return _assemble(lines + _float_bits_of_bytes(sources, biased))
 
@@ -238,9 +241,10 @@ LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("
                      + byte_table_words(IQ4_OFFSET_BINARY)
                      + [int(b) for b in np.asarray(IQ4_VALUES, dtype="<f4").view("<u4")])
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "nibble": _nibble_bits_ptx(False), "nibble iq4": _nibble_bits_ptx(True),
-               "nibble nf4": _nibble_float32_ptx(), "three bit": _three_bit_ptx(), "five bit": _five_bit_ptx(),
+               "nibble nf4": _nibble_float32_ptx(), "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
                "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES), "nibble 128": _nibble_bits_ptx(False, biased=True),
-               "three bit 128": _three_bit_ptx(biased=True), "five bit 128": _five_bit_ptx(biased=True),
+               "three bit 128": _two_bit_fields_ptx(True, biased=True),
+               "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),
                "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True)}
 INT8_PTX = tl.constexpr(PTX_SOURCES["int8"])
 NIBBLE_PTX = tl.constexpr(PTX_SOURCES["nibble"])
@@ -252,6 +256,8 @@ NF4_BF16_PTX = tl.constexpr(PTX_SOURCES["nf4 bf16"])
 IQ4_BF16_PTX = tl.constexpr(PTX_SOURCES["iq4 bf16"])
 NIBBLE_128_PTX = tl.constexpr(PTX_SOURCES["nibble 128"])
 THREE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["three bit 128"])
+TWO_BIT_PTX = tl.constexpr(PTX_SOURCES["two bit"])
+TWO_BIT_128_PTX = tl.constexpr(PTX_SOURCES["two bit 128"])
 FIVE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["five bit 128"])
 SIX_BIT_PTX = tl.constexpr(PTX_SOURCES["six bit"])
 SIX_BIT_128_PTX = tl.constexpr(PTX_SOURCES["six bit 128"])
@@ -262,12 +268,15 @@ IQ4_WORD_0, IQ4_WORD_1, IQ4_WORD_2, IQ4_WORD_3 = (
 
 
 @triton.jit
-def int8_float_bits(b):
-    """uint8 bytes of int8 codes -> int32 bits of the float32 2^23 + code + 128."""
+def int8_float_bits(words):
+    """int32 words of 4 int8 codes (element e in byte e) -> int32 bits of the float32 2^23 + code + 128,
+    `[R, C, 2, 2]`, in element order once reshaped to `[R, 4 C]`."""
     if PTX:
-        bits = tl.inline_asm_elementwise(INT8_PTX, "=r,=r,=r,=r,r", [b], dtype=tl.int32, is_pure=True, pack=4)
+        bits = in_element_order(tl.inline_asm_elementwise(INT8_PTX, "=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 4,
+                                                          is_pure=True, pack=1))
     else:
-        bits = (b.to(tl.int32) ^ 128) | FLOAT_OF_TWO_POW_23
+        codes = (words[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]) & 255
+        bits = tl.reshape((codes ^ 128) | FLOAT_OF_TWO_POW_23, (words.shape[0], words.shape[1], 2, 2))
     return bits
 
 
@@ -294,43 +303,58 @@ def _word(tables_ptr, i):
 
 
 @triton.jit
-def nibble_float_bits(b, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr):
-    """uint8 bytes of two 4-bit codes -> int32 bits of the float32 2^23 + v (`BIASED`: 128 + v) for the low
-    nibble and for the high one, where v is the code itself, or with IQ4 kvalues_iq4nl[code] + 128 (its byte table
-    at `tables_ptr`, `LOOKUP_WORDS`; not in the 128 form)."""
-    tl.static_assert(not (IQ4 and BIASED), "kvalues_iq4nl + 128 reach 241: no 128 form")
-    if PTX:
-        if BIASED:
-            low, high = tl.inline_asm_elementwise(NIBBLE_128_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-                                                  dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
-        elif IQ4:
-            low, high = tl.inline_asm_elementwise(
-                NIBBLE_IQ4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r" * 4,
-                [b, _word(tables_ptr, IQ4_WORDS_AT), _word(tables_ptr, IQ4_WORDS_AT + 1),
-                 _word(tables_ptr, IQ4_WORDS_AT + 2), _word(tables_ptr, IQ4_WORDS_AT + 3)],
-                dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
-        else:
-            low, high = tl.inline_asm_elementwise(NIBBLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-                                                  dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
-    else:
-        low = b.to(tl.int32) & 15
-        high = b.to(tl.int32) >> 4
-        if IQ4:
-            low = iq4_offset_binary(low)
-            high = iq4_offset_binary(high)
-        low = float_form(low, BIASED)
-        high = float_form(high, BIASED)
-    return low, high
+def _nibbles_in_element_order(v):
+    """The 8 outputs of a nibble asm, the low nibbles' (elements 0, 2, 4, 6) then the high ones' (1, 3, 5, 7) ->
+    `[R, C, 2, 2, 2]` in element order."""
+    return in_element_order((v[0], v[4], v[1], v[5], v[2], v[6], v[3], v[7]))
 
 
 @triton.jit
-def nf4_values(b, tables_ptr):
-    """uint8 bytes of two NF4 codes -> the float32 code-book values of the low nibble's code and of the high one's
-    (`LOOKUP_WORDS` at `tables_ptr`: the values, and their byte tables)."""
+def _nibbles(words):
+    """Portable: int32 words of 8 4-bit codes -> the codes, `[R, C, 8]` in element order."""
+    return (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15
+
+
+@triton.jit
+def nibble_float_bits(words, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr):
+    """int32 words of 8 4-bit codes (element e at bits 4e) -> int32 bits of the float32 2^23 + v (`BIASED`:
+    128 + v), `[R, C, 2, 2, 2]` in element order once reshaped to `[R, 8 C]`, where v is the code itself, or with IQ4
+    kvalues_iq4nl[code] + 128 (its byte table at `tables_ptr`, `LOOKUP_WORDS`; not in the 128 form). A word an asm
+    call, not 4 bytes (pack=4): given bytes, Triton decoded them in the tensor-core operand's register layout, two
+    codes a thread in a row, so it byte-transposed the loaded words through shared memory and re-paired the bytes
+    for each call (sm_90 split-K, per element: Q4_0 4.22 -> 3.68, Q4_K 4.57 -> 4.14)."""
+    tl.static_assert(not (IQ4 and BIASED), "kvalues_iq4nl + 128 reach 241: no 128 form")
     if PTX:
-        low, high = tl.inline_asm_elementwise(
-            NIBBLE_NF4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r" * 16,
-            [b, _word(tables_ptr, NF4_WORDS_AT), _word(tables_ptr, NF4_WORDS_AT + 1),
+        if BIASED:
+            v = tl.inline_asm_elementwise(NIBBLE_128_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+                                          dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        elif IQ4:
+            v = tl.inline_asm_elementwise(
+                NIBBLE_IQ4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r",
+                [words, _word(tables_ptr, IQ4_WORDS_AT), _word(tables_ptr, IQ4_WORDS_AT + 1),
+                 _word(tables_ptr, IQ4_WORDS_AT + 2), _word(tables_ptr, IQ4_WORDS_AT + 3)],
+                dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        else:
+            v = tl.inline_asm_elementwise(NIBBLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 8,
+                                          is_pure=True, pack=1)
+        bits = _nibbles_in_element_order(v)
+    else:
+        codes = _nibbles(words)
+        if IQ4:
+            codes = iq4_offset_binary(codes)
+        bits = tl.reshape(float_form(codes, BIASED), (words.shape[0], words.shape[1], 2, 2, 2))
+    return bits
+
+
+@triton.jit
+def nf4_values(words, tables_ptr):
+    """int32 words of 8 NF4 codes (element e at bits 4e) -> their float32 code-book values, `[R, C, 2, 2, 2]` in
+    element order once reshaped to `[R, 8 C]` (`LOOKUP_WORDS` at `tables_ptr`: the values, and their byte
+    tables)."""
+    if PTX:
+        v = tl.inline_asm_elementwise(
+            NIBBLE_NF4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r" * 4,
+            [words, _word(tables_ptr, NF4_WORDS_AT), _word(tables_ptr, NF4_WORDS_AT + 1),
              _word(tables_ptr, NF4_WORDS_AT + 2), _word(tables_ptr, NF4_WORDS_AT + 3),
              _word(tables_ptr, NF4_WORDS_AT + 4), _word(tables_ptr, NF4_WORDS_AT + 5),
              _word(tables_ptr, NF4_WORDS_AT + 6), _word(tables_ptr, NF4_WORDS_AT + 7),
@@ -338,11 +362,11 @@ def nf4_values(b, tables_ptr):
              _word(tables_ptr, NF4_WORDS_AT + 10), _word(tables_ptr, NF4_WORDS_AT + 11),
              _word(tables_ptr, NF4_WORDS_AT + 12), _word(tables_ptr, NF4_WORDS_AT + 13),
              _word(tables_ptr, NF4_WORDS_AT + 14), _word(tables_ptr, NF4_WORDS_AT + 15)],
-            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        values = _nibbles_in_element_order(v)
     else:
-        low = tl.load(tables_ptr + (b.to(tl.int32) & 15))
-        high = tl.load(tables_ptr + (b.to(tl.int32) >> 4))
-    return low, high
+        values = tl.reshape(tl.load(tables_ptr + _nibbles(words)), (words.shape[0], words.shape[1], 2, 2, 2))
+    return values
 
 
 @triton.jit
@@ -351,7 +375,7 @@ def code_book_bf16(codes, scale, IQ4: tl.constexpr, tables_ptr):
     weights value[code] * scale, NF4's values or with `IQ4` kvalues_iq4nl, in element order once reshaped to
     `[R, 16 C]`."""
     if PTX:
-        w = in_element_order_16(tl.inline_asm_elementwise(IQ4_BF16_PTX if IQ4 else NF4_BF16_PTX, "=h," * 16 + "l,r",
+        w = in_element_order(tl.inline_asm_elementwise(IQ4_BF16_PTX if IQ4 else NF4_BF16_PTX, "=h," * 16 + "l,r",
                                                           [codes, scale], dtype=(tl.bfloat16,) * 16, is_pure=True,
                                                           pack=1))
     else:
@@ -362,18 +386,15 @@ def code_book_bf16(codes, scale, IQ4: tl.constexpr, tables_ptr):
 
 
 @triton.jit
-def in_element_order_8(v):
-    """A tuple of 8 tensors `[R, C]`, value i of element 8c + i -> `[R, C, 2, 2, 2]`, element order once reshaped to
-    `[R, 8 C]`. tl.join adds a last axis (index 0: its first argument), so the leaves pair element i with i + 4 and
-    the root parts even from odd."""
-    return tl.join(tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6])), tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7])))
-
-
-@triton.jit
-def in_element_order_16(v):
-    """As `in_element_order_8`, for a tuple of 16 values an element group."""
-    return tl.join(in_element_order_8((v[0], v[2], v[4], v[6], v[8], v[10], v[12], v[14])),
-                   in_element_order_8((v[1], v[3], v[5], v[7], v[9], v[11], v[13], v[15])))
+def in_element_order(v):
+    """A tuple of 2^L tensors `[R, C]`, value i of element 2^L c + i -> `[R, C, 2, ..., 2]` (L twos), element order
+    once reshaped to `[R, 2^L C]`. tl.join adds a last axis (index 0: its first argument), so the leaves pair
+    element i with i + 2^(L-1) and the root parts even from odd."""
+    if len(v) == 2:
+        ordered = tl.join(v[0], v[1])
+    else:
+        ordered = tl.join(in_element_order(v[0::2]), in_element_order(v[1::2]))
+    return ordered
 
 
 @triton.jit
@@ -388,12 +409,26 @@ def _codes_and_top_bits(low, top, COUNT: tl.constexpr, WIDTH: tl.constexpr, TOP:
 
 
 @triton.jit
+def two_bit_float_bits(words, BIASED: tl.constexpr):
+    """Q2_K codes, 16 elements a word: int32 words of 2-bit codes (element e at bits 2e) -> int32 bits of the
+    float32 2^23 + code (`BIASED`: 128 + code), in element order once reshaped to `[R, 16 C]`. Triton's own shifts,
+    masks and joins on the bytes took 3.5 integer instructions an element (sm_90 split-K), byte-transposed through
+    shared memory."""
+    if PTX:
+        bits = in_element_order(tl.inline_asm_elementwise(TWO_BIT_128_PTX if BIASED else TWO_BIT_PTX, "=r," * 16 + "r",
+                                                          [words], dtype=(tl.int32,) * 16, is_pure=True, pack=1))
+    else:
+        bits = float_form((words[:, :, None] >> (2 * tl.arange(0, 16))[None, None, :]) & 3, BIASED)
+    return bits
+
+
+@triton.jit
 def three_bit_float_bits(low, third, BIASED: tl.constexpr):
     """Q3_K codes, 16 elements a word: `low` int32 words of 2-bit fields (element e at bits 2e), `third` their
     third bits (bit e, zero-extended 16-bit words) -> int32 bits of the float32 2^23 + code (`BIASED`:
     128 + code), in element order once reshaped to `[R, 16 C]`."""
     if PTX:
-        bits = in_element_order_16(tl.inline_asm_elementwise(THREE_BIT_128_PTX if BIASED else THREE_BIT_PTX,
+        bits = in_element_order(tl.inline_asm_elementwise(THREE_BIT_128_PTX if BIASED else THREE_BIT_PTX,
                                                              "=r," * 16 + "r,r", [low, third],
                                                              dtype=(tl.int32,) * 16, is_pure=True, pack=1))
     else:
@@ -408,7 +443,7 @@ def _eight_with_top_bits(low, top, ASM: tl.constexpr, ASM_128: tl.constexpr, TOP
     (at bits `TOP` e, zero-extended) -> int32 bits of the float32 2^23 + code by the asm `ASM` (`BIASED`: 128 +
     code by `ASM_128`), in element order once reshaped to `[R, 8 C]`."""
     if PTX:
-        bits = in_element_order_8(tl.inline_asm_elementwise(ASM_128 if BIASED else ASM, "=r," * 8 + "r,r", [low, top],
+        bits = in_element_order(tl.inline_asm_elementwise(ASM_128 if BIASED else ASM, "=r," * 8 + "r,r", [low, top],
                                                             dtype=(tl.int32,) * 8, is_pure=True, pack=1))
     else:
         bits = _codes_and_top_bits(low, top, 8, 4, TOP, BIASED)
