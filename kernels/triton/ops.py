@@ -62,11 +62,12 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
 # and Q2_K decode 16 elements an asm call (`float_bits`), and in 4 warps the decoded tile left a thread with elements
 # too far apart in its registers for vector stores: 16-bit stores of every element to shared memory on the way to
 # the tensor cores (sm_90 per element: Q3_K 7.27 against 6.23, Q2_K 5.73 against 4.66; Q3_K also spilled 12 bytes
-# on sm_80). IQ4_NL with fp16 activations spilled 12 bytes in 4 on sm_86/89 (with bf16 it takes
-# `float_bits.code_book_bf16` and fits in 4: 5.09 a weight element there, 8.36 in 8 before).
+# on sm_80). In 4, IQ4_NL and NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 they take
+# `float_bits.code_book_bf16` and fit in 4: IQ4_NL 5.09 a weight element there, 8.36 in 8 before), Q8_0 with fp32
+# activations 8 bytes on sm_90.
 _ALL_ARCHS = (80, 86, 89, 90)
 SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for dtype in ("fp16", "bf16", "fp32")},
-                   ("IQ4_NL", "fp16"): (86, 89)}
+                   ("IQ4_NL", "fp16"): (86, 89), ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (90,)}
 
 
 def split_k_config(fmt: str, layout: str, dtype_name: str, cc: int) -> dict:
