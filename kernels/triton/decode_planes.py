@@ -139,12 +139,6 @@ def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexp
 
 
 @triton.jit
-def _scale_bytes(w_ptr, plane, s, size: tl.constexpr, byte, mask):
-    """Byte `byte` (a `[1, sub-blocks]` index) of super-block `s`'s `size` bytes of sub-block scales."""
-    return _load(w_ptr + plane + size * s + byte, mask).to(tl.int32)
-
-
-@triton.jit
 def _k_quant_d(w_ptr, plane, s, mask):
     """The f16 scale (or min) of super-block `s`, as float32, `[BLOCK_N, 1]`."""
     return _typed(w_ptr, plane, s, mask, tl.float16).to(tl.float32)
@@ -266,8 +260,10 @@ def _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, BLOCK_K: tl
         nb = K // 256
         s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
         low_plane = 2 * _plane_bytes(nb, 2)
-        low4 = (_scale_bytes(w_ptr, rows + low_plane, s, 4, j // 2, s_mask) >> (4 * (j % 2))) & 15
-        top2 = (_scale_bytes(w_ptr, rows + _plane_bytes(nb, 2), s, 2, j // 4, s_mask) >> (2 * (j % 4))) & 3
+        # a super-block's 4 bytes of low bits and 2 of top bits, loaded whole once a row, where a byte each a
+        # sub-block loaded 16 a row (sm_90 per element: split-K 5.41 -> 5.15, FMA GEMV 5.64 -> 5.31)
+        low4 = (_typed(w_ptr, rows + low_plane, s, s_mask, tl.int32) >> (4 * j)) & 15
+        top2 = (_typed(w_ptr, rows + _plane_bytes(nb, 2), s, s_mask, tl.uint16).to(tl.int32) >> (2 * j)) & 3
         scale = _k_quant_d(w_ptr, rows, s, s_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
         plane = low_plane + _plane_bytes(nb, 4)
     return scale, plane
