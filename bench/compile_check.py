@@ -73,7 +73,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
     from kernels.triton import qmatmul
     from kernels.triton.decode import FORMAT_IDS
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMV_CONFIGS, gemm_configs, split_k_config
+    from kernels.triton.ops import DEQUANT_CONFIG, GEMV_CONFIGS, gemm_configs, split_k_config, split_k_form
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -105,7 +105,8 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
             signature["k_per_split"] = "i32"
             config = split_k_config(fmt, layout, dtype, cc)
             num_warps, num_stages = config["num_warps"], config["num_stages"]
-            constexprs |= {"EVEN": bool(config_index)} | {k: v for k, v in config.items() if k.startswith("BLOCK")}
+            constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc)} | {
+                k: v for k, v in config.items() if k.startswith("BLOCK")}
     for name in constexprs:
         signature[name] = "constexpr"
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}

@@ -2,8 +2,8 @@
 
 A representative subset here (each format once on sm_86, the tightest shared-memory budget; every tile config, the
 split-K kernels (masked, and for planes tiles inside the weight unmasked) and the dequantize kernel for the heaviest
-decoders on every architecture; IQ4's code-book decode to bf16 on every architecture); `python -m bench.compile_check`
-runs the full sweep."""
+decoders on every architecture; IQ4's code-book decode to bf16 and the split-K decode of 4-bit codes in the form of
+each architecture (`ops.split_k_form`) on every architecture); `python -m bench.compile_check` runs the full sweep."""
 
 import os
 
@@ -26,7 +26,7 @@ def subset():
             jobs += [(kernel, fmt, "bf16", even, cc, layout) for kernel in ("gemv", "qmv")
                      for even in range(1 + (layout == "planes"))]
             jobs.append(("dequant", fmt, "fp16", 0, cc, layout))
-        jobs.append(("qmv", "IQ4_XS", "bf16", 1, cc, "planes"))
+        jobs += [("qmv", "IQ4_XS", "bf16", 1, cc, "planes"), ("qmv", "Q4_K", "bf16", 1, cc, "planes")]
     return jobs
 
 

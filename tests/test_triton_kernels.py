@@ -160,6 +160,19 @@ def test_nf4_with_bf16_activations_takes_the_tensor_core_kernel_at_m_1():
     _check_fused("NF4", 1, torch.bfloat16, N, K, layout="planes")
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K"])
+def test_split_k_kernel_with_4_bit_codes_four_bytes_a_register(fmt, monkeypatch):
+    """The split-K kernel's decode as the mma.sync GPUs run it (`ops.split_k_form`: FUSED_BYTES, the 4-bit codes in
+    the 128 form four bytes a register), on odd shapes and on whole tiles."""
+    from kernels.triton import ops
+    from kernels.triton.decode_planes import FUSED, FUSED_BYTES
+
+    assert [ops.split_k_form(cc) for cc in (80, 86, 89, 90)] == [FUSED_BYTES] * 3 + [FUSED]
+    monkeypatch.setattr(ops, "INTERPRETER_SPLIT_K_FORM", FUSED_BYTES)
+    _check_fused(fmt, 3, torch.float16, ODD_N, odd_k(fmt), layout="planes")
+    _check_fused(fmt, 16, torch.bfloat16, N, K, layout="planes")
+
+
 @pytest.mark.parametrize("fmt", PLANES_FORMATS)
 def test_split_k_kernels_on_a_weight_their_tiles_divide(fmt, monkeypatch):
     """The M <= 16 kernels with their GPU tiles on a weight those divide (`EVEN`: no masked weight loads), in K

@@ -28,6 +28,14 @@ from kernels.triton.float_bits import (code_book_bf16, five_bit_float_bits, int8
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
+# `decode_planes_tile`'s FORM: how a tile's weights are decoded
+EXACT = tl.constexpr(0)  # the reference's float32 weights bit for bit (the dequantize kernel)
+FUSED = tl.constexpr(1)  # one multiply-add of the 128 form where the codes have it (the fused kernels)
+# FUSED with 4-bit codes four bytes a register (an asm call each) rather than a 32-bit word of 8: on the mma.sync
+# GPUs (sm_80-89) Triton then moves the codes' bytes, not the decoded tile, into the tensor-core operand's register
+# layout, which counts fewer there (split-K per element, sm_80: Q4_0 5.19 -> 4.49, Q4_K 5.69 -> 4.96) and more on
+# Hopper's wgmma (sm_90: 3.68 -> 4.22, 4.14 -> 4.57)
+FUSED_BYTES = tl.constexpr(2)
 
 
 @triton.jit
@@ -128,13 +136,19 @@ def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexp
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`BIASED`: 128 + v;
     `float_bits`), from a plane of int8 codes (`BITS` 8, v = code + 128) or of 4-bit codes (v = code, or with `IQ4`
-    kvalues_iq4nl[code] + 128)."""
+    kvalues_iq4nl[code] + 128), taken a 32-bit word at a time, or with `BIASED` == FUSED_BYTES four bytes at a
+    time."""
     if BITS == 8:
         tl.static_assert(not BIASED, "int8 codes + 128 reach 255: no 128 form")
         bits = int8_float_bits(_code_words(w_ptr, plane, k0, K, n_mask, 4, BLOCK_K))
     else:
         tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
-        bits = nibble_float_bits(_code_words(w_ptr, plane, k0, K, n_mask, 8, BLOCK_K), IQ4, tables_ptr, BIASED)
+        if BIASED == FUSED_BYTES:
+            j = (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+            codes = _load(w_ptr + plane + j, _within(n_mask, j, K // 2))
+        else:
+            codes = _code_words(w_ptr, plane, k0, K, n_mask, 8, BLOCK_K)
+        bits = nibble_float_bits(codes, IQ4, tables_ptr, BIASED)
     return tl.reshape(bits, (BLOCK_N, BLOCK_K))
 
 
@@ -283,8 +297,9 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(v, scale, offset): the tile's weights are `v * scale + offset`, v `[BLOCK_N, BLOCK_K]` per element, scale and
     offset `[BLOCK_N, sub-blocks]` per sub-block of `sub_block_size(FMT)` elements (offset only where
-    `has_offset(FMT)`; elsewhere it is the scale again, unused). With `BIASED` (where `has_biased_form(FMT)`) v
-    is instead 128 + v + code_offset(FMT), the stored code in the 128 form (`float_bits`)."""
+    `has_offset(FMT)`; elsewhere it is the scale again, unused). With `BIASED` (FUSED or FUSED_BYTES, where
+    `has_biased_form(FMT)`) v is instead 128 + v + code_offset(FMT), the stored code in the 128 form
+    (`float_bits`)."""
     if has_code_book(FMT):
         scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
         if FMT == NF4:
@@ -374,16 +389,16 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
 
 
 @triton.jit
-def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, EXACT: tl.constexpr,
+def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, FORM: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """`EXACT`: the reference's float32 weights bit for bit, `(code - offset) * scale (+ offset)`, each operation
-    rounded as it rounds (the dequantize kernel, compiled without multiply-add fusion). Otherwise, where the codes
-    have the 128 form, `(128 + code) * scale + base` with the block's `base = offset - (128 + code offset) *
+    """`FORM` EXACT: the reference's float32 weights bit for bit, `(code - offset) * scale (+ offset)`, each operation
+    rounded as it rounds (the dequantize kernel, compiled without multiply-add fusion). Otherwise (FUSED,
+    FUSED_BYTES), where the codes have the 128 form, `(128 + code) * scale + base` with the block's `base = offset - (128 + code offset) *
     scale`: one multiply-add an element where the exact form takes a subtraction, a multiply and an add, for the
     fused kernels, whose decoded weight may differ in its last bit (sm_90, per element: split-K GEMV Q4_0 5.09 ->
     4.22, GEMM 128x128x128 Q4_0 6.56 -> 5.72, Q4_K 7.61 -> 6.64)."""
     QK: tl.constexpr = sub_block_size(FMT)
-    BIASED: tl.constexpr = has_biased_form(FMT) and not EXACT
+    BIASED: tl.constexpr = FORM if has_biased_form(FMT) else EXACT
     v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BIASED, BLOCK_N, BLOCK_K)
     if BIASED:
         base = -(128 + code_offset(FMT)) * scale
@@ -399,7 +414,7 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr
 
 @triton.jit
 def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, DTYPE: tl.constexpr,
-                          EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          FORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`decode_planes_tile(...).to(DTYPE)`. The code-book formats (NF4, IQ4_NL, IQ4_XS) to bf16 in tiles at least 64
     deep go 16 elements of a block at a time (`float_bits.code_book_bf16`): on NVIDIA GPUs the block's 16 possible
     weights are rounded to bf16 once per block and each element looks its weight up in them, which saves a multiply
@@ -416,5 +431,5 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
         w = code_book_bf16(codes, _expand(scale, BLOCK_N, BLOCK_K // 16, words_per_block), FMT != NF4, tables_ptr)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
     else:
-        w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, EXACT, BLOCK_N, BLOCK_K).to(DTYPE)
+        w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, FORM, BLOCK_N, BLOCK_K).to(DTYPE)
     return w

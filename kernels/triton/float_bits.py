@@ -316,33 +316,44 @@ def _nibbles(words):
 
 
 @triton.jit
-def nibble_float_bits(words, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr):
+def nibble_float_bits(codes, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr):
     """int32 words of 8 4-bit codes (element e at bits 4e) -> int32 bits of the float32 2^23 + v (`BIASED`:
     128 + v), `[R, C, 2, 2, 2]` in element order once reshaped to `[R, 8 C]`, where v is the code itself, or with IQ4
     kvalues_iq4nl[code] + 128 (its byte table at `tables_ptr`, `LOOKUP_WORDS`; not in the 128 form). A word an asm
-    call, not 4 bytes (pack=4): given bytes, Triton decoded them in the tensor-core operand's register layout, two
-    codes a thread in a row, so it byte-transposed the loaded words through shared memory and re-paired the bytes
-    for each call (sm_90 split-K, per element: Q4_0 4.22 -> 3.68, Q4_K 4.57 -> 4.14)."""
+    call: given bytes, 4 a call (pack=4), Triton decoded them in the tensor-core operand's register layout, two
+    codes a thread in a row, which on Hopper byte-transposed the loaded words through shared memory and re-paired
+    the bytes for each call (sm_90 split-K, per element: Q4_0 4.22 -> 3.68, Q4_K 4.57 -> 4.14). On mma.sync GPUs
+    that counts fewer, so `codes` may also be uint8 bytes of two codes (the first in the low nibble), in the 128
+    form: `[R, C, 2]` then, in element order once reshaped to `[R, 2 C]` (`decode_planes.FUSED_BYTES`)."""
     tl.static_assert(not (IQ4 and BIASED), "kvalues_iq4nl + 128 reach 241: no 128 form")
-    if PTX:
+    if codes.dtype == tl.uint8:
+        tl.static_assert(BIASED > 0, "bytes of 4-bit codes: the 128 form")
+        if PTX:
+            low, high = tl.inline_asm_elementwise(NIBBLE_128_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes],
+                                                  dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+        else:
+            low = float_form(codes.to(tl.int32) & 15, BIASED)
+            high = float_form(codes.to(tl.int32) >> 4, BIASED)
+        bits = tl.join(low, high)
+    elif PTX:
         if BIASED:
-            v = tl.inline_asm_elementwise(NIBBLE_128_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+            v = tl.inline_asm_elementwise(NIBBLE_128_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes],
                                           dtype=(tl.int32,) * 8, is_pure=True, pack=1)
         elif IQ4:
             v = tl.inline_asm_elementwise(
                 NIBBLE_IQ4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r",
-                [words, _word(tables_ptr, IQ4_WORDS_AT), _word(tables_ptr, IQ4_WORDS_AT + 1),
+                [codes, _word(tables_ptr, IQ4_WORDS_AT), _word(tables_ptr, IQ4_WORDS_AT + 1),
                  _word(tables_ptr, IQ4_WORDS_AT + 2), _word(tables_ptr, IQ4_WORDS_AT + 3)],
                 dtype=(tl.int32,) * 8, is_pure=True, pack=1)
         else:
-            v = tl.inline_asm_elementwise(NIBBLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 8,
+            v = tl.inline_asm_elementwise(NIBBLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes], dtype=(tl.int32,) * 8,
                                           is_pure=True, pack=1)
         bits = _nibbles_in_element_order(v)
     else:
-        codes = _nibbles(words)
+        v = _nibbles(codes)
         if IQ4:
-            codes = iq4_offset_binary(codes)
-        bits = tl.reshape(float_form(codes, BIASED), (words.shape[0], words.shape[1], 2, 2, 2))
+            v = iq4_offset_binary(v)
+        bits = tl.reshape(float_form(v, BIASED), (codes.shape[0], codes.shape[1], 2, 2, 2))
     return bits
 
 

@@ -12,6 +12,7 @@ import triton.language as tl
 from kernels import state
 from kernels.qtensor import QTensor
 from kernels.triton.decode import FORMAT_IDS
+from kernels.triton.decode_planes import FUSED, FUSED_BYTES
 from kernels.triton.float_bits import LOOKUP_WORDS
 from kernels.triton.qmatmul import dequant_kernel, gemv_kernel, qmm_kernel, qmv_kernel
 
@@ -70,6 +71,12 @@ SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for d
                    ("IQ4_NL", "fp16"): (86, 89), ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (90,)}
 
 
+def split_k_form(cc: int) -> int:
+    """The split-K kernel's decode form (`decode_planes.FUSED_BYTES` or FUSED) on compute capability `cc`: 4-bit codes
+    four bytes a register count fewer on the mma.sync GPUs, a 32-bit word an asm call on Hopper's wgmma."""
+    return FUSED_BYTES if cc < 90 else FUSED
+
+
 def split_k_config(fmt: str, layout: str, dtype_name: str, cc: int) -> dict:
     """The split-K tile for a weight of `fmt` in `layout`, activations `dtype_name`, compute capability `cc`."""
     config = SPLIT_K_CONFIGS[layout][dtype_name]
@@ -104,6 +111,7 @@ DEQUANT_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, enable_fp_fusion=Fal
 INTERPRETER_GEMM = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=128, GROUP_N=4)
 INTERPRETER_SPLIT_K = dict(_SPLIT_K_BLOCKS, BLOCK_K=128)
 INTERPRETER_GEMV = dict(BLOCK_N=32, BLOCK_K=128)
+INTERPRETER_SPLIT_K_FORM = FUSED  # tests/test_triton_kernels.py runs FUSED_BYTES too
 # activation dtype -> (its name in the tile tables, the tl.dot operand type)
 DTYPES = {torch.float16: ("fp16", tl.float16), torch.bfloat16: ("bf16", tl.bfloat16),
           torch.float32: ("fp32", tl.float32)}
@@ -211,9 +219,10 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             cfg = INTERPRETER_SPLIT_K if interpreting() else split_k_config(
                 weight.format, weight.layout, dtype_name, state.compute_capability(x.device))
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
+            form = INTERPRETER_SPLIT_K_FORM if interpreting() else split_k_form(state.compute_capability(x.device))
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], k_per_split,
                              FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
-                             EVEN=even_tiles(weight.layout, N, K, cfg), **cfg)
+                             EVEN=even_tiles(weight.layout, N, K, cfg), FORM=form, **cfg)
             return out.to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], out.stride(0))

@@ -21,17 +21,18 @@ import triton
 import triton.language as tl
 
 from kernels.triton.decode import decode_tile
-from kernels.triton.decode_planes import (code_offset, decode_planes_parts, decode_planes_tile_as, has_biased_form,
-                                          has_offset, sub_block_size)
+from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, decode_planes_parts, decode_planes_tile_as,
+                                          has_biased_form, has_offset, sub_block_size)
 
 
 @triton.jit
 def _weight_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, PLANES: tl.constexpr, tables_ptr,
-                 DTYPE: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The weight tile in DTYPE. `EXACT`: the reference's weights bit for bit (`decode_planes_tile`), as the
-    dequantize kernel gives them; the fused kernels take a decode that may differ in the last bit."""
+                 DTYPE: tl.constexpr, FORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight tile in DTYPE. `FORM` (`decode_planes_tile`) EXACT: the reference's weights bit for bit, as the
+    dequantize kernel gives them; the fused kernels take a decode that may differ in the last bit (FUSED,
+    FUSED_BYTES)."""
     if PLANES:
-        w = decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, DTYPE, EXACT, BLOCK_N, BLOCK_K)
+        w = decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, DTYPE, FORM, BLOCK_N, BLOCK_K)
     else:
         k = (k0 + tl.arange(0, BLOCK_K))[None, :]
         w = decode_tile(w_ptr, rows, k, n_mask & (k < K), FMT, tables_ptr).to(DTYPE)
@@ -73,7 +74,7 @@ def qmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, st
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, False, BLOCK_N, BLOCK_K)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, FUSED, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + k[None, :],
                     mask=(m[:, None] < M) & k_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -98,7 +99,7 @@ def _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K: tl.constexpr):
 def _gemv_products(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, PLANES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[n, k] * x[k] for the tile at k0, `[BLOCK_N, BLOCK_K]` fp32."""
-    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, tl.float32, False, BLOCK_N, BLOCK_K)
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, tl.float32, FUSED, BLOCK_N, BLOCK_K)
     return w * _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K)[None, :]
 
 
@@ -198,9 +199,11 @@ def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, N, K, row_bytes, k_pe
 @triton.jit
 def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               EVEN: tl.constexpr, FORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
-    tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s."""
+    tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s.
+    `FORM`: FUSED or FUSED_BYTES (`decode_planes`), which counts fewer on mma.sync GPUs."""
     tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
@@ -216,7 +219,7 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
     k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, False, BLOCK_N, BLOCK_K)
+        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, FORM, BLOCK_N, BLOCK_K)
         if EVEN:
             x_mask = m[:, None] < M
         else:
@@ -238,6 +241,6 @@ def dequant_kernel(w_ptr, out_ptr, tables_ptr, N, K, row_bytes, FMT: tl.constexp
     rows = n[:, None] * row_bytes
     n_mask = n[:, None] < N
     mask = n_mask & (k[None, :] < K)
-    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, out_ptr.dtype.element_ty, True, BLOCK_N,
+    w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, out_ptr.dtype.element_ty, EXACT, BLOCK_N,
                      BLOCK_K)
     tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w, mask=mask)
