@@ -8,9 +8,9 @@ no load is masked: the masks' compares and the zeroing of masked lanes cost abou
 in the FMA GEMV (sm_90).
 
 What the layout buys over `decode.decode_tile`, per tile rather than per element:
-- codes are contiguous loads of planes in element order: bytes and 32-bit words, turned into floats a register at
-  a time by byte permutes (`float_bits`: the mantissa trick, OR the value into 2^23's bit pattern and subtract
-  2^23, no I2F), or 2-bit fields split by `tl.join`;
+- codes are contiguous loads of planes in element order, 32-bit words turned into floats an asm call at a time by
+  byte permutes (`float_bits`: the mantissa trick, OR the value into 2^23's bit pattern and subtract 2^23, no I2F;
+  `FUSED_BYTES`: 4-bit codes four bytes a register);
 - each block's scale (and min) is one typed load per block, spread over its elements; the K-quants' packed 6-bit
   sub-block scales are decoded once per sub-block, not per element;
 - no division or modulo by the block size per element.

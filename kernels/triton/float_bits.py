@@ -1,4 +1,4 @@
-"""Codes -> float32 bit patterns by the mantissa trick, four codes per 32-bit register with PRMT byte permutes.
+"""Codes -> float32 bit patterns by the mantissa trick, a 32-bit word of codes at a time, with PRMT byte permutes.
 
 A code byte `v` placed in the low bits of 2^23's bit pattern (0x4B000000) is the float 2^23 + v; one float
 subtraction then gives the value exactly (`decode_planes._bits_to_float`). A code below 128 can instead be placed at
@@ -6,12 +6,15 @@ bit 16 of 128's bit pattern (0x43000000, the "128 form"): the float 128 + v, exa
 bf16 or fp16 activation is exact in float32. The M = 1 kernel sums those products and takes 128 and the code's
 offset out once per sub-block instead of subtracting them from every element (`qmatmul._gemv_sub_block_sums`); the
 tensor-core kernels decode v * scale + offset as one multiply-add of the 128 form and per-block constants. The
-planes decoders receive their codes' bytes as packed 32-bit registers; here, on NVIDIA GPUs, one `prmt` per code
-moves a byte into that pattern (and, for 4-bit codes, `prmt`s look 4 codes up in a 16-entry byte table held in four
-registers), where Triton's own code would extract every byte, mask it, shift it and OR it in (sm_90: IQ4_NL's GEMM
-counted 16.5 instructions a decoded element with three selects per code, now 7.7). 3-, 5- and 6-bit codes come as a
-32-bit word of low bits with their high bits, 16 or 8 elements an asm call, the high bits merged before the
-conversion. The byte tables reach the asm as operands loaded from the kernels' lookup table (`LOOKUP_WORDS`).
+planes decoders hand their codes over a 32-bit word per asm call (4, 8 or 16 codes; the mma.sync GPUs' split-K
+kernel gives 4-bit codes in the 128 form four bytes a register instead: `nibble_float_bits`); here, on NVIDIA GPUs,
+one `prmt` per code moves a byte into that pattern (and, for 4-bit codes, `prmt`s look 4 codes up in a 16-entry byte
+table held in four registers), where Triton's own code would extract every byte, mask it, shift it and OR it in
+(sm_90: IQ4_NL's GEMM counted 16.5 instructions a decoded element with three selects per code, then 7.7). 3-, 5- and
+6-bit codes come as a 32-bit word of low bits with their high bits, 16 or 8 elements an asm call, the high bits
+merged before the conversion. The byte tables reach the asm as operands loaded from the kernels' lookup table
+(`LOOKUP_WORDS`). NF4 and IQ4 bound for bf16 look each weight up whole in its block's 16 possible weights
+(`code_book_bf16`).
 
 Each function has a portable twin in plain Triton, taken under Triton's interpreter (which runs no assembly) and on
 GPUs that are not NVIDIA's. `PTX_SOURCES` holds the assembly as text: tests/test_float_bits.py runs it through a
