@@ -72,9 +72,10 @@ SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for d
 
 
 def split_k_form(cc: int) -> int:
-    """The split-K kernel's decode form (`decode_planes.FUSED_BYTES` or FUSED) on compute capability `cc`: 4-bit codes
-    four bytes a register count fewer on the mma.sync GPUs, a 32-bit word an asm call on Hopper's wgmma."""
-    return FUSED_BYTES if cc < 90 else FUSED
+    """The split-K kernel's decode form (`decode_planes.FUSED` or FUSED_BYTES) on compute capability `cc`: 4-bit codes
+    a 32-bit word an asm call on Hopper (wgmma), four bytes a register elsewhere, where that counts fewer (sm_80-89,
+    mma.sync) or has not been analysed (sm_100 and up: the kernels' form before the word-wise one)."""
+    return FUSED if cc == 90 else FUSED_BYTES
 
 
 def split_k_config(fmt: str, layout: str, dtype_name: str, cc: int) -> dict:
