@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
-from kernels.triton.float_bits import IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES
+from kernels.triton.float_bits import (HALF_BITS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT,
+                                       PTX_SOURCES)
 
 MASK = 0xFFFFFFFF
 
@@ -95,23 +96,31 @@ def bits_128(v: int) -> int:
     return 0x43000000 | v << 16
 
 
+def bits_128_of_byte(b: int) -> int:
+    """The 128 form of a byte of any value: 128 + b / 256."""
+    assert np.uint32(0x43000000 | b << 8).view(np.float32) == np.float32(128 + b / 256)
+    return 0x43000000 | b << 8
+
+
 FORMS = {"": float_bits, " 128": bits_128}
+BYTE_FORMS = {"": float_bits, " 128": bits_128_of_byte}
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_int8_bits(seed):
-    rng = np.random.default_rng(seed)
-    for _ in range(64):
-        codes = rng.integers(0, 256, 4)
-        out = run_ptx(PTX_SOURCES["int8"], {"$4": pack(codes)})
-        int8 = codes.astype(np.uint8).view(np.int8)
-        assert [out[f"${i}"] for i in range(4)] == [float_bits(int(v) + 128) for v in int8]
+@pytest.mark.parametrize("form", BYTE_FORMS)
+def test_int8_bits(form):
+    for first in range(256):  # every code in every position
+        codes = [(first + 37 * i) % 256 for i in range(4)]
+        out = run_ptx(PTX_SOURCES["int8" + form], {"$4": pack(codes)})
+        int8 = np.asarray(codes, dtype=np.uint8).view(np.int8)
+        assert [out[f"${i}"] for i in range(4)] == [BYTE_FORMS[form](int(v) + 128) for v in int8]
 
 
 NF4_BITS = [int(b) for b in np.asarray(NF4_VALUES, dtype=np.float32).view(np.uint32)]
-# the byte-table words each asm takes as operands from $9 on, every fourth (pack=4), as the kernels pass them
-TABLE_WORDS = {"nibble": [], "nibble 128": [], "nibble iq4": LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4],
-               "nibble nf4": LOOKUP_WORDS[NF4_WORDS_AT:NF4_WORDS_AT + 16]}
+# the words each asm takes as operands from $9 on (byte tables, then `_lookups`' half_bits), as the kernels pass them
+HALF_BITS = (LOOKUP_WORDS[HALF_BITS_AT],)
+TABLE_WORDS = {"nibble": [], "nibble 128": [], "nibble iq4": LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4] + HALF_BITS,
+               "nibble iq4 128": LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4] + HALF_BITS,
+               "nibble nf4": LOOKUP_WORDS[NF4_WORDS_AT:NF4_WORDS_AT + 16] + HALF_BITS}
 
 
 def test_lookup_words_hold_the_code_book_values():
@@ -124,6 +133,7 @@ def test_lookup_words_hold_the_code_book_values():
 @pytest.mark.parametrize("name,table", [("nibble", [float_bits(v) for v in range(16)]),
                                         ("nibble 128", [bits_128(v) for v in range(16)]),
                                         ("nibble iq4", [float_bits(v + 128) for v in IQ4_VALUES]),
+                                        ("nibble iq4 128", [bits_128_of_byte(v + 128) for v in IQ4_VALUES]),
                                         ("nibble nf4", NF4_BITS)])
 def test_nibble_lookups_every_code_in_every_position(name, table):
     words = {f"${9 + i}": word for i, word in enumerate(TABLE_WORDS[name])}
@@ -187,7 +197,7 @@ def test_code_book_bf16_every_code_in_every_position(name, values, seed):
     for i, scale in enumerate(scales):
         codes = np.roll(rng.permutation(16), i)
         word = sum(int(c) << (4 * e) for e, c in enumerate(codes))
-        out = run_ptx(PTX_SOURCES[name], {"$16": word, "$17": bits_of(scale)})
+        out = run_ptx(PTX_SOURCES[name], {"$16": word, "$17": bits_of(scale), "$18": LOOKUP_WORDS[HALF_BITS_AT]})
         assert [out[f"${e}"] for e in range(16)] == code_book_bf16_expected(values, codes, scale), scale
 
 

@@ -110,7 +110,8 @@ def test_planes_fused_matmul_equals_reference(fmt, M, dtype):
 def test_planes_gemv_stays_float32_accurate_with_outlier_activations(fmt):
     """The M = 1 kernel sums the 128 form's products (`qmatmul._gemv_sub_block_sums`), whose rounding follows
     sum(|x|) rather than the result: with a few activations 300 times the rest (as Flux's have), it must stay far
-    below the bf16 output's own rounding (2^-9), at float32 accumulation's scale."""
+    below the bf16 output's own rounding (2^-9), at float32 accumulation's scale. IQ4's bytes take the 128 form with
+    8 fewer bits below the codes' unit (`qmatmul._sums_in_128_form`): about 5e-5 there, 1e-6 elsewhere."""
     weight, dense = quantized_weight(fmt, n=ODD_N, k=1024, layout="planes")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 1024)).astype(np.float32)
@@ -118,7 +119,7 @@ def test_planes_gemv_stays_float32_accurate_with_outlier_activations(fmt):
     x = torch.from_numpy(x).to(torch.bfloat16).float()  # products with bf16 inputs are exact in the 128 form
     exact = x.double() @ dense.double().T
     y = quant_linear_triton(x.to(DEVICE), weight, None).double().cpu()
-    assert (y - exact).norm() / exact.norm() <= 2e-5
+    assert (y - exact).norm() / exact.norm() <= (1e-4 if fmt in ("IQ4_NL", "IQ4_XS") else 2e-5)
 
 
 @pytest.mark.parametrize("block_k", [16, 32, 64])  # the GPU tiles: inside one block, one block, two blocks

@@ -134,16 +134,15 @@ def _code_words(w_ptr, plane, k0, K, n_mask, PER_WORD: tl.constexpr, BLOCK_K: tl
 @triton.jit
 def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`BIASED`: 128 + v;
-    `float_bits`), from a plane of int8 codes (`BITS` 8, v = code + 128) or of 4-bit codes (v = code, or with `IQ4`
-    kvalues_iq4nl[code] + 128), taken a 32-bit word at a time, or with `BIASED` == FUSED_BYTES four bytes at a
-    time."""
+    """The tile's codes `[BLOCK_N, BLOCK_K]` as int32 bits of the float32 2^23 + v (`BIASED`: the 128 form,
+    128 + v * code_step; `float_bits`), from a plane of int8 codes (`BITS` 8, v = code + 128) or of 4-bit codes
+    (v = code, or with `IQ4` kvalues_iq4nl[code] + 128), taken a 32-bit word at a time, or with `BIASED` ==
+    FUSED_BYTES four bytes at a time (4-bit codes but IQ4's)."""
     if BITS == 8:
-        tl.static_assert(not BIASED, "int8 codes + 128 reach 255: no 128 form")
-        bits = int8_float_bits(_code_words(w_ptr, plane, k0, K, n_mask, 4, BLOCK_K))
+        bits = int8_float_bits(_code_words(w_ptr, plane, k0, K, n_mask, 4, BLOCK_K), BIASED)
     else:
         tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
-        if BIASED == FUSED_BYTES:
+        if (BIASED == FUSED_BYTES) and not IQ4:
             j = (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
             codes = _load(w_ptr + plane + j, _within(n_mask, j, K // 2))
         else:
@@ -249,8 +248,19 @@ def code_offset(fmt: int) -> int:
 
 @triton.constexpr_function
 def has_biased_form(fmt: int) -> bool:
-    """Whether every stored code of `fmt` is below 128, so `decode_planes_parts` can give it in the 128 form."""
-    return _FORMAT_NAMES[fmt] in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+    """Whether `decode_planes_parts` can give `fmt`'s codes in the 128 form: every format whose codes are integers
+    (not NF4's float32 values)."""
+    return _FORMAT_NAMES[fmt] != "NF4"
+
+
+@triton.constexpr_function
+def code_step(fmt: int) -> float:
+    """The 128 form's step for `fmt`'s stored codes c, 128 + c * step (`float_bits`): 1 for codes below 128, 1/256
+    for the offset-binary bytes of Q8_0 and IQ4 (up to 255). With 1/256 the multiply-add that decodes it, the
+    float32 (128 + c / 256) * (256 scale) - (128 + offset / 256) (256 scale), is exact where that constant is (a
+    scale of at most 15 significant bits: Q8_0's and IQ4_NL's f16 d), and replaces a subtraction and a multiply;
+    in the M = 1 kernel it saves the subtraction an element."""
+    return 1 / 256 if _FORMAT_NAMES[fmt] in ("Q8_0", "IQ4_NL", "IQ4_XS") else 1.0
 
 
 @triton.jit
@@ -298,8 +308,8 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
     """(v, scale, offset): the tile's weights are `v * scale + offset`, v `[BLOCK_N, BLOCK_K]` per element, scale and
     offset `[BLOCK_N, sub-blocks]` per sub-block of `sub_block_size(FMT)` elements (offset only where
     `has_offset(FMT)`; elsewhere it is the scale again, unused). With `BIASED` (FUSED or FUSED_BYTES, where
-    `has_biased_form(FMT)`) v is instead 128 + v + code_offset(FMT), the stored code in the 128 form
-    (`float_bits`)."""
+    `has_biased_form(FMT)`) v is instead 128 + (v + code_offset(FMT)) * code_step(FMT), the stored code in the 128
+    form (`float_bits`)."""
     if has_code_book(FMT):
         scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
         if FMT == NF4:
@@ -393,15 +403,18 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`FORM` EXACT: the reference's float32 weights bit for bit, `(code - offset) * scale (+ offset)`, each operation
     rounded as it rounds (the dequantize kernel, compiled without multiply-add fusion). Otherwise (FUSED,
-    FUSED_BYTES), where the codes have the 128 form, `(128 + code) * scale + base` with the block's `base = offset - (128 + code offset) *
-    scale`: one multiply-add an element where the exact form takes a subtraction, a multiply and an add, for the
-    fused kernels, whose decoded weight may differ in its last bit (sm_90, per element: split-K GEMV Q4_0 5.09 ->
-    4.22, GEMM 128x128x128 Q4_0 6.56 -> 5.72, Q4_K 7.61 -> 6.64)."""
+    FUSED_BYTES), where the codes have the 128 form, `(128 + code * step) * (scale / step) + base` with the block's
+    `base = offset - (128 + code offset * step) * (scale / step)` (`code_step`): one multiply-add an element where the
+    exact form takes a subtraction, a multiply and an add, for the fused kernels, whose decoded weight may differ in
+    its last bit (sm_90, per element: split-K GEMV Q4_0 5.09 -> 4.22, GEMM 128x128x128 Q4_0 6.56 -> 5.72, Q4_K 7.61
+    -> 6.64)."""
     QK: tl.constexpr = sub_block_size(FMT)
     BIASED: tl.constexpr = FORM if has_biased_form(FMT) else EXACT
     v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BIASED, BLOCK_N, BLOCK_K)
     if BIASED:
-        base = -(128 + code_offset(FMT)) * scale
+        if code_step(FMT) != 1:
+            scale = scale * (1 / code_step(FMT))
+        base = -(128 + code_offset(FMT) * code_step(FMT)) * scale
         if has_offset(FMT):
             base += offset
         w = v * _expand(scale, BLOCK_N, BLOCK_K, QK) + _expand(base, BLOCK_N, BLOCK_K, QK)

@@ -3,7 +3,9 @@
 A code byte `v` placed in the low bits of 2^23's bit pattern (0x4B000000) is the float 2^23 + v; one float
 subtraction then gives the value exactly (`decode_planes._bits_to_float`). A code below 128 can instead be placed at
 bit 16 of 128's bit pattern (0x43000000, the "128 form"): the float 128 + v, exact in bf16 too, whose product with a
-bf16 or fp16 activation is exact in float32. The M = 1 kernel sums those products and takes 128 and the code's
+bf16 or fp16 activation is exact in float32. A byte of any value (Q8_0's int8 codes + 128, IQ4's levels + 128)
+takes the 128 form at bit 8: 128 + b / 256, 16 significant bits, its product with a bf16 activation still exact;
+one multiply-add then decodes it exactly (`decode_planes.code_step`). The M = 1 kernel sums those products and takes 128 and the code's
 offset out once per sub-block instead of subtracting them from every element (`qmatmul._gemv_sub_block_sums`); the
 tensor-core kernels decode v * scale + offset as one multiply-add of the 128 form and per-block constants. The
 planes decoders hand their codes over a 32-bit word per asm call (4, 8 or 16 codes; the mma.sync GPUs' split-K
@@ -31,7 +33,7 @@ from kernels.formats import IQ4_VALUES, NF4_VALUES
 # inline PTX only where Triton compiles for an NVIDIA GPU (the interpreter and ROCm take the portable twins)
 PTX = tl.constexpr(not triton.knobs.runtime.interpret and torch.version.hip is None)
 FLOAT_OF_TWO_POW_23 = tl.constexpr(0x4B000000)  # 2^23's float32 bits: OR a value < 2^23 in, it lands in the mantissa
-FLOAT_OF_128 = tl.constexpr(0x43000000)  # 128's: OR v << 16 in (v < 128), it is 128 + v
+FLOAT_OF_128 = tl.constexpr(0x43000000)  # 128's: OR v << 16 in (v < 128), it is 128 + v; v << 8, 128 + v / 256
 
 
 def _assemble(lines: list[str]) -> str:
@@ -43,33 +45,38 @@ def _assemble(lines: list[str]) -> str:
     return "{\n.reg .b32 " + scratch + ";\n" + "\n".join(lines) + "\n}"
 
 
-def _float_bits_of_bytes(sources: list[tuple[str, int]], biased: bool = False) -> list[str]:
+def _float_bits_of_bytes(sources: list[tuple[str, int]], biased: bool = False, full_bytes: bool = False) -> list[str]:
     """Output $i: the bits of 2^23 + byte `byte` of register `source` (the i-th pair): that byte, two zero bytes
-    and 0x4B from the constant 0x4B000000; or with `biased` (bytes below 128) of 128 + byte: two zero bytes,
-    that byte and 0x43."""
+    and 0x4B from the constant 0x4B000000; or with `biased` in the 128 form, 128 + byte (bytes below 128): two zero
+    bytes, that byte and 0x43, or with `full_bytes` (bytes of any value) 128 + byte / 256: a zero byte, that byte,
+    a zero byte and 0x43."""
     if biased:
-        return [f"prmt.b32 ${i}, {source}, 0x43000000, 0x7{byte}44;" for i, (source, byte) in enumerate(sources)]
+        pick = "0x76{}4" if full_bytes else "0x7{}44"
+        return [f"prmt.b32 ${i}, {source}, 0x43000000, {pick.format(byte)};" for i, (source, byte) in enumerate(sources)]
     return [f"prmt.b32 ${i}, {source}, 0x4B000000, 0x744{byte};" for i, (source, byte) in enumerate(sources)]
 
 
-def _int8_bits_ptx() -> str:
-    """A word of 4 int8 codes ($4) -> the bits of 2^23 + code + 128 for each ($0-$3): flipping the sign bit makes
-    two's complement offset binary."""
-    return _assemble(["xor.b32 b, $4, 0x80808080;"] + _float_bits_of_bytes([("b", i) for i in range(4)]))
+def _int8_bits_ptx(biased: bool = False) -> str:
+    """A word of 4 int8 codes ($4) -> the bits of 2^23 + code + 128 for each ($0-$3), or with `biased` of
+    128 + (code + 128) / 256: flipping the sign bit makes two's complement offset binary."""
+    return _assemble(["xor.b32 b, $4, 0x80808080;"] + _float_bits_of_bytes([("b", i) for i in range(4)], biased,
+                                                                           full_bytes=True))
 
 
-def _lookups(tables: list[list[str]], codes: str = "$8", name: str = "") -> list[str]:
+def _lookups(tables: list[list[str]], half_bits: str, codes: str = "$8", name: str = "") -> list[str]:
     """PTX: for the 8 4-bit codes of register `codes` (element order, low nibble first), byte `table[code]` of each
     16-entry byte table (four registers, four entries a word) into register `name`vak (elements 0-3, a byte each)
     and `name`vbk (elements 4-7), k the table's index.
 
     prmt picks byte (selector & 7) of 8, here one half of the table in two registers: the codes' low 3 bits pick
     from both halves, a second prmt picks the half by the code's bit 3. Selector bit 3 would sign-replicate the
-    byte, hence the mask 0x77777777."""
+    byte, hence the mask 0x77777777. The second selectors take two constants; the mask 0x44444444 comes as the
+    operand `half_bits` (`LOOKUP_WORDS`), since as a constant ptxas put it into a register again for every call
+    (sm_90 FMA GEMV, IQ4_NL: 0.13 instructions an element)."""
     lines = [f"and.b32 {name}qa, {codes}, 0x77777777;",  # selectors of elements 0-3 in the low 16 bits
              f"shr.b32 {name}qb, {name}qa, 16;",  # of elements 4-7
              f"shr.b32 {name}sa, {codes}, 1;",  # second selectors: byte i of the first half's result, or the second's
-             f"and.b32 {name}sa, {name}sa, 0x44444444;",
+             f"and.b32 {name}sa, {name}sa, {half_bits};",
              f"or.b32 {name}sa, {name}sa, 0x32103210;",
              f"shr.b32 {name}sb, {name}sa, 16;"]
     for k, t in enumerate(tables):
@@ -97,21 +104,22 @@ _HIGH_ELEMENTS = [("a", 1), ("a", 3), ("b", 1), ("b", 3)]
 def _nibble_bits_ptx(table: bool, biased: bool = False) -> str:
     """A word ($8) of 8 4-bit codes (element e at bits 4e) -> the bits of 2^23 + v (`biased`: 128 + v) for the low
     nibbles ($0-$3: elements 0, 2, 4, 6) and the high ones ($4-$7: 1, 3, 5, 7): v the code itself, or with `table`
-    byte `code` of the table in the words $9-$12."""
+    byte `code` of the table in the words $9-$12 (`biased`: 128 + v / 256, a byte of any value; `_lookups`'
+    half_bits in $13)."""
     if not table:
         lines = ["and.b32 va0, $8, 0x0f0f0f0f;", "shr.b32 vb0, $8, 4;", "and.b32 vb0, vb0, 0x0f0f0f0f;"]
         elements = [("va0", i) for i in range(4)] + [("vb0", i) for i in range(4)]
     else:
-        lines = _lookups(_table_operands(9, 1))
+        lines = _lookups(_table_operands(9, 1), "$13")
         elements = [(f"v{part}0", byte) for part, byte in _LOW_ELEMENTS + _HIGH_ELEMENTS]
-    return _assemble(lines + _float_bits_of_bytes(elements, biased))
+    return _assemble(lines + _float_bits_of_bytes(elements, biased, full_bytes=table))
 
 
 def _nibble_float32_ptx() -> str:
     """A word ($8) of 8 4-bit codes -> the float32 value[code], low nibbles ($0-$3), high ones ($4-$7), from four
-    byte tables in the words $9-$24 (byte k of each value: `float32_byte_tables`), then a 4 x 4 byte transpose per 4
-    elements."""
-    lines = _lookups(_table_operands(9, 4))
+    byte tables in the words $9-$24 (byte k of each value: `float32_byte_tables`; `_lookups`' half_bits in $25),
+    then a 4 x 4 byte transpose per 4 elements."""
+    lines = _lookups(_table_operands(9, 4), "$25")
     out = 0
     for name, elements in (("low", _LOW_ELEMENTS), ("high", _HIGH_ELEMENTS)):
         for half in "ab":
@@ -131,7 +139,8 @@ def _float32_immediate(value) -> str:
 
 
 def _code_book_bf16_ptx(values) -> str:
-    """16 4-bit codes ($16, 64 bits, element e at bits 4e..4e + 3) of one block, its scale ($17) -> the bf16 weights
+    """16 4-bit codes ($16, 64 bits, element e at bits 4e..4e + 3) of one block, its scale ($17; `_lookups`'
+    half_bits in $18) -> the bf16 weights
     value[code] * scale ($0-$15), for the code book `values` (NF4's, IQ4's). First the block's 16 possible weights:
     value[c] * scale in float32, rounded to bf16 (the same two roundings as decoding to float32, then converting),
     as two 16-entry byte tables, their low bytes (l0-l3, four entries a word) and their high bytes (h0-h3); then
@@ -144,7 +153,7 @@ def _code_book_bf16_ptx(values) -> str:
     lines.append("mov.b64 {c0, c1}, $16;")
     for half in range(2):
         name = f"c{half}"
-        lines += _lookups([[f"l{i}" for i in range(4)], [f"h{i}" for i in range(4)]], name, name)
+        lines += _lookups([[f"l{i}" for i in range(4)], [f"h{i}" for i in range(4)]], "$18", name, name)
         pairs = [("a", "0x5140"), ("a", "0x7362"), ("b", "0x5140"), ("b", "0x7362")]  # elements 01, 23, 45, 67
         for j, (part, pick) in enumerate(pairs):
             e = 8 * half + 2 * j
@@ -235,23 +244,29 @@ IQ4_OFFSET_BINARY = tuple(v + 128 for v in IQ4_VALUES)  # kvalues_iq4nl as bytes
 # The lookup table the kernels take (`tables_ptr`, 32-bit words): NF4's 16 float32 values (the portable twins and
 # the blocks decoder gather them), then the byte tables of the PRMT lookups, passed to the asm as operands: loaded
 # once, they stay in registers, where constants in the asm were rematerialised for every call (NF4's 16 words:
-# about 2 instructions an element); then IQ4's values as float32 (`code_book_bf16`'s portable twin gathers them).
+# about 2 instructions an element); then IQ4's values as float32 (`code_book_bf16`'s portable twin gathers them);
+# then `_lookups`' half_bits, an operand for the same reason.
 NF4_WORDS_AT = tl.constexpr(16)
 IQ4_WORDS_AT = tl.constexpr(32)
 IQ4_VALUES_AT = tl.constexpr(36)
+HALF_BITS_AT = tl.constexpr(52)
 LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("<u4")]
                      + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
                      + byte_table_words(IQ4_OFFSET_BINARY)
-                     + [int(b) for b in np.asarray(IQ4_VALUES, dtype="<f4").view("<u4")])
-PTX_SOURCES = {"int8": _int8_bits_ptx(), "nibble": _nibble_bits_ptx(False), "nibble iq4": _nibble_bits_ptx(True),
+                     + [int(b) for b in np.asarray(IQ4_VALUES, dtype="<f4").view("<u4")]
+                     + [0x44444444])
+PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True), "nibble": _nibble_bits_ptx(False),
+               "nibble iq4": _nibble_bits_ptx(True), "nibble iq4 128": _nibble_bits_ptx(True, biased=True),
                "nibble nf4": _nibble_float32_ptx(), "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
                "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES), "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _two_bit_fields_ptx(True, biased=True),
                "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),
                "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True)}
 INT8_PTX = tl.constexpr(PTX_SOURCES["int8"])
+INT8_128_PTX = tl.constexpr(PTX_SOURCES["int8 128"])
 NIBBLE_PTX = tl.constexpr(PTX_SOURCES["nibble"])
 NIBBLE_IQ4_PTX = tl.constexpr(PTX_SOURCES["nibble iq4"])
+NIBBLE_IQ4_128_PTX = tl.constexpr(PTX_SOURCES["nibble iq4 128"])
 NIBBLE_NF4_PTX = tl.constexpr(PTX_SOURCES["nibble nf4"])
 THREE_BIT_PTX = tl.constexpr(PTX_SOURCES["three bit"])
 FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
@@ -271,23 +286,27 @@ IQ4_WORD_0, IQ4_WORD_1, IQ4_WORD_2, IQ4_WORD_3 = (
 
 
 @triton.jit
-def int8_float_bits(words):
-    """int32 words of 4 int8 codes (element e in byte e) -> int32 bits of the float32 2^23 + code + 128,
-    `[R, C, 2, 2]`, in element order once reshaped to `[R, 4 C]`."""
+def int8_float_bits(words, BIASED: tl.constexpr):
+    """int32 words of 4 int8 codes (element e in byte e) -> int32 bits of the float32 2^23 + code + 128 (`BIASED`:
+    128 + (code + 128) / 256), `[R, C, 2, 2]`, in element order once reshaped to `[R, 4 C]`."""
     if PTX:
-        bits = in_element_order(tl.inline_asm_elementwise(INT8_PTX, "=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 4,
-                                                          is_pure=True, pack=1))
+        bits = in_element_order(tl.inline_asm_elementwise(INT8_128_PTX if BIASED else INT8_PTX, "=r,=r,=r,=r,r",
+                                                          [words], dtype=(tl.int32,) * 4, is_pure=True, pack=1))
     else:
         codes = (words[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]) & 255
-        bits = tl.reshape((codes ^ 128) | FLOAT_OF_TWO_POW_23, (words.shape[0], words.shape[1], 2, 2))
+        bits = tl.reshape(float_form(codes ^ 128, BIASED, True), (words.shape[0], words.shape[1], 2, 2))
     return bits
 
 
 @triton.jit
-def float_form(v, BIASED: tl.constexpr):
-    """Portable: int32 codes -> the bits of the float32 2^23 + v, or with `BIASED` of 128 + v (v < 128)."""
+def float_form(v, BIASED: tl.constexpr, FULL_BYTES: tl.constexpr = False):
+    """Portable: int32 codes -> the bits of the float32 2^23 + v, or with `BIASED` in the 128 form: 128 + v (v <
+    128), or with `FULL_BYTES` 128 + v / 256 (v < 256)."""
     if BIASED:
-        bits = (v << 16) | FLOAT_OF_128
+        if FULL_BYTES:
+            bits = (v << 8) | FLOAT_OF_128
+        else:
+            bits = (v << 16) | FLOAT_OF_128
     else:
         bits = v | FLOAT_OF_TWO_POW_23
     return bits
@@ -322,15 +341,14 @@ def _nibbles(words):
 def nibble_float_bits(codes, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr):
     """int32 words of 8 4-bit codes (element e at bits 4e) -> int32 bits of the float32 2^23 + v (`BIASED`:
     128 + v), `[R, C, 2, 2, 2]` in element order once reshaped to `[R, 8 C]`, where v is the code itself, or with IQ4
-    kvalues_iq4nl[code] + 128 (its byte table at `tables_ptr`, `LOOKUP_WORDS`; not in the 128 form). A word an asm
+    kvalues_iq4nl[code] + 128 (its byte table at `tables_ptr`, `LOOKUP_WORDS`; `BIASED`: 128 + v / 256). A word an asm
     call: given bytes, 4 a call (pack=4), Triton decoded them in the tensor-core operand's register layout, two
     codes a thread in a row, which on Hopper byte-transposed the loaded words through shared memory and re-paired
     the bytes for each call (sm_90 split-K, per element: Q4_0 4.22 -> 3.68, Q4_K 4.57 -> 4.14). On mma.sync GPUs
     that counts fewer, so `codes` may also be uint8 bytes of two codes (the first in the low nibble), in the 128
     form: `[R, C, 2]` then, in element order once reshaped to `[R, 2 C]` (`decode_planes.FUSED_BYTES`)."""
-    tl.static_assert(not (IQ4 and BIASED), "kvalues_iq4nl + 128 reach 241: no 128 form")
     if codes.dtype == tl.uint8:
-        tl.static_assert(BIASED > 0, "bytes of 4-bit codes: the 128 form")
+        tl.static_assert((BIASED > 0) and not IQ4, "bytes of 4-bit codes: the 128 form of the codes themselves")
         if PTX:
             low, high = tl.inline_asm_elementwise(NIBBLE_128_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes],
                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
@@ -339,24 +357,22 @@ def nibble_float_bits(codes, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr
             high = float_form(codes.to(tl.int32) >> 4, BIASED)
         bits = tl.join(low, high)
     elif PTX:
-        if BIASED:
-            v = tl.inline_asm_elementwise(NIBBLE_128_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes],
-                                          dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-        elif IQ4:
+        if IQ4:
             v = tl.inline_asm_elementwise(
-                NIBBLE_IQ4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r",
+                NIBBLE_IQ4_128_PTX if BIASED else NIBBLE_IQ4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r,r",
                 [codes, _word(tables_ptr, IQ4_WORDS_AT), _word(tables_ptr, IQ4_WORDS_AT + 1),
-                 _word(tables_ptr, IQ4_WORDS_AT + 2), _word(tables_ptr, IQ4_WORDS_AT + 3)],
+                 _word(tables_ptr, IQ4_WORDS_AT + 2), _word(tables_ptr, IQ4_WORDS_AT + 3),
+                 _word(tables_ptr, HALF_BITS_AT)],
                 dtype=(tl.int32,) * 8, is_pure=True, pack=1)
         else:
-            v = tl.inline_asm_elementwise(NIBBLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes], dtype=(tl.int32,) * 8,
-                                          is_pure=True, pack=1)
+            v = tl.inline_asm_elementwise(NIBBLE_128_PTX if BIASED else NIBBLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r",
+                                          [codes], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
         bits = _nibbles_in_element_order(v)
     else:
         v = _nibbles(codes)
         if IQ4:
             v = iq4_offset_binary(v)
-        bits = tl.reshape(float_form(v, BIASED), (codes.shape[0], codes.shape[1], 2, 2, 2))
+        bits = tl.reshape(float_form(v, BIASED, IQ4), (codes.shape[0], codes.shape[1], 2, 2, 2))
     return bits
 
 
@@ -367,7 +383,7 @@ def nf4_values(words, tables_ptr):
     tables)."""
     if PTX:
         v = tl.inline_asm_elementwise(
-            NIBBLE_NF4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r" * 4,
+            NIBBLE_NF4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r,r,r,r" * 4 + ",r",
             [words, _word(tables_ptr, NF4_WORDS_AT), _word(tables_ptr, NF4_WORDS_AT + 1),
              _word(tables_ptr, NF4_WORDS_AT + 2), _word(tables_ptr, NF4_WORDS_AT + 3),
              _word(tables_ptr, NF4_WORDS_AT + 4), _word(tables_ptr, NF4_WORDS_AT + 5),
@@ -375,7 +391,8 @@ def nf4_values(words, tables_ptr):
              _word(tables_ptr, NF4_WORDS_AT + 8), _word(tables_ptr, NF4_WORDS_AT + 9),
              _word(tables_ptr, NF4_WORDS_AT + 10), _word(tables_ptr, NF4_WORDS_AT + 11),
              _word(tables_ptr, NF4_WORDS_AT + 12), _word(tables_ptr, NF4_WORDS_AT + 13),
-             _word(tables_ptr, NF4_WORDS_AT + 14), _word(tables_ptr, NF4_WORDS_AT + 15)],
+             _word(tables_ptr, NF4_WORDS_AT + 14), _word(tables_ptr, NF4_WORDS_AT + 15),
+             _word(tables_ptr, HALF_BITS_AT)],
             dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         values = _nibbles_in_element_order(v)
     else:
@@ -389,9 +406,9 @@ def code_book_bf16(codes, scale, IQ4: tl.constexpr, tables_ptr):
     weights value[code] * scale, NF4's values or with `IQ4` kvalues_iq4nl, in element order once reshaped to
     `[R, 16 C]`."""
     if PTX:
-        w = in_element_order(tl.inline_asm_elementwise(IQ4_BF16_PTX if IQ4 else NF4_BF16_PTX, "=h," * 16 + "l,r",
-                                                          [codes, scale], dtype=(tl.bfloat16,) * 16, is_pure=True,
-                                                          pack=1))
+        w = in_element_order(tl.inline_asm_elementwise(IQ4_BF16_PTX if IQ4 else NF4_BF16_PTX, "=h," * 16 + "l,r,r",
+                                                          [codes, scale, _word(tables_ptr, HALF_BITS_AT)],
+                                                          dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1))
     else:
         code = (codes[:, :, None] >> (4 * tl.arange(0, 16))[None, None, :]) & 15
         values = tables_ptr + IQ4_VALUES_AT if IQ4 else tables_ptr
