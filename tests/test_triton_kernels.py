@@ -4,13 +4,17 @@
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import QTensor, dispatch, get_format, reference
 from kernels import quant_linear as quant_linear_module
 from kernels.quant_linear import METHODS, QuantLinear, quant_linear
 from kernels.repack import has_planes
-from kernels.triton.decode import KERNEL_FORMATS
-from kernels.triton.ops import dequant_matmul_triton, dequantize_triton, interpreting, quant_linear_triton
+from kernels.triton.decode import FORMAT_IDS, KERNEL_FORMATS
+from kernels.triton.decode_planes import FUSED, decode_planes_tile_as
+from kernels.triton.ops import (dequant_matmul_triton, dequantize_triton, interpreting, lookup_table,
+                                quant_linear_triton)
 
 pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
@@ -96,6 +100,35 @@ def test_planes_dequant_kernel_to_bf16_equals_reference(fmt, odd):
     else:
         expected = dense.to(torch.bfloat16)
     assert torch.equal(dequantize_triton(weight, torch.bfloat16).cpu(), expected)
+
+
+@triton.jit
+def _fused_bf16_tile_kernel(w_ptr, out_ptr, tables_ptr, N, K, row_bytes, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    w = decode_planes_tile_as(w_ptr, n * row_bytes, tl.program_id(1) * BLOCK_K, K, n < N, FMT, tables_ptr,
+                              tl.bfloat16, FUSED, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + n * K + k, w, mask=(n < N) & (k < K))
+
+
+@pytest.mark.parametrize("block_k", [64, 128])
+@pytest.mark.parametrize("fmt", ["NF4", "IQ4_NL", "IQ4_XS"])
+def test_code_book_bf16_tiles_of_the_fused_kernels(fmt, block_k):
+    """The tensor-core kernels' bf16 decode of the code-book formats (`decode_planes_tile_as`; NF4's blocks whole in
+    a thread in 128-deep tiles), which the interpreter's fused kernels skip (they multiply bf16 activations as
+    fp32): the reference's weights in bf16, on odd shapes."""
+    weight, dense = quantized_weight(fmt, n=ODD_N, k=odd_k(fmt) if fmt != "IQ4_XS" else 512, layout="planes")
+    n, k = weight.shape
+    out = torch.zeros((n, k), dtype=torch.bfloat16, device=DEVICE)
+    _fused_bf16_tile_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
+        weight.raw, out, lookup_table(weight.device), n, k, weight.raw.shape[1], FMT=FORMAT_IDS[fmt], BLOCK_N=16,
+        BLOCK_K=block_k)
+    if interpreting():
+        expected = (dense.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)  # truncated, as above
+    else:
+        expected = dense.to(torch.bfloat16)
+    assert torch.equal(out.cpu(), expected)
 
 
 @pytest.mark.parametrize("M, dtype", [(1, torch.float16), (3, torch.float32), (17, torch.float16),

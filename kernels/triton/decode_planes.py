@@ -426,6 +426,15 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr
 
 
 @triton.jit
+def _code_book_words(w_ptr, plane, m, K, n_mask, scale, FMT: tl.constexpr, tables_ptr, BLOCK_N: tl.constexpr,
+                     C: tl.constexpr):
+    """The bf16 weights `[BLOCK_N, C]` of the 64-bit words `m` (`[1, C / 16]`) of a plane of 4-bit code-book codes,
+    each word's block scale in `scale` (`[BLOCK_N, C / 16]`)."""
+    codes = _typed(w_ptr, plane, m, _within(n_mask, m, K // 16), tl.int64)
+    return tl.reshape(code_book_bf16(codes, scale, FMT != NF4, tables_ptr), (BLOCK_N, C))
+
+
+@triton.jit
 def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, DTYPE: tl.constexpr,
                           FORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`decode_planes_tile(...).to(DTYPE)`. The code-book formats (NF4, IQ4_NL, IQ4_XS) to bf16 in tiles at least 64
@@ -435,14 +444,32 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
     transpose (sm_90 GEMM, 128x128x128: NF4 9.9 -> 8.0 instructions a decoded element), where IQ4's offset-binary
     bytes take a subtraction an element (IQ4_NL 7.69 -> 6.70, IQ4_XS 8.52 -> 7.72; split-K 5.84 -> 4.88, 6.35 ->
     5.41). In shallower tiles the 16 outputs of a call regroup through shared memory (NF4 19.9 -> 34.9, IQ4_NL's
-    64x128x32 GEMM 17.8 -> 34.1), so those decode to float32 first, as every other case does."""
+    64x128x32 GEMM 17.8 -> 34.1), so those decode to float32 first, as every other case does.
+
+    NF4's 64-element blocks in the fused kernels' 128-deep tiles (`FORM` not EXACT; 64 or 128 elements a thread): a
+    block's four words of codes load as two 128-bit halves of the same shape, so one thread holds the whole block,
+    makes its four calls and builds the table once (ptxas shares it between calls with the same scale register);
+    loaded as one tile of words, two a thread, it was built for every 32 elements (per element, sm_90: split-K
+    4.69 -> 4.18, GEMM 128x128x128 6.52 -> 6.12; sm_80: split-K 4.95 -> 4.37). The halves' join and its transpose
+    back into element order stay in registers there. Tiles with fewer elements a thread get no shared table and
+    pay for the join: the 64-deep GEMM tiles (sm_90 128x128x64 7.59 -> 7.94, sm_80 8.94 -> 9.25), and the
+    dequantize kernel's, 16 a thread, where they went through shared memory (10.4 -> 30.0)."""
     if has_code_book(FMT) and (DTYPE == tl.bfloat16) and (BLOCK_K >= 64):
         scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
-        m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
-        codes = _typed(w_ptr, rows + plane, m, _within(n_mask, m, K // 16), tl.int64)
-        words_per_block: tl.constexpr = sub_block_size(FMT) // 16
-        w = code_book_bf16(codes, _expand(scale, BLOCK_N, BLOCK_K // 16, words_per_block), FMT != NF4, tables_ptr)
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        WORDS: tl.constexpr = sub_block_size(FMT) // 16  # a block's 64-bit words of 16 codes
+        if (WORDS == 4) and (FORM != EXACT) and (BLOCK_K >= 128):
+            NB: tl.constexpr = BLOCK_K // 64
+            m = tl.reshape((k0 // 16 + 4 * tl.arange(0, NB))[:, None] + tl.arange(0, 2)[None, :], (1, 2 * NB))
+            scale = _expand(scale, BLOCK_N, 2 * NB, 2)
+            first = _code_book_words(w_ptr, rows + plane, m, K, n_mask, scale, FMT, tables_ptr, BLOCK_N, BLOCK_K // 2)
+            second = _code_book_words(w_ptr, rows + plane, m + 2, K, n_mask, scale, FMT, tables_ptr, BLOCK_N,
+                                      BLOCK_K // 2)
+            halves = tl.join(tl.reshape(first, (BLOCK_N, NB, 32)), tl.reshape(second, (BLOCK_N, NB, 32)))
+            w = tl.reshape(tl.permute(halves, (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
+        else:
+            m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
+            w = _code_book_words(w_ptr, rows + plane, m, K, n_mask, _expand(scale, BLOCK_N, BLOCK_K // 16, WORDS),
+                                 FMT, tables_ptr, BLOCK_N, BLOCK_K)
     else:
         w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, FORM, BLOCK_N, BLOCK_K).to(DTYPE)
     return w

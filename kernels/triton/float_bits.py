@@ -146,7 +146,9 @@ def _code_book_bf16_ptx(values) -> str:
     as two 16-entry byte tables, their low bytes (l0-l3, four entries a word) and their high bytes (h0-h3); then
     each code looks up both bytes. cvt to bf16x2 needs sm_80, as bf16 tensor-core operands do. ptxas computes the
     table once for the calls of a thread that share a block (the same scale register)."""
-    lines = [f"mul.f32 p{c}, $17, {_float32_immediate(value)};" for c, value in enumerate(values)]
+    # NF4's zero is +0 whatever the scale: its scale, an absolute maximum, is never negative (IQ4 has no zero)
+    lines = [f"mul.f32 p{c}, $17, {_float32_immediate(value)};" if value else f"mov.b32 p{c}, 0;"
+             for c, value in enumerate(values)]
     lines += [f"cvt.rn.bf16x2.f32 w{j}, p{2 * j + 1}, p{2 * j};" for j in range(8)]  # p_2j in the low half
     lines += [f"prmt.b32 l{i}, w{2 * i}, w{2 * i + 1}, 0x6420;" for i in range(4)]
     lines += [f"prmt.b32 h{i}, w{2 * i}, w{2 * i + 1}, 0x7531;" for i in range(4)]

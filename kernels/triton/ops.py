@@ -65,10 +65,10 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
 # the tensor cores (sm_90 per element: Q3_K 7.27 against 6.23, Q2_K 5.73 against 4.66; Q3_K also spilled 12 bytes
 # on sm_80). In 4, IQ4_NL and NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 they take
 # `float_bits.code_book_bf16` and fit in 4: IQ4_NL 5.09 a weight element there, 8.36 in 8 before), Q8_0 with fp32
-# activations 8 bytes on sm_90.
+# activations 8 bytes on sm_90 and, with its bytes in the 128 form, 28 on sm_80.
 _ALL_ARCHS = (80, 86, 89, 90)
 SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for dtype in ("fp16", "bf16", "fp32")},
-                   ("IQ4_NL", "fp16"): (86, 89), ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (90,)}
+                   ("IQ4_NL", "fp16"): (86, 89), ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (80, 90)}
 
 
 def split_k_form(cc: int) -> int:
