@@ -426,12 +426,13 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr
 
 
 @triton.jit
-def _code_book_words(w_ptr, plane, m, K, n_mask, scale, FMT: tl.constexpr, tables_ptr, BLOCK_N: tl.constexpr,
-                     C: tl.constexpr):
+def _code_book_words(w_ptr, plane, m, K, n_mask, scale, WORDS: tl.constexpr, FMT: tl.constexpr, tables_ptr,
+                     BLOCK_N: tl.constexpr, C: tl.constexpr):
     """The bf16 weights `[BLOCK_N, C]` of the 64-bit words `m` (`[1, C / 16]`) of a plane of 4-bit code-book codes,
-    each word's block scale in `scale` (`[BLOCK_N, C / 16]`)."""
+    `WORDS` consecutive ones in a block of `scale` (`[BLOCK_N, C / (16 WORDS)]`)."""
     codes = _typed(w_ptr, plane, m, _within(n_mask, m, K // 16), tl.int64)
-    return tl.reshape(code_book_bf16(codes, scale, FMT != NF4, tables_ptr), (BLOCK_N, C))
+    w = code_book_bf16(codes, _expand(scale, BLOCK_N, C // 16, WORDS), FMT != NF4, tables_ptr)
+    return tl.reshape(w, (BLOCK_N, C))
 
 
 @triton.jit
@@ -460,16 +461,16 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
         if (WORDS == 4) and (FORM != EXACT) and (BLOCK_K >= 128):
             NB: tl.constexpr = BLOCK_K // 64
             m = tl.reshape((k0 // 16 + 4 * tl.arange(0, NB))[:, None] + tl.arange(0, 2)[None, :], (1, 2 * NB))
-            scale = _expand(scale, BLOCK_N, 2 * NB, 2)
-            first = _code_book_words(w_ptr, rows + plane, m, K, n_mask, scale, FMT, tables_ptr, BLOCK_N, BLOCK_K // 2)
-            second = _code_book_words(w_ptr, rows + plane, m + 2, K, n_mask, scale, FMT, tables_ptr, BLOCK_N,
+            scale = _expand(scale, BLOCK_N, 2 * NB, 2)  # a scale a word (before the loads: sm_90 4.21 -> 4.16)
+            first = _code_book_words(w_ptr, rows + plane, m, K, n_mask, scale, 1, FMT, tables_ptr, BLOCK_N,
+                                     BLOCK_K // 2)
+            second = _code_book_words(w_ptr, rows + plane, m + 2, K, n_mask, scale, 1, FMT, tables_ptr, BLOCK_N,
                                       BLOCK_K // 2)
             halves = tl.join(tl.reshape(first, (BLOCK_N, NB, 32)), tl.reshape(second, (BLOCK_N, NB, 32)))
             w = tl.reshape(tl.permute(halves, (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
         else:
             m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
-            w = _code_book_words(w_ptr, rows + plane, m, K, n_mask, _expand(scale, BLOCK_N, BLOCK_K // 16, WORDS),
-                                 FMT, tables_ptr, BLOCK_N, BLOCK_K)
+            w = _code_book_words(w_ptr, rows + plane, m, K, n_mask, scale, WORDS, FMT, tables_ptr, BLOCK_N, BLOCK_K)
     else:
         w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, FORM, BLOCK_N, BLOCK_K).to(DTYPE)
     return w
