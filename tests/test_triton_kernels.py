@@ -103,13 +103,31 @@ def test_planes_dequant_kernel_to_bf16_equals_reference(fmt, odd):
 
 
 @triton.jit
-def _fused_bf16_tile_kernel(w_ptr, out_ptr, tables_ptr, N, K, row_bytes, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+def _fused_tile_kernel(w_ptr, out_ptr, tables_ptr, N, K, row_bytes, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     w = decode_planes_tile_as(w_ptr, n * row_bytes, tl.program_id(1) * BLOCK_K, K, n < N, FMT, tables_ptr,
-                              tl.bfloat16, FUSED, BLOCK_N, BLOCK_K)
+                              out_ptr.dtype.element_ty, FUSED, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + n * K + k, w, mask=(n < N) & (k < K))
+
+
+def _fused_tiles(weight, dtype, block_k):
+    """The weight decoded tile by tile as the fused kernels decode it (`decode_planes_tile_as`, FUSED)."""
+    n, k = weight.shape
+    out = torch.zeros((n, k), dtype=dtype, device=DEVICE)
+    _fused_tile_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
+        weight.raw, out, lookup_table(weight.device), n, k, weight.raw.shape[1], FMT=FORMAT_IDS[weight.format],
+        BLOCK_N=16, BLOCK_K=block_k)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "IQ4_NL"])
+def test_fused_decode_of_bytes_is_exact(fmt):
+    """Q8_0's and IQ4_NL's bytes in the 128 form decode by one multiply-add to the reference's float32 weights
+    (`decode_planes.decodes_by_multiply_add`)."""
+    weight, dense = quantized_weight(fmt, n=ODD_N, k=odd_k(fmt), layout="planes")
+    assert torch.equal(_fused_tiles(weight, torch.float32, 128), dense)
 
 
 @pytest.mark.parametrize("block_k", [64, 128])
@@ -119,16 +137,11 @@ def test_code_book_bf16_tiles_of_the_fused_kernels(fmt, block_k):
     a thread in 128-deep tiles), which the interpreter's fused kernels skip (they multiply bf16 activations as
     fp32): the reference's weights in bf16, on odd shapes."""
     weight, dense = quantized_weight(fmt, n=ODD_N, k=odd_k(fmt) if fmt != "IQ4_XS" else 512, layout="planes")
-    n, k = weight.shape
-    out = torch.zeros((n, k), dtype=torch.bfloat16, device=DEVICE)
-    _fused_bf16_tile_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
-        weight.raw, out, lookup_table(weight.device), n, k, weight.raw.shape[1], FMT=FORMAT_IDS[fmt], BLOCK_N=16,
-        BLOCK_K=block_k)
     if interpreting():
         expected = (dense.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)  # truncated, as above
     else:
         expected = dense.to(torch.bfloat16)
-    assert torch.equal(out.cpu(), expected)
+    assert torch.equal(_fused_tiles(weight, torch.bfloat16, block_k), expected)
 
 
 @pytest.mark.parametrize("M, dtype", [(1, torch.float16), (3, torch.float32), (17, torch.float16),

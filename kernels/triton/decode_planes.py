@@ -256,11 +256,20 @@ def has_biased_form(fmt: int) -> bool:
 @triton.constexpr_function
 def code_step(fmt: int) -> float:
     """The 128 form's step for `fmt`'s stored codes c, 128 + c * step (`float_bits`): 1 for codes below 128, 1/256
-    for the offset-binary bytes of Q8_0 and IQ4 (up to 255). With 1/256 the multiply-add that decodes it, the
-    float32 (128 + c / 256) * (256 scale) - (128 + offset / 256) (256 scale), is exact where that constant is (a
-    scale of at most 15 significant bits: Q8_0's and IQ4_NL's f16 d), and replaces a subtraction and a multiply;
-    in the M = 1 kernel it saves the subtraction an element."""
+    for the offset-binary bytes of Q8_0 and IQ4 (up to 255)."""
     return 1 / 256 if _FORMAT_NAMES[fmt] in ("Q8_0", "IQ4_NL", "IQ4_XS") else 1.0
+
+
+@triton.constexpr_function
+def decodes_by_multiply_add(fmt: int) -> bool:
+    """Whether `decode_planes_tile`'s fused form decodes `fmt` as one multiply-add of the 128 form, (128 + c s)
+    (scale / s) + base, its weight the reference's but for base's rounding (s = `code_step`). Codes below 128 give
+    an 8-bit by 11-bit product and base -(128 + offset) scale (+ min). Bytes give a 16-bit factor, exact in the
+    multiply-add, and base -(128 + 128 / 256) (256 scale), exact for a scale of at most 15 significant bits, Q8_0's
+    and IQ4_NL's f16 d: the weight is the reference's float32 one. IQ4_XS's d (scale - 32) has up to 17, and base
+    would round to 2^-9 of a scale, more than a bit of small weights, so IQ4_XS keeps the exact form there (its
+    bf16 tiles look weights up in `float_bits.code_book_bf16`)."""
+    return _FORMAT_NAMES[fmt] not in ("NF4", "IQ4_XS")
 
 
 @triton.jit
@@ -403,13 +412,13 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`FORM` EXACT: the reference's float32 weights bit for bit, `(code - offset) * scale (+ offset)`, each operation
     rounded as it rounds (the dequantize kernel, compiled without multiply-add fusion). Otherwise (FUSED,
-    FUSED_BYTES), where the codes have the 128 form, `(128 + code * step) * (scale / step) + base` with the block's
-    `base = offset - (128 + code offset * step) * (scale / step)` (`code_step`): one multiply-add an element where the
-    exact form takes a subtraction, a multiply and an add, for the fused kernels, whose decoded weight may differ in
-    its last bit (sm_90, per element: split-K GEMV Q4_0 5.09 -> 4.22, GEMM 128x128x128 Q4_0 6.56 -> 5.72, Q4_K 7.61
-    -> 6.64)."""
+    FUSED_BYTES), where `decodes_by_multiply_add(FMT)`, `(128 + code * step) * (scale / step) + base` with the block's
+    `base = offset - (128 + code offset * step) * (scale / step)` (`code_step`): one multiply-add an element (tl.fma:
+    one rounding whether or not the compiler fuses) where the exact form takes a subtraction, a multiply and an add,
+    for the fused kernels, whose decoded weight may differ in its last bit (sm_90, per element: split-K GEMV Q4_0
+    5.09 -> 4.22, GEMM 128x128x128 Q4_0 6.56 -> 5.72, Q4_K 7.61 -> 6.64; Q8_0's bytes 4.59 -> 3.71)."""
     QK: tl.constexpr = sub_block_size(FMT)
-    BIASED: tl.constexpr = FORM if has_biased_form(FMT) else EXACT
+    BIASED: tl.constexpr = FORM if decodes_by_multiply_add(FMT) else EXACT
     v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BIASED, BLOCK_N, BLOCK_K)
     if BIASED:
         if code_step(FMT) != 1:
@@ -417,7 +426,7 @@ def decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr
         base = -(128 + code_offset(FMT) * code_step(FMT)) * scale
         if has_offset(FMT):
             base += offset
-        w = v * _expand(scale, BLOCK_N, BLOCK_K, QK) + _expand(base, BLOCK_N, BLOCK_K, QK)
+        w = tl.fma(v, _expand(scale, BLOCK_N, BLOCK_K, QK), _expand(base, BLOCK_N, BLOCK_K, QK))
     else:
         w = v * _expand(scale, BLOCK_N, BLOCK_K, QK)
         if has_offset(FMT):
