@@ -13,9 +13,14 @@ loop: its whole body, one tile per program). Per weight element decoded in one i
 threads per program / (BLOCK_N x BLOCK_K), by class. A bf16 kernel of the GEMM's structure (same tiles, the weight
 tile loaded as bf16; the first GEMM tile of sm_80-89) is compiled the same way as the baseline.
 
-Throughput model (written down in GPUS): a launch takes the longest of
-- issue: instructions per element x elements decoded (N x K per M tile of the GEMM, once for the GEMV and the
-  dequantize kernel) / (SMs x 4 warp schedulers x 32 lanes x clock);
+Throughput model (written down in GPUS and PIPE_LANES): a launch takes the longest of
+- issue: scheduler clocks per element x elements decoded (N x K per M tile of the GEMM, once for the GEMV and the
+  dequantize kernel) / (SMs x 4 warp schedulers x 32 lanes x clock). A scheduler issues one warp instruction a
+  clock, but its integer and logic pipe (`alu`: LOP3, SHF, PRMT, IADD3...) has 16 lanes, so it takes one such
+  instruction every other clock; so does IMAD's (`fmaheavy`); the float32 pipes take one a clock on sm_86-90 (fmaheavy
+  and fmalite), one every other clock on sm_80; conversions (`xu`) one every 8. The loop's clocks are the most any
+  of those (or issue itself) needs (`scheduler_clocks`), a lower bound: shared-memory and load/store throughput,
+  latencies and dual-issue limits are not modelled;
 - tensor cores: 2 x M (padded to the tile; the bf16 baseline pads small M to 16 only, as an autotuned matmul's
   small-M tiles do) x N x K / dense bf16 rate with fp32 accumulation;
 - memory: weight bytes (read once: L2 holds a weight tile for the M tiles that share it), activations and result /
@@ -65,6 +70,41 @@ CLASSES = {  # opcode (before the first '.') -> class
             "SGXT", "BMSK", "POPC", "FLO", "IADD", "VIMNMX", "BREV", "LOP"),
 }
 CLASS_OF = {opcode: name for name, opcodes in CLASSES.items() for opcode in opcodes}
+# Execution pipes of an SM sub-partition (Nsight Compute's names) and the opcodes dispatched to each: `alu` runs
+# integer, logic and data-movement instructions but IMAD (and the fast float -> 16-bit packing, F2FP); `fmaheavy`
+# IMAD and the integer dot products; `fp32` float32 and packed 16-bit arithmetic, on fmaheavy and fmalite together
+# from sm_86 on; `xu` conversions and special functions. NVIDIA's throughput table (CUDA C++ Programming Guide,
+# arithmetic instructions) gives 64 results a clock per SM for 32-bit integer, logic and shift instructions on
+# sm_80-90, 128 for float32 from sm_86 on (64 on sm_80), 16 for conversions.
+PIPES = {
+    "alu": ("IADD3", "LOP3", "SHF", "SHL", "SHR", "ISETP", "IABS", "LEA", "PRMT", "SEL", "IMNMX", "SGXT", "BMSK",
+            "POPC", "FLO", "IADD", "VIMNMX", "BREV", "LOP", "MOV", "FSEL", "FSETP", "FMNMX", "F2FP", "I2FP",
+            "PLOP3", "P2R", "R2P"),
+    "fmaheavy": ("IMAD", "IMUL", "IDP"),
+    "fp32": ("FADD", "FMUL", "FFMA", "HADD2", "HMUL2", "HFMA2"),
+    "xu": ("I2F", "F2F", "F2I", "I2I", "FRND", "MUFU"),
+}
+PIPE_OF = {opcode: name for name, opcodes in PIPES.items() for opcode in opcodes}
+# warp instructions a pipe takes per scheduler clock, per compute capability (fmaheavy's IMAD also occupies one of
+# the float32 pipes' slots: `scheduler_clocks`)
+PIPE_RATES = {80: {"alu": 0.5, "fmaheavy": 0.5, "fp32": 0.5, "xu": 0.125},
+              86: {"alu": 0.5, "fmaheavy": 0.5, "fp32": 1.0, "xu": 0.125},
+              89: {"alu": 0.5, "fmaheavy": 0.5, "fp32": 1.0, "xu": 0.125},
+              90: {"alu": 0.5, "fmaheavy": 0.5, "fp32": 1.0, "xu": 0.125}}
+
+
+def scheduler_clocks(opcodes: list[str], cc: int) -> tuple[float, str]:
+    """The clocks one warp scheduler needs for `opcodes` (one warp's), and what bounds them: issue (one
+    instruction a clock) or the busiest pipe (`PIPE_RATES`). IMAD counts in both fmaheavy and the float32 pipes,
+    which share fmaheavy. Architectures without rates written down take issue alone."""
+    rates = PIPE_RATES.get(cc)
+    counts = Counter(PIPE_OF.get(op.split(".")[0]) for op in opcodes)
+    clocks = {"issue": float(len(opcodes))}
+    if rates:
+        clocks |= {"alu": counts["alu"] / rates["alu"], "fmaheavy": counts["fmaheavy"] / rates["fmaheavy"],
+                   "fp32": (counts["fp32"] + counts["fmaheavy"]) / rates["fp32"], "xu": counts["xu"] / rates["xu"]}
+    bound = max(clocks, key=clocks.get)
+    return clocks[bound], bound
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 BRANCH_TARGET = re.compile(r"(\.L_x_\d+)|\b0x([0-9a-f]+)\b")
@@ -182,8 +222,10 @@ def analyse(job) -> dict:
     per_element = 32 * warps / (bn * bk)
     classes = Counter(CLASS_OF.get(op.split(".")[0], "other") for op in loop)
     widths = Counter(load_width(op) for op in loop if op.startswith("LDG"))
+    clocks, bound = scheduler_clocks(loop, cc)
     return dict(kernel=kernel_name, format=fmt, cc=cc, layout=layout, block_m=bm, block_n=bn, block_k=bk, warps=warps,
-                loop=len(loop), per_element=len(loop) * per_element,
+                loop=len(loop), per_element=len(loop) * per_element, clocks_per_element=clocks * per_element,
+                bound_by=bound,
                 by_class={name: count * per_element for name, count in classes.items()},
                 load_widths=dict(sorted(widths.items())), registers=registers, spills=spills,
                 shared=compiled.metadata.shared)
@@ -201,7 +243,7 @@ def launch_terms(row: dict, gpu: tuple, M: int, weight_bytes: float, K: int = FL
         padded = min(row["block_m"], 16 * math.ceil(M / 16)) if row["kernel"] == "bf16" else row["block_m"]
         decoded, flops = N * K * m_tiles, 2 * m_tiles * padded * N * K
         moved = weight_bytes + 2 * M * K + 2 * M * N
-    issue = row["per_element"] * decoded / (sms * LANES_PER_CLOCK * ghz * 1e9)
+    issue = row["clocks_per_element"] * decoded / (sms * LANES_PER_CLOCK * ghz * 1e9)
     return issue, flops / (tflops * 1e12), moved / (tbs * 1e12)
 
 
@@ -326,15 +368,18 @@ def main(argv: list[str] | None = None) -> None:
 
     classes = list(CLASSES) + ["other"]
     print(f"SASS main loops, bf16 activations, specialised for Flux's {FLUX_K}->{FLUX_N} layer; instructions per "
-          f"weight element = loop instructions x threads / (BLOCK_N x BLOCK_K)\n")
-    print("| sm | kernel | format | layout | tile N×K (M) | warps | loop instr | per element | "
-          + " | ".join(classes) + " | global load widths (bits: count) | registers | spills | shared KB |")
-    print("|---:|---|---|---|---|---:|---:|---:|" + "---:|" * len(classes) + "---|---:|---:|---:|")
+          f"weight element = loop instructions x threads / (BLOCK_N x BLOCK_K); clocks per element: the scheduler "
+          f"clocks the busiest pipe (or issue) needs for them, in those units\n")
+    print("| sm | kernel | format | layout | tile N×K (M) | warps | loop instr | per element | clocks per element "
+          "(bound by) | " + " | ".join(classes) + " | global load widths (bits: count) | registers | spills | "
+          "shared KB |")
+    print("|---:|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(classes) + "---|---:|---:|---:|")
     for r in rows:
         cells = [f"{r['by_class'].get(name, 0):.2f}" for name in classes]
         widths = ", ".join(f"{bits}: {count}" for bits, count in r["load_widths"].items())
         print(f"| {r['cc']} | {r['kernel']} | {r['format']} | {r['layout']} | {r['block_n']}×{r['block_k']} ({r['block_m']}) | "
-              f"{r['warps']} | {r['loop']} | {r['per_element']:.2f} | " + " | ".join(cells)
+              f"{r['warps']} | {r['loop']} | {r['per_element']:.2f} | {r['clocks_per_element']:.2f} ({r['bound_by']}) | "
+              + " | ".join(cells)
               + f" | {widths} | {r['registers']} | {r['spills']} | {r['shared'] / 1024:.0f} |")
 
     print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: the FMA GEMV at M = 1 (NF4: the "

@@ -44,15 +44,28 @@ def test_main_loop_is_the_backward_branch_body(text):
         "global load", "global load", "convert", "tensor", "other"]
 
 
+@pytest.mark.parametrize("cc", [80, 90])
+def test_scheduler_clocks_take_the_busiest_pipe(cc):
+    """One instruction a clock, but integer and logic instructions (PRMT, LOP3) and IMAD one every other clock,
+    conversions one every 8, float32 one a clock from sm_86 on (sharing it with IMAD), every other on sm_80."""
+    assert sass.scheduler_clocks(["FFMA", "LDS.128", "BAR.SYNC", "BRA"], cc) == (4.0, "issue")
+    assert sass.scheduler_clocks(["PRMT", "LOP3.LUT", "SHF.R.U32", "FFMA"], cc) == (6.0, "alu")
+    assert sass.scheduler_clocks(["IMAD.MOV.U32"] * 3 + ["LDS"], cc) == (6.0, "fmaheavy")
+    assert sass.scheduler_clocks(["I2F.F32.S8", "FFMA"], cc) == (8.0, "xu")
+    fp32 = sass.scheduler_clocks(["FFMA"] * 3 + ["IMAD"], cc)
+    assert fp32 == ((8.0, "fp32") if cc == 80 else (4.0, "issue"))
+    assert sass.scheduler_clocks(["PRMT"] * 4, 100) == (4.0, "issue")  # no rates written down: issue alone
+
+
 def test_model_takes_the_slowest_of_issue_tensor_and_memory():
     gpu = (90, 100, 1.0, 100.0, 1.0)  # 100 SMs at 1 GHz: 12.8e12 lane-instructions/s; 100 TFLOP/s; 1 TB/s
-    row = dict(kernel="qmm", block_m=128, per_element=12.8)
+    row = dict(kernel="qmm", block_m=128, clocks_per_element=12.8)
     # issue: 12.8 * 1000 * 1000 * 1 tile / 12.8e12 = 1 us; tensor 2*128*1e6 / 1e14 = 2.56 us; memory ~0.5 us
     assert sass.launch_ms(row, gpu, 100, 5e5, K=1000, N=1000) == pytest.approx(2.56e-3)
     # the bf16 baseline pads a small M to 16 rows, not to its 128-row tile: 2 * 16 * 1e6 / 1e14 = 0.32 us
-    bf16 = dict(kernel="bf16", block_m=128, per_element=0.0)
+    bf16 = dict(kernel="bf16", block_m=128, clocks_per_element=0.0)
     assert sass.launch_ms(bf16, gpu, 1, 0, K=1000, N=1000) == pytest.approx(0.32e-3)
-    gemv = dict(kernel="qmv", block_m=16, per_element=1.0)
+    gemv = dict(kernel="qmv", block_m=16, clocks_per_element=1.0)
     assert sass.launch_ms(gemv, gpu, 1, 1e7, K=1000, N=1000) == pytest.approx(1e7 * 1e3 / 1e12, rel=1e-3)
 
 
@@ -60,12 +73,12 @@ def test_the_gemm_estimate_takes_its_fastest_tile():
     """As the autotuner does: at M = 4608 a 256-row tile that counts more per decoded element but decodes the
     weight half as often wins; below the tiles' M the 128-row one does."""
     common = dict(format="Q8_0", cc=90, layout="planes")
-    rows = [dict(kernel="bf16", format="BF16", cc=90, layout="blocks", block_m=128, per_element=1.0),
-            dict(kernel="qmm", block_m=128, per_element=40.0, **common),
-            dict(kernel="qmm", block_m=256, per_element=60.0, **common),
-            dict(kernel="qmv", block_m=16, per_element=1.0, **common),
-            dict(kernel="gemv", block_m=0, per_element=1.0, **common),
-            dict(kernel="dequant", block_m=0, per_element=1.0, **common)]
+    rows = [dict(kernel="bf16", format="BF16", cc=90, layout="blocks", block_m=128, clocks_per_element=1.0),
+            dict(kernel="qmm", block_m=128, clocks_per_element=40.0, **common),
+            dict(kernel="qmm", block_m=256, clocks_per_element=60.0, **common),
+            dict(kernel="qmv", block_m=16, clocks_per_element=1.0, **common),
+            dict(kernel="gemv", block_m=0, clocks_per_element=1.0, **common),
+            dict(kernel="dequant", block_m=0, clocks_per_element=1.0, **common)]
     gpu = sass.GPUS["H100 SXM"]
     weight_bytes = get_format("Q8_0").row_bytes(sass.FLUX_K) * sass.FLUX_N
     estimates = {(name, M): fused for name, _, M, _, fused, *_ in sass.estimate_rows(rows, [128, 4608])}
@@ -87,12 +100,13 @@ def test_compiles_and_counts_a_kernel_for_sm_90():
         row = pool.submit(sass.analyse, ("dequant", "Q8_0", 90, "planes")).result()
     assert row["loop"] > 0 and row["spills"] == 0 and row["registers"] > 0
     assert row["per_element"] == pytest.approx(sum(row["by_class"].values()))
+    assert row["clocks_per_element"] >= row["per_element"] and row["bound_by"] in ("issue", *sass.PIPES)
     assert row["load_widths"]  # the decode reads the weight with global loads
 
 
 def test_dequantize_kernel_against_memory_speed():
     """A dequantize kernel whose issue time is below the memory time runs at memory speed (ratio 1)."""
-    row = dict(kernel="dequant", format="Q8_0", cc=90, layout=sass.kernel_layout("Q8_0"), per_element=0.0)
+    row = dict(kernel="dequant", format="Q8_0", cc=90, layout=sass.kernel_layout("Q8_0"), clocks_per_element=0.0)
     (gpu, fmt, estimate, memory, ratio), *_ = sass.dequantize_rows([row])
     assert (fmt, ratio) == ("Q8_0", pytest.approx(1.0))
     bytes_moved = (3072 * 34 // 32 + 2 * 3072) * 3072
@@ -103,14 +117,14 @@ def test_static_dispatch_takes_the_cheaper_method_and_quant_linear_follows_it(tm
     from kernels import dispatch
 
     # H100 model; a slow fused GEMV at M = 1 (issue-bound), a fast split-K one, a dequantize kernel at memory speed
-    rows = [dict(kernel="bf16", format="BF16", cc=90, layout="blocks", block_m=128, per_element=1.0),
-            dict(kernel="qmm", format="Q8_0", cc=90, layout="planes", block_m=128, per_element=1.0),
-            dict(kernel="gemv", format="Q8_0", cc=90, layout="planes", block_m=0, per_element=500.0),
-            dict(kernel="qmv", format="Q8_0", cc=90, layout="planes", block_m=16, per_element=1.0),
-            dict(kernel="dequant", format="Q8_0", cc=90, layout="planes", block_m=0, per_element=0.0),
-            dict(kernel="qmv", format="Q8_0", cc=90, layout="blocks", block_m=16, per_element=0.0)]  # not run
+    rows = [dict(kernel="bf16", format="BF16", cc=90, layout="blocks", block_m=128, clocks_per_element=1.0),
+            dict(kernel="qmm", format="Q8_0", cc=90, layout="planes", block_m=128, clocks_per_element=1.0),
+            dict(kernel="gemv", format="Q8_0", cc=90, layout="planes", block_m=0, clocks_per_element=500.0),
+            dict(kernel="qmv", format="Q8_0", cc=90, layout="planes", block_m=16, clocks_per_element=1.0),
+            dict(kernel="dequant", format="Q8_0", cc=90, layout="planes", block_m=0, clocks_per_element=0.0),
+            dict(kernel="qmv", format="Q8_0", cc=90, layout="blocks", block_m=16, clocks_per_element=0.0)]  # not run
     # the same kernels on sm_89 (the RTX 4090 comes first in GPUS there): the fused GEMV is fast
-    rows += [dict(r, cc=89, per_element=1.0 if r["kernel"] == "gemv" else r["per_element"]) for r in rows]
+    rows += [dict(r, cc=89, clocks_per_element=1.0 if r["kernel"] == "gemv" else r["clocks_per_element"]) for r in rows]
     chosen = sass.static_methods(rows)
     assert sorted(chosen) == [89, 90] and chosen[90][0] == "H100 SXM" and chosen[89][0] == "RTX 4090"
     methods = chosen[90][1]
