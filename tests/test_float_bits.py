@@ -45,6 +45,7 @@ def bf16_bits(bits: int) -> int:
 
 OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
        "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
+       "mul.hi.u32": lambda a, b: (a * b) >> 32,
        "mov.b32": lambda a: a, "prmt.b32": prmt,
        "mul.f32": lambda a, b: bits_of(float32_of(a) * float32_of(b)),  # round to nearest, subnormals kept
        # d = {a rounded in the upper half, b in the lower}

@@ -23,6 +23,8 @@ GPUs that are not NVIDIA's. `PTX_SOURCES` holds the assembly as text: tests/test
 small model of the PTX instructions it uses, against the definitions, since no GPU is needed to read it.
 """
 
+import re
+
 import numpy as np
 import triton
 import triton.language as tl
@@ -36,9 +38,25 @@ FLOAT_OF_TWO_POW_23 = tl.constexpr(0x4B000000)  # 2^23's float32 bits: OR a valu
 FLOAT_OF_128 = tl.constexpr(0x43000000)  # 128's: OR v << 16 in (v < 128), it is 128 + v; v << 8, 128 + v / 256
 
 
+_CONSTANT_SHIFT = re.compile(r"^(shr|shl)\.b32 (\S+), (\S+), (\d+);$")
+
+
+def _shift_as_multiply(line: str) -> str:
+    """A shift by a constant k as a multiply: shl as mul.lo by 2^k, shr (logical) as mul.hi by 2^(32 - k). ptxas
+    keeps them as IMAD, which runs on the FMA pipe, where shifts take the integer pipe with the permutes, masks and
+    float packing; that pipe has 16 lanes, one warp instruction every other clock, and is the busiest one in most
+    decoding loops (`bench.sass.scheduler_clocks`)."""
+    match = _CONSTANT_SHIFT.match(line)
+    if match is None:
+        return line
+    op, dst, src, k = match[1], match[2], match[3], int(match[4])
+    return f"mul.lo.u32 {dst}, {src}, {1 << k};" if op == "shl" else f"mul.hi.u32 {dst}, {src}, {1 << (32 - k)};"
+
+
 def _assemble(lines: list[str]) -> str:
     """One PTX block, its scratch registers (every name written that is not an operand $n, `{a, b}` vectors
-    included) declared."""
+    included) declared, shifts by constants as multiplies (`_shift_as_multiply`)."""
+    lines = [_shift_as_multiply(line) for line in lines]
     written = (line.split(" ", 1)[1].split("}" if line.split()[1].startswith("{") else ",")[0] for line in lines)
     names = dict.fromkeys(name.strip(" {") for dest in written for name in dest.split(","))
     scratch = ", ".join(name for name in names if not name.startswith("$"))
