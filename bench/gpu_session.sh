@@ -11,7 +11,8 @@
 #
 # The first thing it checks is the one no CPU can: the PRMT decoders (kernels/triton/float_bits.py) against the
 # reference, bit for bit, in tests/test_triton_kernels.py on CUDA tensors. Results to commit under bench/results/
-# come back as $OUT/kernels-<GPU>.csv and the logs; the measured dispatch table as $OUT/dispatch-*.json.
+# come back as $OUT/kernels-<GPU>.csv and the logs; the measured dispatch table as $OUT/dispatch-*.json; the static
+# model's error against the timings as $OUT/model-error.md (bench.model_error, from the committed sass-sm90.json).
 set -o pipefail
 OUT=${OUT:-bench-gpu-out}
 mkdir -p "$OUT"
@@ -32,4 +33,5 @@ timeout 240 python3 -m pytest -q -x -n 8 -p no:cacheprovider tests/test_triton_k
 timeout 240 python3 -m bench.kernels --write-dispatch --repeats 10 --csv "$OUT/kernels.csv" 2>&1 \
     | tee "$OUT/kernels.md"
 find "$OUT/cache" -name '*.json' -exec cp {} "$OUT/" \;
+python3 -m bench.model_error --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/model-error.md"
 timeout 90 python3 -m bench.pipeline 2>&1 | tee "$OUT/pipeline.md"

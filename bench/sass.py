@@ -32,12 +32,14 @@ followed by that bf16 kernel. Estimates, not measurements: a GPU run overrules t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
 import subprocess
 import tempfile
 from collections import Counter
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 import multiprocessing
 
@@ -54,7 +56,11 @@ GPUS = {
     "RTX 4090": (89, 128, 2.52, 165.2, 1.01),  # GeForce: fp32 accumulation at half the fp16-accumulate rate
     "RTX 3090": (86, 82, 1.70, 71.0, 0.936),
     "RTX 4060 Ti": (89, 34, 2.54, 44.0, 0.288),
+    "H200 SXM": (90, 132, 1.83, 989.0, 4.8),  # the H100's die and clocks, HBM3e
 }
+# how torch.cuda.get_device_name names each GPU of GPUS (`gpu_of_device`)
+DEVICE_NAMES = {"H100 SXM": "H100", "A100 SXM 80GB": "A100", "RTX 4090": "RTX 4090", "RTX 3090": "RTX 3090",
+                "RTX 4060 Ti": "RTX 4060 Ti", "H200 SXM": "H200"}
 FUSED_KERNEL = {"gemv": "gemv", "split-k": "qmv", "gemm": "qmm"}  # kernels.triton.ops.fused_kernel -> row kernel
 LANES_PER_CLOCK = 4 * 32  # 4 warp schedulers per SM, one warp instruction each per clock
 M_VALUES = (1, 16, 256, 4608)
@@ -252,35 +258,75 @@ def launch_ms(row: dict, gpu: tuple, M: int, weight_bytes: float, K: int = FLUX_
     return 1e3 * max(launch_terms(row, gpu, M, weight_bytes, K, N))
 
 
+class LaunchModel:
+    """The model's launches on one GPU from `analyse` rows: per format the fused kernel `quant_linear_triton` runs
+    for M (the GEMM in the fastest of its tiles, as its autotuner picks), dequantize + the bf16 kernel, and the bf16
+    kernel alone, on a (K, N) weight."""
+
+    def __init__(self, rows: list[dict], gpu: tuple):
+        self.gpu = gpu
+        cc = gpu[0]
+        run = [r for r in rows if r["cc"] == cc and r["layout"] == kernel_layout(r["format"])]
+        self.rows = {(r["kernel"], r["format"]): r for r in run if r["kernel"] != "qmm"}
+        self.gemm_tiles = {}
+        for r in run:
+            if r["kernel"] == "qmm":
+                self.gemm_tiles.setdefault(r["format"], []).append(r)
+        self.formats = sorted({r["format"] for r in run if r["kernel"] != "bf16"})
+
+    def has_baseline(self) -> bool:
+        return ("bf16", "BF16") in self.rows
+
+    def bf16_ms(self, M: int, K: int = FLUX_K, N: int = FLUX_N) -> float:
+        return launch_ms(self.rows[("bf16", "BF16")], self.gpu, M, 2 * N * K, K, N)
+
+    def fused(self, fmt: str, M: int, K: int = FLUX_K, N: int = FLUX_N) -> tuple[dict, float]:
+        """The fused kernel's row and its time (ms)."""
+        from kernels.triton.ops import fused_kernel
+
+        weight_bytes = get_format_bytes(fmt, K, N)
+        kind = fused_kernel(M, fmt, "bf16")
+        if kind == "gemm":
+            row = min(self.gemm_tiles[fmt], key=lambda r: launch_ms(r, self.gpu, M, weight_bytes, K, N))
+        else:
+            row = self.rows[(FUSED_KERNEL[kind], fmt)]
+        return row, launch_ms(row, self.gpu, M, weight_bytes, K, N)
+
+    def dequant_matmul_ms(self, fmt: str, M: int, K: int = FLUX_K, N: int = FLUX_N) -> float:
+        return launch_ms(self.rows[("dequant", fmt)], self.gpu, M, get_format_bytes(fmt, K, N), K, N) + \
+            self.bf16_ms(M, K, N)
+
+
+def get_format_bytes(fmt: str, K: int, N: int) -> int:
+    """Bytes of a (N, K) weight of `fmt` as stored."""
+    from kernels.formats import get_format
+
+    return get_format(fmt).row_bytes(K) * N
+
+
+def gpu_of_device(device_name: str) -> str:
+    """The GPUS entry for torch's name of a GPU ("NVIDIA H200" -> "H200 SXM"); the longest name that matches."""
+    matches = [gpu for gpu, name in DEVICE_NAMES.items() if name in device_name]
+    if not matches:
+        raise ValueError(f"no model of {device_name!r} in bench.sass.GPUS ({', '.join(GPUS)})")
+    return max(matches, key=lambda gpu: len(DEVICE_NAMES[gpu]))
+
+
 def estimate_rows(rows: list[dict], ms: list[int]):
     """Per (GPU, format, M): the fused kernel's, dequantize + bf16 matmul's and the best one's time over the bf16
-    kernel's, and the fused kernel's issue time over its memory time (<= 0.8: memory-bound), on the `proj` shape (the matmul after the dequantize kernel is the bf16 kernel too, so that both sides
-    of each ratio go through the same model)."""
-    from kernels.formats import get_format
-    from kernels.triton.ops import fused_kernel
-
-    run = [r for r in rows if r["layout"] == kernel_layout(r["format"])]
-    by_key = {(r["kernel"], r["format"], r["cc"]): r for r in run if r["kernel"] != "qmm"}
-    gemm_tiles = {}  # the autotuner picks the fastest of the GEMM's tiles: so does the model
-    for r in run:
-        if r["kernel"] == "qmm":
-            gemm_tiles.setdefault((r["format"], r["cc"]), []).append(r)
+    kernel's, and the fused kernel's issue time over its memory time (<= 0.8: memory-bound), on the `proj` shape (the
+    matmul after the dequantize kernel is the bf16 kernel too, so that both sides of each ratio go through the same
+    model)."""
     for gpu_name, gpu in GPUS.items():
-        cc = gpu[0]
-        bf16 = by_key.get(("bf16", "BF16", cc))
-        if bf16 is None:
+        model = LaunchModel(rows, gpu)
+        if not model.has_baseline():
             continue
-        for fmt in sorted({r["format"] for r in rows if r["cc"] == cc and r["kernel"] != "bf16"}):
-            weight_bytes = get_format(fmt).row_bytes(FLUX_K) * FLUX_N
+        for fmt in model.formats:
             for M in ms:
-                base = launch_ms(bf16, gpu, M, 2 * FLUX_N * FLUX_K)
-                if fused_kernel(M, fmt, "bf16") == "gemm":
-                    fused_row = min(gemm_tiles[(fmt, cc)], key=lambda r: launch_ms(r, gpu, M, weight_bytes))
-                else:
-                    fused_row = by_key[(FUSED_KERNEL[fused_kernel(M, fmt, "bf16")], fmt, cc)]
-                issue, _, memory = launch_terms(fused_row, gpu, M, weight_bytes)
-                fused = launch_ms(fused_row, gpu, M, weight_bytes)
-                scratch = launch_ms(by_key[("dequant", fmt, cc)], gpu, M, weight_bytes) + base
+                base = model.bf16_ms(M)
+                fused_row, fused = model.fused(fmt, M)
+                issue, _, memory = launch_terms(fused_row, gpu, M, get_format_bytes(fmt, FLUX_K, FLUX_N))
+                scratch = model.dequant_matmul_ms(fmt, M)
                 yield (gpu_name, fmt, M, base, fused / base, scratch / base, min(fused, scratch) / base,
                        issue / memory)
 
@@ -304,12 +350,10 @@ def static_methods(rows: list[dict]) -> dict[int, tuple[str, dict[str, str]]]:
 def dequantize_rows(rows: list[dict]):
     """Per (GPU, format): the dequantize kernel's estimated time on the `proj` weight against the time to read its
     quantized bytes and write them as bf16 at the GPU's bandwidth (memory speed is a ratio of 1)."""
-    from kernels.formats import get_format
-
     for gpu_name, gpu in GPUS.items():
         for r in rows:
             if r["kernel"] == "dequant" and r["cc"] == gpu[0] and r["layout"] == kernel_layout(r["format"]):
-                weight_bytes = get_format(r["format"]).row_bytes(FLUX_K) * FLUX_N
+                weight_bytes = get_format_bytes(r["format"], FLUX_K, FLUX_N)
                 memory = 1e3 * (weight_bytes + 2 * FLUX_N * FLUX_K) / (gpu[4] * 1e12)
                 estimate = launch_ms(r, gpu, 0, weight_bytes)
                 yield gpu_name, r["format"], estimate, memory, estimate / memory
@@ -354,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="store the model's preferred method per (format, M bucket) as quant_linear's default "
                              "on each architecture compiled for, where no GPU has measured a table "
                              "(kernels/dispatch_tables/static-model-sm<cc>.json)")
+    parser.add_argument("--json", type=Path,
+                        help="also write the analysed rows as JSON (what `python -m bench.model_error` reads)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="compiling processes (default: the number of CPU cores, here %(default)s)")
     args = parser.parse_args(argv)
@@ -397,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|")
     for gpu, fmt, estimate, memory, ratio in dequantize_rows(rows):
         print(f"| {gpu} | {fmt} | {estimate:.4f} | {memory:.4f} | {ratio:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
     if args.write_static_dispatch:
         from kernels.dispatch import write_static_table
 

@@ -14,7 +14,7 @@ from bench import kernels as bench_kernels
 from kernels import torch_codecs
 from kernels.formats import get_format
 
-BENCHMARKS = ["codecs", "compile_check", "convert", "kernels", "memory", "text_encoders"]
+BENCHMARKS = ["codecs", "compile_check", "convert", "kernels", "memory", "model_error", "sass", "text_encoders"]
 
 
 class _Parsed(Exception):
