@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     for gpu, fmt, estimate, memory, ratio in dequantize_rows(rows):
         print(f"| {gpu} | {fmt} | {estimate:.4f} | {memory:.4f} | {ratio:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")  # a row a line
         print(f"\nwrote {args.json}")
     if args.write_static_dispatch:
         from kernels.dispatch import write_static_table
