@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
-from kernels.triton.float_bits import (HALF_BITS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT,
-                                       PTX_SOURCES)
+from kernels.triton.float_bits import (BYTE_SELECTOR, HALF_BITS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS,
+                                       NF4_WORDS_AT, PTX_SOURCES)
 
 MASK = 0xFFFFFFFF
 
@@ -114,6 +114,15 @@ def test_int8_bits(form):
         out = run_ptx(PTX_SOURCES["int8" + form], {"$4": pack(codes)})
         int8 = np.asarray(codes, dtype=np.uint8).view(np.int8)
         assert [out[f"${i}"] for i in range(4)] == [BYTE_FORMS[form](int(v) + 128) for v in int8]
+
+
+def test_byte_bits():
+    """The K-quants' 6-bit scales, a byte of a word each: every byte value in every position."""
+    for first in range(256):
+        values = [(first + 71 * i) % 256 for i in range(4)]
+        for index in range(4):
+            out = run_ptx(PTX_SOURCES["byte"], {"$1": pack(values), "$2": BYTE_SELECTOR.value + index})
+            assert out["$0"] == float_bits(values[index])
 
 
 NF4_BITS = [int(b) for b in np.asarray(NF4_VALUES, dtype=np.float32).view(np.uint32)]

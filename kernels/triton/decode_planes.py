@@ -22,8 +22,8 @@ import triton.language as tl
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                    Q6_K, Q8_0)
-from kernels.triton.float_bits import (code_book_bf16, five_bit_float_bits, int8_float_bits, nf4_values,
-                                       nibble_float_bits, six_bit_float_bits, three_bit_float_bits,
+from kernels.triton.float_bits import (byte_float_bits, code_book_bf16, five_bit_float_bits, int8_float_bits,
+                                       nf4_values, nibble_float_bits, six_bit_float_bits, three_bit_float_bits,
                                        two_bit_float_bits)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
@@ -41,6 +41,20 @@ FUSED_BYTES = tl.constexpr(2)
 @triton.jit
 def _plane_bytes(nb, size: tl.constexpr):
     return tl.multiple_of((nb * size + PLANE_ALIGN - 1) // PLANE_ALIGN * PLANE_ALIGN, 16)
+
+
+@triton.constexpr_function
+def _log2(n: int) -> int:
+    assert n & (n - 1) == 0, "a power of two"
+    return n.bit_length() - 1
+
+
+@triton.jit
+def _first(k0, PER: tl.constexpr):
+    """k0 // PER for a tile's first column k0 (>= 0) and a power of two PER: a shift, where // of the signed k0
+    took a shift, a sign correction and an add (the compiler cannot know k0 >= 0; told so by tl.assume, ptxas
+    allocated the tensor-core kernels' registers into spills)."""
+    return k0 >> _log2(PER)
 
 
 @triton.jit
@@ -104,7 +118,7 @@ def _expand(per_block, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QK: tl.cons
 def _blocks(k0, K, n_mask, QK: tl.constexpr, BLOCK_K: tl.constexpr):
     """Indices `[1, blocks]` of the blocks a tile spans and their mask."""
     NB: tl.constexpr = BLOCK_K // QK if BLOCK_K >= QK else 1
-    b = (k0 // QK + tl.arange(0, NB))[None, :]
+    b = (_first(k0, QK) + tl.arange(0, NB))[None, :]
     return b, _within(n_mask, b, K // QK)
 
 
@@ -127,7 +141,7 @@ def _code_words(w_ptr, plane, k0, K, n_mask, PER_WORD: tl.constexpr, BLOCK_K: tl
     """The int32 words `[BLOCK_N, BLOCK_K // PER_WORD]` of the tile's codes, `PER_WORD` a word in element order (4
     int8 codes, a byte each; 8 4-bit codes, two a byte, the first in the low nibble; 16 2-bit codes, the first in
     the lowest bits)."""
-    m = (k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD))[None, :]
+    m = (_first(k0, PER_WORD) + tl.arange(0, BLOCK_K // PER_WORD))[None, :]
     return _typed(w_ptr, plane, m, _within(n_mask, m, K // PER_WORD), tl.int32)
 
 
@@ -143,7 +157,7 @@ def _code_bits(w_ptr, plane, k0, K, n_mask, BITS: tl.constexpr, IQ4: tl.constexp
     else:
         tl.static_assert(BITS == 4, "_code_bits: 8- or 4-bit codes")
         if (BIASED == FUSED_BYTES) and not IQ4:
-            j = (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+            j = (_first(k0, 2) + tl.arange(0, BLOCK_K // 2))[None, :]
             codes = _load(w_ptr + plane + j, _within(n_mask, j, K // 2))
         else:
             codes = _code_words(w_ptr, plane, k0, K, n_mask, 8, BLOCK_K)
@@ -167,24 +181,37 @@ def _k_quant_d_of(w_ptr, plane, t, mask):
 
 
 @triton.jit
+def _in_half(j, QK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sub-block indices `j` (of `QK` elements, within their super-block) within their half of it. A 128-deep tile is
+    a whole half, its k0 a multiple of 128: then they are the constants 0, 1, ..., and so are the byte indices and
+    selects of its scales, where from a variable k0 each sub-block took a computed shift amount (sm_90 split-K,
+    scheduler clocks an element: Q4_K 4.27 -> 4.06, Q5_K 5.59 -> 5.39, Q3_K 6.12 -> 5.59)."""
+    if BLOCK_K == 128:
+        return tl.arange(0, 128 // QK)[None, :]
+    else:
+        return j % (128 // QK)
+
+
+@triton.jit
 def _k4_scales_mins(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
     """Q4_K's and Q5_K's 6-bit scales and mins of sub-blocks `j` of super-block `s` (ggml's get_scale_min_k4):
     those of sub-blocks 0-3 in bits 0-5 of bytes j (scales) and 4 + j (mins), those of 4-7 in the nibbles of byte
     4 + j topped by bits 6-7 of bytes j - 4 and j. A tile at most 128 deep lies in one half of its super-block, so
     the whole tile takes one of the two forms, four bytes at a time: three 32-bit words a row, not three bytes a
     sub-block (sm_90, per element: Q4_K's FMA GEMV 4.02 -> 3.61, its GEMM 128x128x128 7.45 -> 7.61; Q5_K's GEMM
-    8.83 -> 8.38)."""
+    8.83 -> 8.38). Each byte becomes a float by `float_bits.byte_float_bits` (one permute), not a shift, a mask and a
+    conversion (Q5_K's split-K 5.39 -> 5.27 clocks)."""
     tl.static_assert(BLOCK_K <= 128, "the tile lies in one half of a super-block")
     a = _typed(w_ptr, plane, 3 * s, mask, tl.int32)
     c = _typed(w_ptr, plane, 3 * s + 1, mask, tl.int32)
     e = _typed(w_ptr, plane, 3 * s + 2, mask, tl.int32)
     upper = (k0 >> 7) & 1  # sub-blocks 4-7
-    low = 0x3F3F3F3F >> (2 * upper)
+    low = tl.where(upper == 1, 0x0F0F0F0F, 0x3F3F3F3F)  # bytes below 64 either way: `byte_float_bits` takes them
     high = 0x30303030 * upper
     sc = (tl.where(upper == 1, e, a) & low) | ((a >> 2) & high)
     mn = (tl.where(upper == 1, e >> 4, c) & low) | ((c >> 2) & high)
-    shift = 8 * (j % 4)
-    return (sc >> shift) & 63, (mn >> shift) & 63
+    index = _in_half(j, 32, BLOCK_K) % 4
+    return _bits_to_float(byte_float_bits(sc, index), 0), _bits_to_float(byte_float_bits(mn, index), 0)
 
 
 @triton.jit
@@ -201,7 +228,8 @@ def _k3_scales(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
     half = 4 * ((k0 >> 7) & 1)
     first = ((a >> half) & 0x0F0F0F0F) | (((c >> half) & 0x03030303) << 4)  # sub-blocks 0-3 of the half
     second = ((b >> half) & 0x0F0F0F0F) | (((c >> (half + 2)) & 0x03030303) << 4)  # 4-7
-    return (tl.where(j % 8 < 4, first, second) >> (8 * (j % 4))) & 63
+    j = _in_half(j, 16, BLOCK_K)
+    return _bits_to_float(byte_float_bits(tl.where(j < 4, first, second), j % 4), 32)
 
 
 @triton.jit
@@ -210,7 +238,7 @@ def _five_bit_code_bits(w_ptr, low_plane, fifth_plane, k0, K, n_mask, BIASED: tl
     """Q5_0, Q5_1, Q5_K: the tile's 5-bit codes as int32 bits of the float32 2^23 + code (`BIASED`: 128 + code),
     8 elements at a time: a 32-bit word of a plane of 4-bit codes and a byte of a plane of fifth bits (bit e
     of byte m: element 8m + e, as Q5_0's and Q5_1's little-endian u32 per block has them too)."""
-    m = (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+    m = (_first(k0, 8) + tl.arange(0, BLOCK_K // 8))[None, :]
     fifth = _by_fours(w_ptr, fifth_plane, m, n_mask, K // 8, tl.uint8, BLOCK_N, BLOCK_K // 8)
     bits = five_bit_float_bits(_typed(w_ptr, low_plane, m, _within(n_mask, m, K // 8), tl.int32), fifth.to(tl.int32),
                                BIASED)
@@ -338,7 +366,7 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             scale = _k_quant_d_of(w_ptr, rows + scale_plane + _plane_bytes(nb, 16), t, t_mask) * \
                 _typed(w_ptr, rows + scale_plane + t, 0, t_mask, tl.int8).to(tl.float32)
             # 8 elements at a time: a 32-bit word of low 4 bits and a 16-bit word of top 2 bits
-            m = (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+            m = (_first(k0, 8) + tl.arange(0, BLOCK_K // 8))[None, :]
             m_mask = _within(n_mask, m, K // 8)
             bits = six_bit_float_bits(_typed(w_ptr, rows, m, m_mask, tl.int32),
                                       _typed(w_ptr, rows + high_plane, m, m_mask, tl.uint16).to(tl.int32), BIASED)
@@ -349,9 +377,9 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             low_plane = _plane_bytes(nb, 32)
             scale_plane = low_plane + _plane_bytes(nb, 64)
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask) * \
-                (_k3_scales(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K) - 32).to(tl.float32)
+                _k3_scales(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K)
             # 16 elements at a time: a 32-bit word of low bits and a 16-bit word of third bits
-            m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
+            m = (_first(k0, 16) + tl.arange(0, BLOCK_K // 16))[None, :]
             m_mask = _within(n_mask, m, K // 16)
             bits = three_bit_float_bits(_typed(w_ptr, rows + low_plane, m, m_mask, tl.int32),
                                         _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32), BIASED)
@@ -375,8 +403,8 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
         scale_plane = dmin_plane + _plane_bytes(nb, 2)
         codes_plane = scale_plane + _plane_bytes(nb, 12)
         sc, mn = _k4_scales_mins(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K)
-        scale = _k_quant_d(w_ptr, rows, s, s_mask) * sc.to(tl.float32)
-        offset = -(_k_quant_d(w_ptr, rows + dmin_plane, s, s_mask) * mn.to(tl.float32))
+        scale = _k_quant_d(w_ptr, rows, s, s_mask) * sc
+        offset = -(_k_quant_d(w_ptr, rows + dmin_plane, s, s_mask) * mn)
         if FMT == Q4_K:
             bits = _code_bits(w_ptr, rows + codes_plane, k0, K, n_mask, 4, False, tables_ptr, BIASED, BLOCK_N,
                               BLOCK_K)
@@ -469,7 +497,7 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
         WORDS: tl.constexpr = sub_block_size(FMT) // 16  # a block's 64-bit words of 16 codes
         if (WORDS == 4) and (FORM != EXACT) and (BLOCK_K >= 128):
             NB: tl.constexpr = BLOCK_K // 64
-            m = tl.reshape((k0 // 16 + 4 * tl.arange(0, NB))[:, None] + tl.arange(0, 2)[None, :], (1, 2 * NB))
+            m = tl.reshape((_first(k0, 16) + 4 * tl.arange(0, NB))[:, None] + tl.arange(0, 2)[None, :], (1, 2 * NB))
             scale = _expand(scale, BLOCK_N, 2 * NB, 2)  # a scale a word (before the loads: sm_90 4.21 -> 4.16)
             first = _code_book_words(w_ptr, rows + plane, m, K, n_mask, scale, 1, FMT, tables_ptr, BLOCK_N,
                                      BLOCK_K // 2)
@@ -478,7 +506,7 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
             halves = tl.join(tl.reshape(first, (BLOCK_N, NB, 32)), tl.reshape(second, (BLOCK_N, NB, 32)))
             w = tl.reshape(tl.permute(halves, (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
         else:
-            m = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
+            m = (_first(k0, 16) + tl.arange(0, BLOCK_K // 16))[None, :]
             w = _code_book_words(w_ptr, rows + plane, m, K, n_mask, scale, WORDS, FMT, tables_ptr, BLOCK_N, BLOCK_K)
     else:
         w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, FORM, BLOCK_N, BLOCK_K).to(DTYPE)

@@ -281,7 +281,10 @@ PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True)
                "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES), "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _two_bit_fields_ptx(True, biased=True),
                "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),
-               "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True)}
+               "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True),
+               # byte index of $1 -> the bits of 2^23 + that byte, the selector 0x754<index> an operand ($2)
+               "byte": "prmt.b32 $0, $1, 0x4B000000, $2;"}
+BYTE_SELECTOR = tl.constexpr(0x7540)  # bytes index, 0, 0 and 0x4B of {0x4B000000, word}
 INT8_PTX = tl.constexpr(PTX_SOURCES["int8"])
 INT8_128_PTX = tl.constexpr(PTX_SOURCES["int8 128"])
 NIBBLE_PTX = tl.constexpr(PTX_SOURCES["nibble"])
@@ -299,6 +302,7 @@ TWO_BIT_128_PTX = tl.constexpr(PTX_SOURCES["two bit 128"])
 FIVE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["five bit 128"])
 SIX_BIT_PTX = tl.constexpr(PTX_SOURCES["six bit"])
 SIX_BIT_128_PTX = tl.constexpr(PTX_SOURCES["six bit 128"])
+BYTE_PTX = tl.constexpr(PTX_SOURCES["byte"])
 # kvalues_iq4nl + 128 four to a little-endian word, for the portable twin's selects (signed, as Triton's int32
 # constants are)
 IQ4_WORD_0, IQ4_WORD_1, IQ4_WORD_2, IQ4_WORD_3 = (
@@ -315,6 +319,19 @@ def int8_float_bits(words, BIASED: tl.constexpr):
     else:
         codes = (words[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]) & 255
         bits = tl.reshape(float_form(codes ^ 128, BIASED, True), (words.shape[0], words.shape[1], 2, 2))
+    return bits
+
+
+@triton.jit
+def byte_float_bits(words, index):
+    """The bits of the float32 2^23 + byte `index` (0-3, a tensor like `words`) of int32 `words`: one PRMT with the
+    selector as an operand, where a shift by 8 index, a mask and an int -> float conversion took three instructions
+    of the integer pipe (the K-quants' 6-bit sub-block scales, a byte each)."""
+    if PTX:
+        bits = tl.inline_asm_elementwise(BYTE_PTX, "=r,r,r", [words, BYTE_SELECTOR + index], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        bits = ((words >> (8 * index)) & 255) | FLOAT_OF_TWO_POW_23
     return bits
 
 

@@ -160,11 +160,6 @@ def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.
     2^-9 (tests/test_triton_kernels.py measures it)."""
     QK: tl.constexpr = sub_block_size(FMT)
     BIASED: tl.constexpr = _sums_in_128_form(FMT)
-    # tiles start at columns k0 >= 0: the decoders' k0 // 32 and the like are then shifts, not signed divisions (a
-    # shift and a sign correction each; sm_90 IQ4_NL 4.19 -> 4.14 clocks an element). Not in the tensor-core kernels,
-    # where the same knowledge changed ptxas's register allocation into spills (NF4's GEMM with fp16 activations on
-    # sm_90, IQ4_XS's split-K with fp16 on sm_80)
-    tl.assume(k0 >= 0)
     v, scale, offset = decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, BIASED, BLOCK_N, BLOCK_K)
     x = _gemv_x(x_ptr, k0, K, n_mask, BLOCK_K)
     dots = tl.sum(tl.reshape(_dots_of_8(v, x, BLOCK_N, BLOCK_K), (BLOCK_N, BLOCK_K // QK, QK // 8)), axis=2)
