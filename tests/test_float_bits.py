@@ -11,7 +11,7 @@ import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
 from kernels.triton.float_bits import (BYTE_SELECTOR, HALF_BITS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS,
-                                       NF4_WORDS_AT, PTX_SOURCES)
+                                       NF4_WORDS_AT, PTX_SOURCES, _assemble, _shift_right_ptx)
 
 MASK = 0xFFFFFFFF
 
@@ -123,6 +123,16 @@ def test_byte_bits():
         for index in range(4):
             out = run_ptx(PTX_SOURCES["byte"], {"$1": pack(values), "$2": BYTE_SELECTOR.value + index})
             assert out["$0"] == float_bits(values[index])
+
+
+def test_shift_right_is_a_logical_shift():
+    """`shift_right`'s multiply-high by 2^(32 - k), and `_assemble`'s rewrite of the asm's constant shifts."""
+    words = [0, 1, 0x80000000, 0xFFFFFFFF, 0x12345678, 0xDEADBEEF]
+    for k in range(1, 32):
+        for word in words:
+            assert run_ptx(_shift_right_ptx(k), {"$1": word})["$0"] == word >> k
+            assert run_ptx(_assemble([f"shl.b32 $0, $1, {k};"]), {"$1": word})["$0"] == (word << k) & MASK
+            assert run_ptx(_assemble([f"shr.b32 $0, $1, {k};"]), {"$1": word})["$0"] == word >> k
 
 
 NF4_BITS = [int(b) for b in np.asarray(NF4_VALUES, dtype=np.float32).view(np.uint32)]

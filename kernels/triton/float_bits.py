@@ -335,6 +335,23 @@ def byte_float_bits(words, index):
     return bits
 
 
+@triton.constexpr_function
+def _shift_right_ptx(k: int) -> str:
+    """`shr.b32 $0, $1, k` as `_shift_as_multiply` writes it."""
+    return f"mul.hi.u32 $0, $1, {1 << (32 - k)};"
+
+
+@triton.jit
+def shift_right(x, K: tl.constexpr):
+    """int32 `x` >> K, zero-filled, as one IMAD (`_shift_as_multiply`) where Triton's shift takes the integer pipe:
+    written in Triton as a multiply-high by 2^(32 - K), LLVM turns it back into a shift."""
+    if PTX:
+        y = tl.inline_asm_elementwise(_shift_right_ptx(K), "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        y = (x >> K) & ((1 << (32 - K)) - 1)
+    return y
+
+
 @triton.jit
 def float_form(v, BIASED: tl.constexpr, FULL_BYTES: tl.constexpr = False):
     """Portable: int32 codes -> the bits of the float32 2^23 + v, or with `BIASED` in the 128 form: 128 + v (v <
