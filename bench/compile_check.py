@@ -44,7 +44,8 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS
 _MATMUL_POINTERS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "tables_ptr")
 # Pointer arguments per kernel. Every one is 16-byte aligned when quant_linear launches it (torch's allocations are;
 # an activation that is not gets copied), and Triton's JIT specialises on that, so every compilation here does too.
-POINTER_ARGUMENTS = {"qmm": _MATMUL_POINTERS, "qmv": _MATMUL_POINTERS, "gemv": _MATMUL_POINTERS,
+POINTER_ARGUMENTS = {"qmm": _MATMUL_POINTERS, "qmv": _MATMUL_POINTERS,
+                     "gemv": ("x_ptr", "x_scale_ptr", "x_sum_ptr") + _MATMUL_POINTERS[1:],
                      "dequant": ("w_ptr", "out_ptr", "tables_ptr")}
 
 
@@ -73,7 +74,8 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
     from kernels.triton import qmatmul
     from kernels.triton.decode import FORMAT_IDS
-    from kernels.triton.ops import DEQUANT_CONFIG, GEMV_CONFIGS, gemm_configs, split_k_config, split_k_form
+    from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, gemm_configs, split_k_config, split_k_form,
+                                    uses_int_dots)
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -87,9 +89,11 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     elif kernel_name == "gemv":
         kernel, config = qmatmul.gemv_kernel, GEMV_CONFIGS[layout]
         num_warps, num_stages = config["num_warps"], config["num_stages"]
-        signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": "*fp32", "tables_ptr": "*fp32", "N": "i32",
-                     "K": "i32", "row_bytes": "i32", "k_per_split": "i32"}
-        constexprs = common | {"HAS_BIAS": True, "EVEN": bool(config_index)} | {
+        int_dots = uses_int_dots(fmt, layout)
+        signature = {"x_ptr": "*i16" if int_dots else act, "x_scale_ptr": "*fp32" if int_dots else act,
+                     "x_sum_ptr": "*i32" if int_dots else act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": "*fp32",
+                     "tables_ptr": "*fp32", "N": "i32", "K": "i32", "row_bytes": "i32", "k_per_split": "i32"}
+        constexprs = common | {"HAS_BIAS": True, "EVEN": bool(config_index), "INT_DOTS": int_dots} | {
             k: v for k, v in config.items() if k.startswith("BLOCK")}
     else:
         signature = {"x_ptr": act, "w_ptr": "*u8", "bias_ptr": act, "y_ptr": act if kernel_name == "qmm" else "*fp32",

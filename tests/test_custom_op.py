@@ -22,14 +22,16 @@ def weight(fmt: str, n: int, k: int, seed: int = 0) -> QTensor:
     return QTensor.quantize(torch.randn((n, k), generator=generator) * 0.1, fmt)
 
 
-@pytest.mark.parametrize("fmt, with_bias, layout", [("Q4_0", True, "blocks"), ("Q4_0", False, "planes"),
-                                                     ("IQ4_NL", False, "blocks"), ("NF4", True, "planes"),
-                                                     ("Q4_K", True, "planes"), ("F16", True, "blocks")])
-def test_opcheck(fmt, with_bias, layout):
-    k = 256 if fmt == "Q4_K" else 64  # K-quants: whole 256-element super-blocks
+# M = 1 with Q2_K in planes: the integer-dot GEMV, which rounds x in a kernel of its own first
+@pytest.mark.parametrize("fmt, with_bias, layout, m", [("Q4_0", True, "blocks", 3), ("Q4_0", False, "planes", 3),
+                                                        ("IQ4_NL", False, "blocks", 3), ("NF4", True, "planes", 3),
+                                                        ("Q4_K", True, "planes", 3), ("F16", True, "blocks", 3),
+                                                        ("Q2_K", True, "planes", 1)])
+def test_opcheck(fmt, with_bias, layout, m):
+    k = 256 if fmt in ("Q4_K", "Q2_K") else 64  # K-quants: whole 256-element super-blocks
     w = weight(fmt, 24, k)
     w = w.planes() if layout == "planes" else w
-    x = torch.randn(3, k, requires_grad=True)
+    x = torch.randn(m, k, requires_grad=True)
     bias = torch.randn(24, requires_grad=True) if with_bias else None
     torch.library.opcheck(linear, (x, w.raw, w.format, w.scale, w.layout, bias))
     torch.library.opcheck(dequantized, (w.raw, w.format, w.scale, w.layout, k, torch.bfloat16))

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
-from kernels.triton.float_bits import (BYTE_SELECTOR, HALF_BITS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS,
-                                       NF4_WORDS_AT, PTX_SOURCES, _assemble, _shift_right_ptx)
+from kernels.triton.float_bits import (BYTE_SELECTOR, HALF_BITS_AT, IQ4_INT8_WORDS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT,
+                                       LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES, _assemble, _shift_right_ptx)
+from kernels.triton.int_gemv import _dp2a_ptx
 
 MASK = 0xFFFFFFFF
 
@@ -43,10 +44,24 @@ def bf16_bits(bits: int) -> int:
     return int(torch.tensor([float32_of(bits)]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
 
 
+def signed(value: int, bits: int) -> int:
+    return value - (1 << bits) if (value >> (bits - 1)) & 1 else value
+
+
+def dp2a(high: bool):
+    """dp2a.lo / .hi with .s32.s32: c + a's signed 16-bit halves times b's signed bytes 0, 1 (hi: 2, 3)."""
+    def op(a: int, b: int, c: int) -> int:
+        first = 2 if high else 0
+        products = (signed((a >> (16 * i)) & 0xFFFF, 16) * signed((b >> (8 * (first + i))) & 0xFF, 8)
+                    for i in range(2))
+        return signed(c, 32) + sum(products)
+    return op
+
+
 OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
        "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
        "mul.hi.u32": lambda a, b: (a * b) >> 32,
-       "mov.b32": lambda a: a, "prmt.b32": prmt,
+       "mov.b32": lambda a: a, "prmt.b32": prmt, "dp2a.lo.s32.s32": dp2a(False), "dp2a.hi.s32.s32": dp2a(True),
        "mul.f32": lambda a, b: bits_of(float32_of(a) * float32_of(b)),  # round to nearest, subnormals kept
        # d = {a rounded in the upper half, b in the lower}
        "cvt.rn.bf16x2.f32": lambda a, b: (bf16_bits(a) << 16) | bf16_bits(b)}
@@ -166,6 +181,36 @@ def test_nibble_lookups_every_code_in_every_position(name, table):
                 out = run_ptx(PTX_SOURCES[name], {"$8": pack(codes), **words})
                 assert [out[f"${i}"] for i in range(4)] == [table[c & 15] for c in codes]
                 assert [out[f"${i + 4}"] for i in range(4)] == [table[c >> 4] for c in codes]
+
+
+def test_iq4_int8_lookups_every_code_in_every_position():
+    """IQ4's levels as int8 bytes for `int_gemv`: elements 0-3 in $0, 4-7 in $1."""
+    words = {f"${3 + i}": word for i, word in enumerate(LOOKUP_WORDS[IQ4_INT8_WORDS_AT:IQ4_INT8_WORDS_AT + 4])}
+    words["$7"] = LOOKUP_WORDS[HALF_BITS_AT]
+    levels = [v & 0xFF for v in IQ4_VALUES]
+    for low_code in range(16):
+        for high_code in range(16):
+            for position in range(4):
+                codes = [(3 * position + 5 * i) % 256 for i in range(4)]
+                codes[position] = low_code | (high_code << 4)
+                out = run_ptx(PTX_SOURCES["nibble iq4 int8"], {"$2": pack(codes), **words})
+                elements = [levels[(c >> (4 * half)) & 15] for c in codes for half in range(2)]
+                assert [out["$0"], out["$1"]] == [pack(elements[:4]), pack(elements[4:])]
+
+
+@pytest.mark.parametrize("high", [False, True])
+def test_dp2a(high):
+    """`int_gemv.dot2`'s PTX against the definition in numpy: signed 16-bit x times signed bytes, extremes
+    included."""
+    rng = np.random.default_rng(int(high))
+    xs = [0, 0x7FFF8000, 0x80007FFF, 0xFFFFFFFF] + [int(v) for v in rng.integers(0, 2**32, 200, dtype=np.uint64)]
+    codes = [0x7F80FF01, 0x80808080, 0x7F7F7F7F, 0] + [int(v) for v in rng.integers(0, 2**32, 200, dtype=np.uint64)]
+    accs = [0, 2**31 - 2**24, 2**32 - 2**24, 5] + [int(v) for v in rng.integers(0, 2**20, 200)]
+    for x, code, acc in zip(xs, codes, accs):
+        halves = np.array([x], dtype=np.uint32).view(np.int16).astype(np.int64)
+        bytes_ = np.array([code], dtype=np.uint32).view(np.int8).astype(np.int64)[2 * high:2 * high + 2]
+        expected = (int(np.array([acc], dtype=np.uint32).view(np.int32)[0]) + int(halves @ bytes_)) & MASK
+        assert run_ptx(_dp2a_ptx(high), {"$1": x, "$2": code, "$3": acc})["$0"] == expected
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -3,14 +3,15 @@
 A representative subset here (each format once on sm_86, the tightest shared-memory budget; every tile config, the
 split-K kernels (masked, and for planes tiles inside the weight unmasked) and the dequantize kernel for the heaviest
 decoders on every architecture; IQ4's code-book decode to bf16 and the split-K decode of 4-bit codes in the form of
-each architecture (`ops.split_k_form`) on every architecture); `python -m bench.compile_check` runs the full sweep."""
+each architecture (`ops.split_k_form`) on every architecture; the integer-dot GEMV on sm_80 and sm_90);
+`python -m bench.compile_check` runs the full sweep."""
 
 import os
 
 from bench.compile_check import SHARED_LIMIT, problems, run
 from kernels.repack import has_planes
 from kernels.triton.decode import KERNEL_FORMATS
-from kernels.triton.ops import gemm_configs
+from kernels.triton.ops import INT_DOT_FORMATS, gemm_configs
 
 # the most registers in the full sweep: the blocks GEMM, split-K and dequantize kernels, the planes FMA GEMV
 HEAVY = (("Q5_K", "blocks"), ("NF4", "planes"), ("Q5_K", "planes"), ("Q6_K", "planes"))
@@ -27,6 +28,8 @@ def subset():
                      for even in range(1 + (layout == "planes"))]
             jobs.append(("dequant", fmt, "fp16", 0, cc, layout))
         jobs += [("qmv", "IQ4_XS", "bf16", 1, cc, "planes"), ("qmv", "Q4_K", "bf16", 1, cc, "planes")]
+    # the integer-dot GEMV (dp2a, sm_61 and up) of each of its formats, masked, on the oldest and newest
+    jobs += [("gemv", fmt, "bf16", 0, cc, "planes") for fmt in sorted(INT_DOT_FORMATS) for cc in (80, 90)]
     return jobs
 
 

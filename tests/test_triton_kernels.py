@@ -13,7 +13,9 @@ from kernels.quant_linear import METHODS, QuantLinear, quant_linear
 from kernels.repack import has_planes
 from kernels.triton.decode import FORMAT_IDS, KERNEL_FORMATS
 from kernels.triton.decode_planes import FUSED, decode_planes_tile_as
-from kernels.triton.ops import (dequant_matmul_triton, dequantize_triton, interpreting, lookup_table,
+from kernels.triton import ops
+from kernels.triton.int_gemv import dot2
+from kernels.triton.ops import (dequant_matmul_triton, dequantize_triton, interpreting, lookup_table, quantize_x,
                                 quant_linear_triton)
 
 pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
@@ -156,8 +158,9 @@ def test_planes_fused_matmul_equals_reference(fmt, M, dtype):
 def test_planes_gemv_stays_float32_accurate_with_outlier_activations(fmt):
     """The M = 1 kernel sums the 128 form's products (`qmatmul._gemv_sub_block_sums`), whose rounding follows
     sum(|x|) rather than the result: with a few activations 300 times the rest (as Flux's have), it must stay far
-    below the bf16 output's own rounding (2^-9), at float32 accumulation's scale. IQ4's bytes take the 128 form with
-    8 fewer bits below the codes' unit (`qmatmul._sums_in_128_form`): about 5e-5 there, 1e-6 elsewhere."""
+    below the bf16 output's own rounding (2^-9), at float32 accumulation's scale: about 1e-6. The integer dot
+    products (`ops.INT_DOT_FORMATS`) round x to 2^-15 of the largest in its group of 32, which an outlier makes
+    coarse for the other 31: 6-8e-5 here (2-5e-6 without outliers; `test_int_dot_gemv_within_its_bound`)."""
     weight, dense = quantized_weight(fmt, n=ODD_N, k=1024, layout="planes")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 1024)).astype(np.float32)
@@ -165,7 +168,74 @@ def test_planes_gemv_stays_float32_accurate_with_outlier_activations(fmt):
     x = torch.from_numpy(x).to(torch.bfloat16).float()  # products with bf16 inputs are exact in the 128 form
     exact = x.double() @ dense.double().T
     y = quant_linear_triton(x.to(DEVICE), weight, None).double().cpu()
-    assert (y - exact).norm() / exact.norm() <= (1e-4 if fmt in ("IQ4_NL", "IQ4_XS") else 2e-5)
+    assert (y - exact).norm() / exact.norm() <= (1e-4 if fmt in ops.INT_DOT_FORMATS else 2e-5)
+
+
+def _activations_with_outliers(k, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    x[0, rng.integers(0, k, 8)] *= 300
+    x[0, 64:96] = 0  # a group of zeros
+    x[0, 96:128] *= 2.0**-130  # and of subnormals
+    return torch.from_numpy(x).to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("fmt", ["Q2_K", "IQ4_NL"])
+def test_quantize_x(fmt):
+    """x -> 16-bit integers by a power of two per 32: the largest in [2^14, 2^15) (groups below 2^-112, the
+    smallest scale's range, aside), bf16 values within 2^7 of it exact, the others within half a step; sums per 16;
+    Q2_K's order transposed within each 16."""
+    x = _activations_with_outliers(1024, 1)
+    xq, scales, sums = (t.cpu() for t in quantize_x(x.to(DEVICE), fmt))
+    assert xq.dtype == torch.int16 and scales.shape == (32,) and sums.shape == (64,)
+    if fmt == "Q2_K":
+        xq = xq.view(64, 4, 4).transpose(1, 2)
+    xq = xq.reshape(32, 32).double()
+    groups = x.reshape(32, 32).double()
+    assert torch.equal(torch.frexp(scales)[0].abs(), torch.full((32,), 0.5, dtype=torch.float32))
+    largest = xq.abs().amax(dim=1)
+    assert ((largest >= 2**14) & (largest < 2**15) | (groups.abs().amax(dim=1) < 2**-112)).all()
+    error = (xq * scales.double()[:, None] - groups).abs()
+    exact = (groups.abs() >= groups.abs().amax(dim=1, keepdim=True) / 2**7) & (groups.abs() >= 2**-112)
+    assert (error[exact] == 0).all() and (error <= scales.double()[:, None] / 2).all()
+    assert torch.equal(sums, xq.reshape(64, 16).sum(dim=1).to(torch.int32))
+
+
+@triton.jit
+def _dot2_kernel(x_ptr, codes_ptr, acc_ptr, out_ptr, HIGH: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, dot2(tl.load(x_ptr + i), tl.load(codes_ptr + i), tl.load(acc_ptr + i), HIGH))
+
+
+@pytest.mark.parametrize("high", [False, True])
+def test_dot2(high):
+    """`int_gemv.dot2` (the portable twin here, dp2a on a GPU) against signed 16-bit halves times signed bytes."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([[0x7FFF8000, -1, 0x80007FFF - 2**32], rng.integers(-2**31, 2**31, 61)]).astype(np.int32)
+    codes = np.concatenate([[0x7F80FF01, -0x7F7F7F80, 0x7F7F7F7F], rng.integers(-2**31, 2**31, 61)]).astype(np.int32)
+    acc = rng.integers(-2**20, 2**20, 64).astype(np.int32)
+    out = torch.empty(64, dtype=torch.int32, device=DEVICE)
+    _dot2_kernel[(1,)](*(torch.from_numpy(a).to(DEVICE) for a in (x, codes, acc)), out, HIGH=high, BLOCK=64)
+    halves = x.view(np.int16).reshape(64, 2).astype(np.int64)
+    bytes_ = codes.view(np.int8).reshape(64, 4)[:, 2 * high:2 * high + 2].astype(np.int64)
+    assert np.array_equal(out.cpu().numpy(), acc + (halves * bytes_).sum(axis=1))
+
+
+@pytest.mark.parametrize("fmt", sorted(ops.INT_DOT_FORMATS))
+def test_int_dot_gemv_within_its_bound(fmt):
+    """The integer GEMV's error is x's rounding (`quantize_x`) times the weights, and float32's: per output at most
+    2^-15 max|x_g| sum|w| over each group g of 32 whose values are not all exact (every bf16 value within 2^7 of
+    its group's largest is), plus 1e-6 sum|x w|."""
+    weight, dense = quantized_weight(fmt, n=ODD_N, k=1024, layout="planes")
+    x = _activations_with_outliers(1024, 7)
+    exact = (x.double() @ dense.double().T)[0]
+    y = quant_linear_triton(x.to(DEVICE), weight, None).double().cpu()[0]
+    groups = x.reshape(32, 32).abs().double()
+    largest = groups.amax(dim=1)
+    rounded = (groups < largest[:, None] / 2**7) & (groups > 0)
+    bound = (rounded * largest[:, None] * 2**-15).reshape(1, 1024) @ dense.double().abs().T
+    bound = bound[0] + 1e-6 * (x.double().abs() @ dense.double().abs().T)[0]
+    assert ((y - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("block_k", [16, 32, 64])  # the GPU tiles: inside one block, one block, two blocks

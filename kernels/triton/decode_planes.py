@@ -216,12 +216,12 @@ def _k4_scales_mins(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _k3_scales(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
-    """Q3_K's 6-bit scales of sub-blocks `j` of super-block `s` (ggml's 12 bytes: sub-block j's low 4 bits in nibble
-    j // 8 of byte j % 8, its top 2 in bits 2 (j // 4) of byte 8 + j % 4). A tile at most 128 deep lies in one half
-    of its super-block, so the whole tile takes the same nibble, four bytes at a time: three 32-bit words a row, not
-    two bytes a sub-block (sm_90 per element: FMA GEMV 5.26 -> 4.74, split-K 6.23 -> 5.80, GEMM 128x128x128 7.42 ->
-    7.22)."""
+def _k3_scale_bits(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
+    """Q3_K's 6-bit scales of sub-blocks `j` of super-block `s`, as the bits of the float32 2^23 + scale (ggml's 12
+    bytes: sub-block j's low 4 bits in nibble j // 8 of byte j % 8, its top 2 in bits 2 (j // 4) of byte
+    8 + j % 4). A tile at most 128 deep lies in one half of its super-block, so the whole tile takes the same
+    nibble, four bytes at a time: three 32-bit words a row, not two bytes a sub-block (sm_90 per element: FMA GEMV
+    5.26 -> 4.74, split-K 6.23 -> 5.80, GEMM 128x128x128 7.42 -> 7.22)."""
     tl.static_assert(BLOCK_K <= 128, "the tile lies in one half of a super-block")
     a = _typed(w_ptr, plane, 3 * s, mask, tl.int32)
     b = _typed(w_ptr, plane, 3 * s + 1, mask, tl.int32)
@@ -230,7 +230,13 @@ def _k3_scales(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
     first = ((a >> half) & 0x0F0F0F0F) | (((c >> half) & 0x03030303) << 4)  # sub-blocks 0-3 of the half
     second = ((b >> half) & 0x0F0F0F0F) | (((c >> (half + 2)) & 0x03030303) << 4)  # 4-7
     j = _in_half(j, 16, BLOCK_K)
-    return _bits_to_float(byte_float_bits(tl.where(j < 4, first, second), j % 4), 32)
+    return byte_float_bits(tl.where(j < 4, first, second), j % 4)
+
+
+@triton.jit
+def _k3_scales(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
+    """Q3_K's sub-block scales `_k3_scale_bits` less 32, as float32."""
+    return _bits_to_float(_k3_scale_bits(w_ptr, plane, k0, s, j, mask, BLOCK_K), 32)
 
 
 @triton.jit

@@ -133,6 +133,12 @@ def _nibble_bits_ptx(table: bool, biased: bool = False) -> str:
     return _assemble(lines + _float_bits_of_bytes(elements, biased, full_bytes=table))
 
 
+def _nibble_int8_ptx() -> str:
+    """A word ($2) of 8 4-bit codes -> byte `code` of the table in the words $3-$6 (`_lookups`' half_bits in $7),
+    elements 0-3 in the bytes of $0, 4-7 in those of $1: IQ4's levels as int8, for `int_gemv`'s dot products."""
+    return _assemble(_lookups(_table_operands(3, 1), "$7", codes="$2") + ["mov.b32 $0, va0;", "mov.b32 $1, vb0;"])
+
+
 def _nibble_float32_ptx() -> str:
     """A word ($8) of 8 4-bit codes -> the float32 value[code], low nibbles ($0-$3), high ones ($4-$7), from four
     byte tables in the words $9-$24 (byte k of each value: `float32_byte_tables`; `_lookups`' half_bits in $25),
@@ -265,19 +271,21 @@ IQ4_OFFSET_BINARY = tuple(v + 128 for v in IQ4_VALUES)  # kvalues_iq4nl as bytes
 # the blocks decoder gather them), then the byte tables of the PRMT lookups, passed to the asm as operands: loaded
 # once, they stay in registers, where constants in the asm were rematerialised for every call (NF4's 16 words:
 # about 2 instructions an element); then IQ4's values as float32 (`code_book_bf16`'s portable twin gathers them);
-# then `_lookups`' half_bits, an operand for the same reason.
+# then `_lookups`' half_bits, an operand for the same reason; then IQ4's values as int8 bytes.
 NF4_WORDS_AT = tl.constexpr(16)
 IQ4_WORDS_AT = tl.constexpr(32)
 IQ4_VALUES_AT = tl.constexpr(36)
 HALF_BITS_AT = tl.constexpr(52)
+IQ4_INT8_WORDS_AT = tl.constexpr(53)
 LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("<u4")]
                      + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
                      + byte_table_words(IQ4_OFFSET_BINARY)
                      + [int(b) for b in np.asarray(IQ4_VALUES, dtype="<f4").view("<u4")]
-                     + [0x44444444])
+                     + [0x44444444]
+                     + byte_table_words([v & 0xFF for v in IQ4_VALUES]))
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True), "nibble": _nibble_bits_ptx(False),
                "nibble iq4": _nibble_bits_ptx(True), "nibble iq4 128": _nibble_bits_ptx(True, biased=True),
-               "nibble nf4": _nibble_float32_ptx(), "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
+               "nibble nf4": _nibble_float32_ptx(), "nibble iq4 int8": _nibble_int8_ptx(), "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
                "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES), "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _two_bit_fields_ptx(True, biased=True),
                "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),
@@ -291,6 +299,7 @@ NIBBLE_PTX = tl.constexpr(PTX_SOURCES["nibble"])
 NIBBLE_IQ4_PTX = tl.constexpr(PTX_SOURCES["nibble iq4"])
 NIBBLE_IQ4_128_PTX = tl.constexpr(PTX_SOURCES["nibble iq4 128"])
 NIBBLE_NF4_PTX = tl.constexpr(PTX_SOURCES["nibble nf4"])
+NIBBLE_IQ4_INT8_PTX = tl.constexpr(PTX_SOURCES["nibble iq4 int8"])
 THREE_BIT_PTX = tl.constexpr(PTX_SOURCES["three bit"])
 FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
 NF4_BF16_PTX = tl.constexpr(PTX_SOURCES["nf4 bf16"])
@@ -428,6 +437,23 @@ def nibble_float_bits(codes, IQ4: tl.constexpr, tables_ptr, BIASED: tl.constexpr
             v = iq4_offset_binary(v)
         bits = tl.reshape(float_form(v, BIASED, IQ4), (codes.shape[0], codes.shape[1], 2, 2, 2))
     return bits
+
+
+@triton.jit
+def iq4_int8_bytes(codes, tables_ptr):
+    """int32 words of 8 IQ4 codes (element e at bits 4e) -> their levels kvalues_iq4nl[code] as int8 bytes, two
+    int32 words each `[R, C, 2]`: elements 0-3 in the bytes of the first, 4-7 of the second."""
+    if PTX:
+        low, high = tl.inline_asm_elementwise(
+            NIBBLE_IQ4_INT8_PTX, "=r,=r,r,r,r,r,r,r",
+            [codes, _word(tables_ptr, IQ4_INT8_WORDS_AT), _word(tables_ptr, IQ4_INT8_WORDS_AT + 1),
+             _word(tables_ptr, IQ4_INT8_WORDS_AT + 2), _word(tables_ptr, IQ4_INT8_WORDS_AT + 3),
+             _word(tables_ptr, HALF_BITS_AT)], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        words = tl.join(low, high)
+    else:
+        levels = tl.reshape(iq4_offset_binary(_nibbles(codes)) ^ 128, (codes.shape[0], codes.shape[1], 2, 4))
+        words = tl.sum(levels << (8 * tl.arange(0, 4))[None, None, None, :], axis=3)
+    return words
 
 
 @triton.jit

@@ -14,6 +14,7 @@ from kernels.qtensor import QTensor
 from kernels.triton.decode import FORMAT_IDS
 from kernels.triton.decode_planes import FUSED, FUSED_BYTES
 from kernels.triton.float_bits import LOOKUP_WORDS
+from kernels.triton.int_gemv import X_GROUP, quantize_x_kernel
 from kernels.triton.qmatmul import dequant_kernel, gemv_kernel, qmm_kernel, qmv_kernel
 
 SMALL_M = 16  # up to here the weight-streaming split-K kernels run: the FMA GEMV at M = 1, the tensor-core one above
@@ -94,6 +95,33 @@ def split_k_config(fmt: str, layout: str, dtype_name: str, cc: int) -> dict:
 # 32 x 64 in 8 warps (Q4_K 15.3 in 4, where Q8_0 spilled 24 bytes on sm_86 / sm_89).
 GEMV_CONFIGS = {"planes": dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1),
                 "blocks": dict(BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=1)}
+
+
+# Formats (in planes) whose M = 1 kernel sums integer dot products of 16-bit x and byte codes (`int_gemv`): those
+# with too few bits an element for the FMA GEMV's float decode to keep up with their bytes (sm_90, scheduler clocks
+# a weight element: Q2_K 3.92 -> 1.94, Q3_K 4.31 -> 2.62, IQ4_NL 4.14 -> 2.81, IQ4_XS 4.45 -> 3.12; H100 model,
+# issue time over memory time, 1.29 -> 0.64, 1.08 -> 0.66, 0.80 -> 0.54, 0.91 -> 0.64). x is rounded to 2^-15 of
+# its group's largest, which adds 2-5e-6 of the output's norm (6-8e-5 next to activations 300x the rest) where the
+# float GEMV's is 1-2e-6; one more launch (`quantize_x`), which the static model leaves out.
+INT_DOT_FORMATS = frozenset({"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"})
+QUANTIZE_X_BLOCK = 256
+
+
+def uses_int_dots(fmt: str, layout: str) -> bool:
+    """Whether the M = 1 kernel takes `int_gemv`'s integer dot products for a `fmt` weight in `layout`."""
+    return layout == "planes" and fmt in INT_DOT_FORMATS
+
+
+def quantize_x(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x `(1, K)` -> (int16 xq, float32 power-of-two scales a group of `X_GROUP`, int32 sums of xq a 16), in the
+    order `fmt`'s integer GEMV reads them (`int_gemv.quantize_x_kernel`)."""
+    K = x.shape[1]
+    xq = torch.empty(K, dtype=torch.int16, device=x.device)
+    scales = torch.empty(K // X_GROUP.value, dtype=torch.float32, device=x.device)
+    sums = torch.empty(K // 16, dtype=torch.int32, device=x.device)
+    quantize_x_kernel[(triton.cdiv(K, QUANTIZE_X_BLOCK),)](x, xq, scales, sums, K, TRANSPOSE_4X4=fmt in ("Q2_K", "Q3_K"),
+                                                          BLOCK=QUANTIZE_X_BLOCK)
+    return xq, scales, sums
 
 
 def even_tiles(layout: str, N: int, K: int, cfg: dict) -> bool:
@@ -212,8 +240,11 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             out = torch.zeros((1, N), dtype=torch.float32, device=x.device)
             cfg = INTERPRETER_GEMV if interpreting() else GEMV_CONFIGS[weight.layout]
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
-            gemv_kernel[grid](x, weight.raw, bias_arg, out, table, N, K, weight.raw.shape[1], k_per_split, FMT=fmt,
-                              PLANES=planes, HAS_BIAS=has_bias, EVEN=even_tiles(weight.layout, N, K, cfg), **cfg)
+            int_dots = uses_int_dots(weight.format, weight.layout)
+            xs = quantize_x(x, weight.format) if int_dots else (x, x, x)
+            gemv_kernel[grid](*xs, weight.raw, bias_arg, out, table, N, K, weight.raw.shape[1], k_per_split,
+                              FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, EVEN=even_tiles(weight.layout, N, K, cfg),
+                              INT_DOTS=int_dots, **cfg)
             return out.to(x.dtype)
         if kernel == "split-k":
             out = torch.zeros((M, N), dtype=torch.float32, device=x.device)

@@ -7,7 +7,9 @@
 * `gemv_kernel`: M = 1 (Flux's modulation linears run at M = batch): on the FMA units, one multiply-add per weight
   element into fp32 partial sums (planes: the code values times x, summed per sub-block and scaled once; blocks: the
   decoded weights times x), reduced once at the end; split-K over the weight so enough programs stream it, partial
-  sums meeting in an fp32 buffer with atomic adds.
+  sums meeting in an fp32 buffer with atomic adds. The formats with the fewest bits an element sum integer dot
+  products of x rounded to 16 bits and their codes as bytes instead, two an instruction (`int_gemv`,
+  `ops.INT_DOT_FORMATS`).
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
   where the FMA kernel would decode the weight once per row.
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
@@ -24,6 +26,7 @@ from kernels.triton.decode import decode_tile
 from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, decode_planes_parts,
                                           decode_planes_tile_as, has_biased_form, has_code_book, has_offset,
                                           sub_block_size)
+from kernels.triton.int_gemv import int_sums
 
 
 @triton.jit
@@ -176,12 +179,14 @@ def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, N, K, row_bytes, k_per_split, FMT: tl.constexpr,
-                PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def gemv_kernel(x_ptr, x_scale_ptr, x_sum_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, N, K, row_bytes, k_per_split,
+                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                INT_DOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += W[n, ks] @ x[ks] for one (n-tile, K-split). No reduction inside the loop: one FMA per
     weight element into a tile of partial sums, summed over K once after it. `EVEN`: BLOCK_N divides N and BLOCK_K
-    divides K (Flux's layers), so no weight load needs a mask (planes only)."""
+    divides K (Flux's layers), so no weight load needs a mask (planes only). `INT_DOTS` (planes): x comes as
+    `int_gemv.quantize_x_kernel` leaves it, 16-bit integers, their scales and sums (`x_scale_ptr`, `x_sum_ptr`,
+    otherwise unused), and the sums are integer dot products (`int_gemv.int_sums`)."""
     tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
@@ -196,7 +201,11 @@ def gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, N, K, row_bytes, k_pe
     k_end = tl.minimum(k_start + k_per_split, K)  # the last split may hold fewer tiles
     # the first tile's products start the partial sums, so they take the products' register layout: a tile zeroed
     # by tl.zeros gets a default layout, and every tile would be shuffled into it through shared memory
-    if PLANES:
+    if INT_DOTS:
+        acc = int_sums(x_ptr, x_scale_ptr, x_sum_ptr, w_ptr, tables_ptr, rows, n_mask, k_start, K, FMT, BLOCK_N, BLOCK_K)
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+            acc += int_sums(x_ptr, x_scale_ptr, x_sum_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT, BLOCK_N, BLOCK_K)
+    elif PLANES:
         acc = _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k_start, K, FMT, BLOCK_N, BLOCK_K)
         for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             acc += _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT, BLOCK_N, BLOCK_K)

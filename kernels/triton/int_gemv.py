@@ -1,0 +1,199 @@
+"""M = 1 on integer dot products: x as 16-bit integers, codes as bytes, `dp2a` (IDP.2A) two products an
+instruction into an int32 sum per sub-block, scaled once per 32 elements.
+
+The FMA GEMV (`qmatmul.gemv_kernel`) spends an instruction an element turning a code into a float and one
+multiplying it into the sums. Formats with few bits an element do not stream their bytes in that time: Q2_K's 2.6
+bits allow about 2.4 scheduler clocks an element on an H100, and a permute on the integer pipe (two clocks, since
+it takes a warp instruction every other clock) plus the multiply-add already take 2 (`bench.sass`). Here a mask
+gives four 2-bit codes a register as bytes (IQ4: two permutes look four codes' int8 levels up), and `dp2a`
+multiplies two of them by two 16-bit x values into an int32 sum on the FMA pipe: half an instruction an element
+there, as ggml's `mmvq` kernels do with `dp4a` and 8-bit activations. The sub-block scales (Q2_K's, Q3_K's) are
+integers too; an int32 sum per 32 elements then meets its float32 scales once.
+
+x first goes to 16-bit integers (`quantize_x_kernel`), 32 values at a time by a power of two: the largest then
+lies in [2^14, 2^15). A bf16 x is exact there for every value within 2^7 of its group's largest (its 8
+significant bits fit), and a smaller one is rounded to 2^-15 of the largest at most, far below the bf16 output's own
+rounding of 2^-9: 2-5e-6 of the output's norm, 6-8e-5 next to activations 300 times the rest
+(tests/test_triton_kernels.py bounds it). The weights stay the reference's: codes times integer sub-block scales
+are exact integers, the block scales multiply the sums in float32.
+"""
+
+import triton
+import triton.language as tl
+
+from kernels.triton.decode import IQ4_NL, IQ4_XS, Q2_K, Q3_K
+from kernels.triton.decode_planes import (_code_book_scales, _code_words, _first, _k3_scale_bits, _k_quant_d, _load,
+                                          _plane_bytes, _sub_blocks, _typed, _within)
+from kernels.triton.float_bits import FLOAT_OF_TWO_POW_23, PTX, iq4_int8_bytes, shift_right
+
+X_GROUP = tl.constexpr(32)  # x values sharing one power-of-two scale
+MAX_EXPONENT_SHIFT = tl.constexpr(141)  # 127 + 14: a group's largest x, of biased exponent e, times 2^(141 - e) lies in [2^14, 2^15)
+
+
+@triton.constexpr_function
+def _dp2a_ptx(high: bool) -> str:
+    return f"dp2a.{'hi' if high else 'lo'}.s32.s32 $0, $1, $2, $3;"
+
+
+@triton.jit
+def dot2(x_pair, codes, acc, HIGH: tl.constexpr):
+    """acc + the two signed 16-bit halves of `x_pair` times signed bytes 0 and 1 of `codes` (`HIGH`: bytes 2 and
+    3), int32: one `dp2a`."""
+    if PTX:
+        out = tl.inline_asm_elementwise(_dp2a_ptx(HIGH), "=r,r,r,r", [x_pair, codes, acc], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    else:
+        SHIFT: tl.constexpr = 16 if HIGH else 0
+        out = acc + ((x_pair << 16) >> 16) * ((codes << (24 - SHIFT)) >> 24) + \
+            (x_pair >> 16) * ((codes << (16 - SHIFT)) >> 24)
+    return out
+
+
+@triton.jit
+def quantize_x_kernel(x_ptr, xq_ptr, scale_ptr, sum_ptr, K, TRANSPOSE_4X4: tl.constexpr, BLOCK: tl.constexpr):
+    """x `[K]` -> int16 `xq` with x = xq * scale for each group of `X_GROUP` (a power of two in `scale_ptr`), and
+    the sum of xq over each 16 in `sum_ptr` (int32). `TRANSPOSE_4X4`: within each 16, xq in the order of Q2_K's
+    2-bit fields (position 4 j + b holds element 4 b + j: byte b of a word's field j)."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.reshape(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), (BLOCK // X_GROUP, X_GROUP))
+    exponent = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23
+    shift = tl.minimum(MAX_EXPONENT_SHIFT - exponent, 126)[:, None]  # >= -113 for finite x
+    q = tl.floor(x * ((shift + 127) << 23).to(tl.float32, bitcast=True) + 0.5)
+    xq = tl.minimum(q, 32767.0).to(tl.int32)  # a float32 x just below 2^15 rounds up to it
+    tl.store(scale_ptr + tl.program_id(0) * (BLOCK // X_GROUP) + tl.arange(0, BLOCK // X_GROUP),
+             tl.reshape(((127 - shift) << 23).to(tl.float32, bitcast=True), (BLOCK // X_GROUP,)),
+             mask=tl.program_id(0) * (BLOCK // X_GROUP) + tl.arange(0, BLOCK // X_GROUP) < K // X_GROUP)
+    xq = tl.reshape(xq, (BLOCK // 16, 16))
+    g = tl.program_id(0) * (BLOCK // 16) + tl.arange(0, BLOCK // 16)
+    tl.store(sum_ptr + g, tl.sum(xq, axis=1), mask=g < K // 16)
+    if TRANSPOSE_4X4:
+        xq = tl.permute(tl.reshape(xq, (BLOCK // 16, 4, 4)), (0, 2, 1))
+    tl.store(xq_ptr + k, tl.reshape(xq, (BLOCK,)).to(tl.int16), mask=k < K)
+
+
+@triton.jit
+def _split_pairs(xp, G: tl.constexpr):
+    """`[G, 4]` -> its 4 columns, each `[1, G]`."""
+    a, b = tl.split(tl.reshape(xp, (G, 2, 2)))
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0[None, :], b0[None, :], a1[None, :], b1[None, :]
+
+
+@triton.jit
+def _x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K: tl.constexpr):
+    """The tile's xq two a 32-bit word, `[BLOCK_K // 2]` (zeros past K unless `n_mask` is None)."""
+    p = _first(k0, 2) + tl.arange(0, BLOCK_K // 2)
+    return _load(xq_ptr.to(tl.pointer_type(tl.int32)) + p, None if n_mask is None else p < K // 2)
+
+
+@triton.jit
+def _q2_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sum over each 32 of W[n, k] x[k] for the tile at k0, `[BLOCK_N, BLOCK_K // 32]` fp32, of a Q2_K weight in
+    planes (scales: a byte each, scale | min << 4 | qs: 2-bit codes | d | dmin). Each 16-element sub-block's
+    codes times xq are summed by 8 dp2a (fields j of a word: elements j, 4 + j, 8 + j, 12 + j, against xq in
+    `quantize_x_kernel`'s transposed order), times its integer scale; its min times the sum of its xq."""
+    G: tl.constexpr = BLOCK_K // 16
+    nb = K // 256
+    codes_plane = _plane_bytes(nb, 16)
+    d_plane = codes_plane + _plane_bytes(nb, 64)
+    words = _code_words(w_ptr, rows + codes_plane, k0, K, n_mask, 16, BLOCK_K)
+    pairs = tl.reshape(_x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K), (G, 4, 2))
+    low, high = tl.split(pairs)  # [G, 4]: the pairs of field j, with bytes 0-1 and 2-3
+    l0, l1, l2, l3 = _split_pairs(low, G)
+    h0, h1, h2, h3 = _split_pairs(high, G)
+    field = words & 0x03030303
+    dots = dot2(h0, field, dot2(l0, field, tl.zeros_like(words), False), True)
+    field = shift_right(words, 2) & 0x03030303
+    dots = dot2(h1, field, dot2(l1, field, dots, False), True)
+    field = shift_right(words, 4) & 0x03030303
+    dots = dot2(h2, field, dot2(l2, field, dots, False), True)
+    field = shift_right(words, 6) & 0x03030303
+    dots = dot2(h3, field, dot2(l3, field, dots, False), True)
+    t = (_first(k0, 16) + tl.arange(0, G))[None, :]
+    packed = _load(w_ptr + rows + t, _within(n_mask, t, K // 16)).to(tl.int32)
+    scaled = tl.sum(tl.reshape(dots * (packed & 15), (BLOCK_N, G // 2, 2)), axis=2)
+    mins = tl.sum(tl.reshape(tl.load(sum_ptr + t) * (packed >> 4), (BLOCK_N, G // 2, 2)), axis=2)
+    s, _, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
+    x_scale = _x_scales(scale_ptr, k0, K, n_mask, BLOCK_K)
+    return scaled.to(tl.float32) * (_k_quant_d(w_ptr, rows + d_plane, s, s_mask) * x_scale) - \
+        mins.to(tl.float32) * (_k_quant_d(w_ptr, rows + d_plane + _plane_bytes(nb, 2), s, s_mask) * x_scale)
+
+
+@triton.jit
+def _q3_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Q3_K's (hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d) sums over each 32 of W[n, k] x[k],
+    `[BLOCK_N, BLOCK_K // 32]` fp32. As Q2_K's, with each code's third bit merged into its byte: the 16 third bits
+    of a word's elements spread a nibble to a byte (byte b: elements 4 b .. 4 b + 3), so that field j's bit (element
+    4 b + j) is bit j of byte b, moved to bit 2. The codes are value + 4: the sub-block's sum of xq times 4 leaves
+    once per sub-block."""
+    G: tl.constexpr = BLOCK_K // 16
+    nb = K // 256
+    low_plane = _plane_bytes(nb, 32)
+    scale_plane = low_plane + _plane_bytes(nb, 64)
+    m = (_first(k0, 16) + tl.arange(0, G))[None, :]
+    m_mask = _within(n_mask, m, K // 16)
+    words = _typed(w_ptr, rows + low_plane, m, m_mask, tl.int32)
+    third = _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32)
+    third = (third | (third << 8)) & 0x00FF00FF
+    third = (third | (third << 4)) & 0x0F0F0F0F
+    low, high = tl.split(tl.reshape(_x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K), (G, 4, 2)))
+    l0, l1, l2, l3 = _split_pairs(low, G)
+    h0, h1, h2, h3 = _split_pairs(high, G)
+    field = (words & 0x03030303) | ((third << 2) & 0x04040404)
+    dots = dot2(h0, field, dot2(l0, field, tl.zeros_like(words), False), True)
+    field = (shift_right(words, 2) & 0x03030303) | ((third << 1) & 0x04040404)
+    dots = dot2(h1, field, dot2(l1, field, dots, False), True)
+    field = (shift_right(words, 4) & 0x03030303) | (third & 0x04040404)
+    dots = dot2(h2, field, dot2(l2, field, dots, False), True)
+    field = (shift_right(words, 6) & 0x03030303) | (shift_right(third, 1) & 0x04040404)
+    dots = dot2(h3, field, dot2(l3, field, dots, False), True)
+    s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
+    scale = _k3_scale_bits(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K) - (FLOAT_OF_TWO_POW_23 + 32)
+    t = (_first(k0, 16) + tl.arange(0, G))[None, :]
+    scaled = tl.sum(tl.reshape((dots - 4 * tl.load(sum_ptr + t)) * scale, (BLOCK_N, G // 2, 2)), axis=2)
+    d = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask)
+    return scaled.to(tl.float32) * (d * _x_scales(scale_ptr, k0, K, n_mask, BLOCK_K))
+
+
+@triton.jit
+def _code_book_sums(xq_ptr, scale_ptr, w_ptr, rows, n_mask, k0, K, FMT: tl.constexpr, tables_ptr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """IQ4_NL's and IQ4_XS's sums over each 32 (a block, a sub-block) of W[n, k] x[k]: each word of 8 codes looked
+    up as two words of int8 levels (`float_bits.iq4_int8_bytes`), multiplied by xq in element order, 4 dp2a; the
+    block's float32 scale once per sum."""
+    W: tl.constexpr = BLOCK_K // 8
+    scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
+    scale = scale * _x_scales(scale_ptr, k0, K, n_mask, BLOCK_K)
+    low, high = tl.split(iq4_int8_bytes(_code_words(w_ptr, rows + plane, k0, K, n_mask, 8, BLOCK_K), tables_ptr))
+    p0, p1, p2, p3 = _split_pairs(tl.reshape(_x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K), (W, 4)), W)
+    dots = dot2(p1, low, dot2(p0, low, tl.zeros_like(low), False), True)
+    dots = dot2(p3, high, dot2(p2, high, dots, False), True)
+    sums = tl.sum(tl.reshape(dots, (BLOCK_N, BLOCK_K // 32, 4)), axis=2)
+    return sums.to(tl.float32) * scale
+
+
+@triton.jit
+def _x_scales(scale_ptr, k0, K, n_mask, BLOCK_K: tl.constexpr):
+    """The tile's x scales `[1, BLOCK_K // X_GROUP]` (ones past K unless `n_mask` is None)."""
+    g = _first(k0, X_GROUP) + tl.arange(0, BLOCK_K // X_GROUP)
+    if n_mask is None:
+        scales = tl.load(scale_ptr + g)
+    else:
+        scales = tl.load(scale_ptr + g, mask=g < K // X_GROUP, other=1.0)
+    return scales[None, :]
+
+
+@triton.jit
+def int_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sum over each 32 of W[n, k] x[k] for the tile at k0, `[BLOCK_N, BLOCK_K // 32]` fp32, from
+    `quantize_x_kernel`'s xq, scales and sums."""
+    if FMT == Q2_K:
+        sums = _q2_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N, BLOCK_K)
+    elif FMT == Q3_K:
+        sums = _q3_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N, BLOCK_K)
+    else:
+        tl.static_assert((FMT == IQ4_NL) | (FMT == IQ4_XS), "int_sums: Q2_K, Q3_K, IQ4_NL or IQ4_XS")
+        sums = _code_book_sums(xq_ptr, scale_ptr, w_ptr, rows, n_mask, k0, K, FMT, tables_ptr, BLOCK_N, BLOCK_K)
+    return sums
