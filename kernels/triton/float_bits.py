@@ -5,9 +5,10 @@ subtraction then gives the value exactly (`decode_planes._bits_to_float`). A cod
 bit 16 of 128's bit pattern (0x43000000, the "128 form"): the float 128 + v, exact in bf16 too, whose product with a
 bf16 or fp16 activation is exact in float32. A byte of any value (Q8_0's int8 codes + 128, IQ4's levels + 128)
 takes the 128 form at bit 8: 128 + b / 256, 16 significant bits, its product with a bf16 activation still exact;
-one multiply-add then decodes it exactly (`decode_planes.code_step`). The M = 1 kernel sums those products and takes 128 and the code's
-offset out once per sub-block instead of subtracting them from every element (`qmatmul._gemv_sub_block_sums`); the
-tensor-core kernels decode v * scale + offset as one multiply-add of the 128 form and per-block constants. The
+one multiply-add then decodes it exactly (`decode_planes.code_step`). The M = 1 kernel sums the products of codes
+below 128 and takes 128 and the code's offset out once per sub-block instead of subtracting them from every element
+(`qmatmul._gemv_sub_block_sums`); the tensor-core kernels decode v * scale + offset as one multiply-add of the 128
+form and per-block constants. The
 planes decoders hand their codes over a 32-bit word per asm call (4, 8 or 16 codes; the mma.sync GPUs' split-K
 kernel gives 4-bit codes in the 128 form four bytes a register instead: `nibble_float_bits`); here, on NVIDIA GPUs,
 one `prmt` per code moves a byte into that pattern (and, for 4-bit codes, `prmt`s look 4 codes up in a 16-entry byte
@@ -285,7 +286,8 @@ LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("
                      + byte_table_words([v & 0xFF for v in IQ4_VALUES]))
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True), "nibble": _nibble_bits_ptx(False),
                "nibble iq4": _nibble_bits_ptx(True), "nibble iq4 128": _nibble_bits_ptx(True, biased=True),
-               "nibble nf4": _nibble_float32_ptx(), "nibble iq4 int8": _nibble_int8_ptx(), "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
+               "nibble nf4": _nibble_float32_ptx(), "nibble iq4 int8": _nibble_int8_ptx(),
+               "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
                "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES), "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _two_bit_fields_ptx(True, biased=True),
                "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),

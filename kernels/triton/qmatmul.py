@@ -24,7 +24,7 @@ import triton.language as tl
 
 from kernels.triton.decode import decode_tile
 from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, decode_planes_parts,
-                                          decode_planes_tile_as, has_biased_form, has_code_book, has_offset,
+                                          decode_planes_tile_as, has_biased_form, has_offset,
                                           sub_block_size)
 from kernels.triton.int_gemv import int_sums
 
@@ -140,12 +140,11 @@ def _dots_of_8(v, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.constexpr_function
 def _sums_in_128_form(fmt: int) -> bool:
-    """Whether the M = 1 kernel sums `fmt`'s codes in the 128 form. Bytes of any value take it with 8 fewer bits
-    below the codes' unit (128 + c / 256, `decode_planes.code_step`), so the sums carry a relative error of about
-    5e-5 instead of 1e-6 (tests/test_triton_kernels.py), still 20x below the bf16 output's own rounding: IQ4 takes
-    that for the subtraction an element it saves (sm_90 per element: IQ4_NL 5.01 -> 4.0), Q8_0, memory-bound
-    without it (`bench.sass`), does not."""
-    return has_biased_form(fmt) and ((code_step(fmt) == 1) or has_code_book(fmt))
+    """Whether the M = 1 kernel sums `fmt`'s codes in the 128 form: codes below 128 (128 + c). Q8_0's bytes would
+    take it with 8 fewer bits below the codes' unit (128 + c / 256, `decode_planes.code_step`), a relative error of
+    about 5e-5 instead of 1e-6, and it is memory-bound without it (`bench.sass`); IQ4, which took it, sums integer
+    dot products now (`int_gemv`)."""
+    return has_biased_form(fmt) and code_step(fmt) == 1
 
 
 @triton.jit
@@ -155,11 +154,10 @@ def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.
     codes' values times x are summed first (one multiply-add an element), then scaled once per sub-block, where
     decoding the weight first costs a multiply more an element.
 
-    Codes come in the 128 form (`_sums_in_128_form`), 128 + c s for a stored code c and the format's step s
-    (`float_bits`, `decode_planes.code_step`): its product with x is exact in float32, and sum((c - offset) x) =
-    (sum((128 + c s) x) - (128 + offset s) sum(x)) / s, so the offset leaves once per sub-block instead of a
-    subtraction an element. The sum then carries float32 rounding of 128 sum(|x|) rather than of
-    sum(|(c - offset) x|): a relative error of about 2^-17 of sum(|x|) in units of s, far below the bf16 output's
+    Codes come in the 128 form (`_sums_in_128_form`), 128 + c for a stored code c (`float_bits`): its product with
+    x is exact in float32, and sum((c - offset) x) = sum((128 + c) x) - (128 + offset) sum(x), so the offset leaves
+    once per sub-block instead of a subtraction an element. The sum then carries float32 rounding of 128 sum(|x|)
+    rather than of sum(|(c - offset) x|): a relative error of about 2^-17 of sum(|x|), far below the bf16 output's
     2^-9 (tests/test_triton_kernels.py measures it)."""
     QK: tl.constexpr = sub_block_size(FMT)
     BIASED: tl.constexpr = _sums_in_128_form(FMT)
@@ -169,9 +167,7 @@ def _gemv_sub_block_sums(x_ptr, w_ptr, tables_ptr, rows, n_mask, k0, K, FMT: tl.
     if BIASED or has_offset(FMT):
         x_sums = tl.sum(tl.reshape(x, (BLOCK_K // QK, QK)), axis=1)[None, :]
     if BIASED:
-        dots -= (128 + code_offset(FMT) * code_step(FMT)) * x_sums
-        if code_step(FMT) != 1:
-            scale = scale * (1 / code_step(FMT))
+        dots -= (128 + code_offset(FMT)) * x_sums
     sums = dots * scale
     if has_offset(FMT):
         sums += offset * x_sums
