@@ -429,9 +429,10 @@ def main(argv: list[str] | None = None) -> None:
               + " | ".join(cells)
               + f" | {widths} | {r['registers']} | {r['spills']} | {r['shared'] / 1024:.0f} |")
 
-    print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: the FMA GEMV at M = 1 (NF4: the "
-          f"split-K, `ops.SPLIT_K_AT_M_1`), the split-K tensor-core GEMV for M <= 16, the GEMM above in its fastest "
-          f"tile; fused issue / memory <= 0.8 is memory-bound)\n")
+    print(f"\nEstimated time over the bf16 kernel's ({FLUX_K}->{FLUX_N}; fused: the FMA GEMV at M = 1 (on integer "
+          f"dot products for `ops.INT_DOT_FORMATS`, without the launch rounding x; NF4: the split-K, "
+          f"`ops.SPLIT_K_AT_M_1`), the split-K tensor-core GEMV for M <= 16, the GEMM above in its fastest tile; "
+          f"fused issue / memory <= 0.8 is memory-bound)\n")
     print("| GPU | format | M | bf16 kernel (ms) | fused / bf16 | dequantize + matmul / bf16 | best / bf16 | "
           "fused issue / memory |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -100,7 +100,7 @@ GEMV_CONFIGS = {"planes": dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages
 # Formats (in planes) whose M = 1 kernel sums integer dot products of 16-bit x and byte codes (`int_gemv`): those
 # with too few bits an element for the FMA GEMV's float decode to keep up with their bytes (sm_90, scheduler clocks
 # a weight element: Q2_K 3.92 -> 1.94, Q3_K 4.31 -> 2.62, IQ4_NL 4.14 -> 2.81, IQ4_XS 4.45 -> 3.12; H100 model,
-# issue time over memory time, 1.29 -> 0.64, 1.08 -> 0.66, 0.80 -> 0.54, 0.91 -> 0.64). x is rounded to 2^-15 of
+# issue time over memory time, 1.29 -> 0.64, 1.08 -> 0.66, 0.80 -> 0.54, 0.91 -> 0.63). x is rounded to 2^-15 of
 # its group's largest, which adds 2-5e-6 of the output's norm (6-8e-5 next to activations 300x the rest) where the
 # float GEMV's is 1-2e-6; one more launch (`quantize_x`), which the static model leaves out.
 INT_DOT_FORMATS = frozenset({"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"})
