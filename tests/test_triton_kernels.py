@@ -201,6 +201,18 @@ def test_quantize_x(fmt):
     assert torch.equal(sums, xq.reshape(64, 16).sum(dim=1).to(torch.int32))
 
 
+def test_quantize_x_passes_infinities_and_nans_on():
+    """A group of x holding an infinity or a NaN gets the scale NaN (its xq zeros), so the integer GEMV's outputs
+    are NaN where the float kernels' would be infinite or NaN, not finite."""
+    x = torch.ones(1, 256)
+    x[0, 3], x[0, 200] = float("inf"), float("nan")
+    xq, scales, _ = (t.cpu() for t in quantize_x(x.to(DEVICE), "IQ4_NL"))
+    assert torch.isnan(scales[[0, 6]]).all() and torch.isfinite(scales[[1, 2, 3, 4, 5, 7]]).all()
+    assert (xq[:32] == 0).all() and (xq[192:224] == 0).all() and (xq[32:64] != 0).all()
+    weight, _ = quantized_weight("IQ4_NL", n=ODD_N, k=256, layout="planes")
+    assert torch.isnan(quant_linear_triton(x.to(DEVICE), weight, None).cpu()).all()
+
+
 @triton.jit
 def _dot2_kernel(x_ptr, codes_ptr, acc_ptr, out_ptr, HIGH: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)

@@ -53,16 +53,21 @@ def dot2(x_pair, codes, acc, HIGH: tl.constexpr):
 def quantize_x_kernel(x_ptr, xq_ptr, scale_ptr, sum_ptr, K, TRANSPOSE_4X4: tl.constexpr, BLOCK: tl.constexpr):
     """x `[K]` -> int16 `xq` with x = xq * scale for each group of `X_GROUP` (a power of two in `scale_ptr`), and
     the sum of xq over each 16 in `sum_ptr` (int32). `TRANSPOSE_4X4`: within each 16, xq in the order of Q2_K's
-    2-bit fields (position 4 j + b holds element 4 b + j: byte b of a word's field j)."""
+    2-bit fields (position 4 j + b holds element 4 b + j: byte b of a word's field j). A group holding an infinity
+    or a NaN gets the scale NaN and zeros, so that the outputs it reaches are NaN, as the float kernels' would be
+    NaN or infinite, not finite garbage."""
+    G: tl.constexpr = BLOCK // X_GROUP
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.reshape(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), (BLOCK // X_GROUP, X_GROUP))
-    exponent = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23
-    shift = tl.minimum(MAX_EXPONENT_SHIFT - exponent, 126)[:, None]  # >= -113 for finite x
+    x = tl.reshape(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), (G, X_GROUP))
+    exponents = tl.abs(x).to(tl.int32, bitcast=True) >> 23  # 255: infinite or NaN
+    exponent = tl.max(exponents, axis=1)
+    shift = tl.minimum(MAX_EXPONENT_SHIFT - exponent, 126)[:, None]
     q = tl.floor(x * ((shift + 127) << 23).to(tl.float32, bitcast=True) + 0.5)
-    xq = tl.minimum(q, 32767.0).to(tl.int32)  # a float32 x just below 2^15 rounds up to it
-    tl.store(scale_ptr + tl.program_id(0) * (BLOCK // X_GROUP) + tl.arange(0, BLOCK // X_GROUP),
-             tl.reshape(((127 - shift) << 23).to(tl.float32, bitcast=True), (BLOCK // X_GROUP,)),
-             mask=tl.program_id(0) * (BLOCK // X_GROUP) + tl.arange(0, BLOCK // X_GROUP) < K // X_GROUP)
+    q = tl.minimum(q, 32767.0)  # a float32 x just below 2^15 rounds up to it
+    xq = tl.where(exponent[:, None] < 255, q, 0.0).to(tl.int32)
+    scale = tl.where(exponent < 255, (127 - tl.reshape(shift, (G,))) << 23, 0x7FC00000).to(tl.float32, bitcast=True)
+    group = tl.program_id(0) * G + tl.arange(0, G)
+    tl.store(scale_ptr + group, scale, mask=group < K // X_GROUP)
     xq = tl.reshape(xq, (BLOCK // 16, 16))
     g = tl.program_id(0) * (BLOCK // 16) + tl.arange(0, BLOCK // 16)
     tl.store(sum_ptr + g, tl.sum(xq, axis=1), mask=g < K // 16)
