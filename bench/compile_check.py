@@ -26,12 +26,14 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS
     """(kernel, format, dtype, config index, cc, layout) for everything that can be launched (in `layouts`)."""
     from kernels.repack import has_planes
     from kernels.triton.decode import KERNEL_FORMATS
-    from kernels.triton.ops import gemm_configs
+    from kernels.triton.ops import gemm_configs, uses_int_dots
 
     for cc in archs:
         for fmt in formats or KERNEL_FORMATS:
             for layout in (layout for layout in layouts if layout == "blocks" or has_planes(fmt)):
                 yield ("dequant", fmt, "fp16", 0, cc, layout)
+                if uses_int_dots(fmt, layout):  # x to 16-bit integers, in fmt's order
+                    yield from (("quantize_x", fmt, dtype, 0, cc, layout) for dtype in dtypes)
                 for dtype in dtypes:
                     # config index 1: the split-K kernels for weights their tiles divide (EVEN: no masked weight
                     # loads; planes only)
@@ -46,7 +48,8 @@ _MATMUL_POINTERS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "tables_ptr")
 # an activation that is not gets copied), and Triton's JIT specialises on that, so every compilation here does too.
 POINTER_ARGUMENTS = {"qmm": _MATMUL_POINTERS, "qmv": _MATMUL_POINTERS,
                      "gemv": ("x_ptr", "x_scale_ptr", "x_sum_ptr") + _MATMUL_POINTERS[1:],
-                     "dequant": ("w_ptr", "out_ptr", "tables_ptr")}
+                     "dequant": ("w_ptr", "out_ptr", "tables_ptr"),
+                     "quantize_x": ("x_ptr", "xq_ptr", "scale_ptr", "sum_ptr")}
 
 
 def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
@@ -72,16 +75,20 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.triton import qmatmul
+    from kernels.triton import int_gemv, qmatmul
     from kernels.triton.decode import FORMAT_IDS
-    from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, gemm_configs, split_k_config, split_k_form,
-                                    uses_int_dots)
+    from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, QUANTIZE_X_BLOCK, gemm_configs, split_k_config,
+                                    split_k_form, transposes_x, uses_int_dots)
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
     common = {"FMT": FORMAT_IDS[fmt], "PLANES": layout == "planes"}
     options = {}
-    if kernel_name == "dequant":
+    if kernel_name == "quantize_x":
+        kernel, num_warps, num_stages = int_gemv.quantize_x_kernel, 4, 1
+        signature = {"x_ptr": act, "xq_ptr": "*i16", "scale_ptr": "*fp32", "sum_ptr": "*i32", "K": "i32"}
+        constexprs = {"TRANSPOSE_4X4": transposes_x(fmt), "BLOCK": QUANTIZE_X_BLOCK}
+    elif kernel_name == "dequant":
         kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
         options["enable_fp_fusion"] = DEQUANT_CONFIG["enable_fp_fusion"]
         signature = {"w_ptr": "*u8", "out_ptr": act, "tables_ptr": "*fp32", "N": "i32", "K": "i32", "row_bytes": "i32"}

@@ -3,8 +3,8 @@
 A representative subset here (each format once on sm_86, the tightest shared-memory budget; every tile config, the
 split-K kernels (masked, and for planes tiles inside the weight unmasked) and the dequantize kernel for the heaviest
 decoders on every architecture; IQ4's code-book decode to bf16 and the split-K decode of 4-bit codes in the form of
-each architecture (`ops.split_k_form`) on every architecture; the integer-dot GEMV on sm_80 and sm_90);
-`python -m bench.compile_check` runs the full sweep."""
+each architecture (`ops.split_k_form`) on every architecture; the integer-dot GEMV and its x rounding on sm_80
+and sm_90); `python -m bench.compile_check` runs the full sweep."""
 
 import os
 
@@ -28,8 +28,10 @@ def subset():
                      for even in range(1 + (layout == "planes"))]
             jobs.append(("dequant", fmt, "fp16", 0, cc, layout))
         jobs += [("qmv", "IQ4_XS", "bf16", 1, cc, "planes"), ("qmv", "Q4_K", "bf16", 1, cc, "planes")]
-    # the integer-dot GEMV (dp2a, sm_61 and up) of each of its formats, masked, on the oldest and newest
+    # the integer-dot GEMV (dp2a, sm_61 and up) of each of its formats, masked, and the kernel rounding x for it in
+    # both orders, on the oldest and newest
     jobs += [("gemv", fmt, "bf16", 0, cc, "planes") for fmt in sorted(INT_DOT_FORMATS) for cc in (80, 90)]
+    jobs += [("quantize_x", fmt, "bf16", 0, cc, "planes") for fmt in ("Q2_K", "IQ4_NL") for cc in (80, 90)]
     return jobs
 
 

@@ -112,6 +112,11 @@ def uses_int_dots(fmt: str, layout: str) -> bool:
     return layout == "planes" and fmt in INT_DOT_FORMATS
 
 
+def transposes_x(fmt: str) -> bool:
+    """Whether `fmt`'s integer GEMV reads xq in its 2-bit fields' order (`int_gemv.quantize_x_kernel`)."""
+    return fmt in ("Q2_K", "Q3_K")
+
+
 def quantize_x(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x `(1, K)` -> (int16 xq, float32 power-of-two scales a group of `X_GROUP`, int32 sums of xq a 16), in the
     order `fmt`'s integer GEMV reads them (`int_gemv.quantize_x_kernel`)."""
@@ -119,7 +124,7 @@ def quantize_x(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, t
     xq = torch.empty(K, dtype=torch.int16, device=x.device)
     scales = torch.empty(K // X_GROUP.value, dtype=torch.float32, device=x.device)
     sums = torch.empty(K // 16, dtype=torch.int32, device=x.device)
-    quantize_x_kernel[(triton.cdiv(K, QUANTIZE_X_BLOCK),)](x, xq, scales, sums, K, TRANSPOSE_4X4=fmt in ("Q2_K", "Q3_K"),
+    quantize_x_kernel[(triton.cdiv(K, QUANTIZE_X_BLOCK),)](x, xq, scales, sums, K, TRANSPOSE_4X4=transposes_x(fmt),
                                                           BLOCK=QUANTIZE_X_BLOCK)
     return xq, scales, sums
 
