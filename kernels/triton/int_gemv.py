@@ -93,28 +93,54 @@ def _x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _dot4(first, second, codes, acc):
+    """acc + 4 codes (the bytes of `codes`) times their xq, the pairs `first` (bytes 0, 1) and `second` (2, 3)."""
+    return dot2(second, codes, dot2(first, codes, acc, False), True)
+
+
+@triton.jit
+def _field(words, third, J: tl.constexpr):
+    """Field J (bits 2 J, 2 J + 1) of each byte of `words` as a byte; unless `third` is None, with bit J of each
+    byte of `third` at its bit 2."""
+    if J == 0:
+        codes = words & 0x03030303
+    else:
+        codes = shift_right(words, 2 * J) & 0x03030303
+    if third is not None:
+        if J < 2:
+            third = third << (2 - J)
+        elif J == 3:
+            third = shift_right(third, 1)
+        codes = codes | (third & 0x04040404)
+    return codes
+
+
+@triton.jit
+def _field_dots(xq_ptr, k0, K, n_mask, words, third, BLOCK_K: tl.constexpr):
+    """The sum over each 16 elements of code times xq, `[BLOCK_N, BLOCK_K // 16]` int32, for words of 16 2-bit
+    codes (field j of byte b: element 4 b + j) with, unless `third` is None, their third bits (byte b: elements
+    4 b .. 4 b + 3), against xq in `quantize_x_kernel`'s transposed order: 8 dp2a."""
+    G: tl.constexpr = BLOCK_K // 16
+    low, high = tl.split(tl.reshape(_x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K), (G, 4, 2)))  # field j's pairs
+    l0, l1, l2, l3 = _split_pairs(low, G)
+    h0, h1, h2, h3 = _split_pairs(high, G)
+    dots = _dot4(l0, h0, _field(words, third, 0), tl.zeros_like(words))
+    dots = _dot4(l1, h1, _field(words, third, 1), dots)
+    dots = _dot4(l2, h2, _field(words, third, 2), dots)
+    return _dot4(l3, h3, _field(words, third, 3), dots)
+
+
+@triton.jit
 def _q2_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Sum over each 32 of W[n, k] x[k] for the tile at k0, `[BLOCK_N, BLOCK_K // 32]` fp32, of a Q2_K weight in
-    planes (scales: a byte each, scale | min << 4 | qs: 2-bit codes | d | dmin). Each 16-element sub-block's
-    codes times xq are summed by 8 dp2a (fields j of a word: elements j, 4 + j, 8 + j, 12 + j, against xq in
-    `quantize_x_kernel`'s transposed order), times its integer scale; its min times the sum of its xq."""
+    planes (scales: a byte each, scale | min << 4 | qs: 2-bit codes | d | dmin): each 16-element sub-block's codes
+    times xq (`_field_dots`), times its integer scale; its min times the sum of its xq."""
     G: tl.constexpr = BLOCK_K // 16
     nb = K // 256
     codes_plane = _plane_bytes(nb, 16)
     d_plane = codes_plane + _plane_bytes(nb, 64)
     words = _code_words(w_ptr, rows + codes_plane, k0, K, n_mask, 16, BLOCK_K)
-    pairs = tl.reshape(_x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K), (G, 4, 2))
-    low, high = tl.split(pairs)  # [G, 4]: the pairs of field j, with bytes 0-1 and 2-3
-    l0, l1, l2, l3 = _split_pairs(low, G)
-    h0, h1, h2, h3 = _split_pairs(high, G)
-    field = words & 0x03030303
-    dots = dot2(h0, field, dot2(l0, field, tl.zeros_like(words), False), True)
-    field = shift_right(words, 2) & 0x03030303
-    dots = dot2(h1, field, dot2(l1, field, dots, False), True)
-    field = shift_right(words, 4) & 0x03030303
-    dots = dot2(h2, field, dot2(l2, field, dots, False), True)
-    field = shift_right(words, 6) & 0x03030303
-    dots = dot2(h3, field, dot2(l3, field, dots, False), True)
+    dots = _field_dots(xq_ptr, k0, K, n_mask, words, None, BLOCK_K)
     t = (_first(k0, 16) + tl.arange(0, G))[None, :]
     packed = _load(w_ptr + rows + t, _within(n_mask, t, K // 16)).to(tl.int32)
     scaled = tl.sum(tl.reshape(dots * (packed & 15), (BLOCK_N, G // 2, 2)), axis=2)
@@ -130,29 +156,18 @@ def _q3_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N: 
     """Q3_K's (hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d) sums over each 32 of W[n, k] x[k],
     `[BLOCK_N, BLOCK_K // 32]` fp32. As Q2_K's, with each code's third bit merged into its byte: the 16 third bits
     of a word's elements spread a nibble to a byte (byte b: elements 4 b .. 4 b + 3), so that field j's bit (element
-    4 b + j) is bit j of byte b, moved to bit 2. The codes are value + 4: the sub-block's sum of xq times 4 leaves
-    once per sub-block."""
+    4 b + j) is bit j of byte b. The codes are value + 4: the sub-block's sum of xq times 4 leaves once per
+    sub-block."""
     G: tl.constexpr = BLOCK_K // 16
     nb = K // 256
     low_plane = _plane_bytes(nb, 32)
     scale_plane = low_plane + _plane_bytes(nb, 64)
     m = (_first(k0, 16) + tl.arange(0, G))[None, :]
     m_mask = _within(n_mask, m, K // 16)
-    words = _typed(w_ptr, rows + low_plane, m, m_mask, tl.int32)
     third = _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32)
     third = (third | (third << 8)) & 0x00FF00FF
     third = (third | (third << 4)) & 0x0F0F0F0F
-    low, high = tl.split(tl.reshape(_x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K), (G, 4, 2)))
-    l0, l1, l2, l3 = _split_pairs(low, G)
-    h0, h1, h2, h3 = _split_pairs(high, G)
-    field = (words & 0x03030303) | ((third << 2) & 0x04040404)
-    dots = dot2(h0, field, dot2(l0, field, tl.zeros_like(words), False), True)
-    field = (shift_right(words, 2) & 0x03030303) | ((third << 1) & 0x04040404)
-    dots = dot2(h1, field, dot2(l1, field, dots, False), True)
-    field = (shift_right(words, 4) & 0x03030303) | (third & 0x04040404)
-    dots = dot2(h2, field, dot2(l2, field, dots, False), True)
-    field = (shift_right(words, 6) & 0x03030303) | (shift_right(third, 1) & 0x04040404)
-    dots = dot2(h3, field, dot2(l3, field, dots, False), True)
+    dots = _field_dots(xq_ptr, k0, K, n_mask, _typed(w_ptr, rows + low_plane, m, m_mask, tl.int32), third, BLOCK_K)
     s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
     scale = _k3_scale_bits(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K) - (FLOAT_OF_TWO_POW_23 + 32)
     t = (_first(k0, 16) + tl.arange(0, G))[None, :]
@@ -172,8 +187,7 @@ def _code_book_sums(xq_ptr, scale_ptr, w_ptr, rows, n_mask, k0, K, FMT: tl.const
     scale = scale * _x_scales(scale_ptr, k0, K, n_mask, BLOCK_K)
     low, high = tl.split(iq4_int8_bytes(_code_words(w_ptr, rows + plane, k0, K, n_mask, 8, BLOCK_K), tables_ptr))
     p0, p1, p2, p3 = _split_pairs(tl.reshape(_x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K), (W, 4)), W)
-    dots = dot2(p1, low, dot2(p0, low, tl.zeros_like(low), False), True)
-    dots = dot2(p3, high, dot2(p2, high, dots, False), True)
+    dots = _dot4(p2, p3, high, _dot4(p0, p1, low, tl.zeros_like(low)))
     sums = tl.sum(tl.reshape(dots, (BLOCK_N, BLOCK_K // 32, 4)), axis=2)
     return sums.to(tl.float32) * scale
 
