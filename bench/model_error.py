@@ -5,7 +5,8 @@
 
 For each measured row (format, shape, M): the model's time (`bench.sass.LaunchModel`, on the row's K and N) of the
 fused kernel `quant_linear_triton` runs, of dequantize + bf16 matmul, and of the bf16 matmul, each as measured over
-modelled (above 1: the model was optimistic), then per kernel the median and range of those ratios. The kernels'
+modelled (above 1: the model was optimistic), then per kernel the median and range of those ratios ("gemv int":
+the integer-dot GEMV, whose timings hold the launch rounding x that the model leaves out). The kernels'
 counts come from the rows `python -m bench.sass --json` wrote (committed as bench/results/sass-sm*.json, so the GPU
 machine compiles nothing); the GPU's constants from `bench.sass.GPUS`, named by --gpu or found from the CSV's device name.
 """
@@ -19,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from bench.sass import GPUS, LaunchModel, gpu_of_device
-from kernels.triton.ops import fused_kernel
+from kernels.triton.ops import fused_kernel, uses_int_dots
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,8 +44,15 @@ def error_rows(measured: list[dict], model: LaunchModel):
         _, fused = model.fused(fmt, M, K, N)
         pairs = [(float(row["ms"]), fused), (_number(row["scratch_ms"]), model.dequant_matmul_ms(fmt, M, K, N)),
                  (float(row["bf16_ms"]), model.bf16_ms(M, K, N))]
-        yield (fmt, row["shape"], M, fused_kernel(M, fmt, "bf16"),
+        yield (fmt, row["shape"], M, _kernel_name(M, fmt),
                *[(measured, modelled, measured / modelled if measured else None) for measured, modelled in pairs])
+
+
+def _kernel_name(M: int, fmt: str) -> str:
+    """The fused kernel a GPU runs for (M, fmt), the integer-dot GEMV told apart ("gemv int"): its time holds the
+    launch that rounds x first, which the model leaves out."""
+    kernel = fused_kernel(M, fmt, "bf16")
+    return "gemv int" if kernel == "gemv" and uses_int_dots(fmt, "planes") else kernel
 
 
 def _number(text: str) -> float | None:

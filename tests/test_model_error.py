@@ -94,3 +94,10 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         model_error.main(["--csv", str(tmp_path / "odd.csv")])
     assert exit_info.value.code == 2 and "no model of 'Some Accelerator'" in capsys.readouterr().err
+
+
+def test_the_integer_gemv_is_told_apart():
+    """Its timings hold the launch rounding x, which the model leaves out: reported on a line of its own."""
+    assert [model_error._kernel_name(1, fmt) for fmt in ("Q8_0", "Q2_K", "IQ4_XS", "NF4")] == \
+        ["gemv", "gemv int", "gemv int", "split-k"]
+    assert model_error._kernel_name(16, "Q2_K") == "split-k"
