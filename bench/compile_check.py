@@ -78,7 +78,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     from kernels.triton import int_gemv, qmatmul
     from kernels.triton.decode import FORMAT_IDS
     from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, QUANTIZE_X_BLOCK, gemm_configs, split_k_config,
-                                    split_k_form, transposes_x, uses_int_dots)
+                                    split_k_form, transposes_x, uses_half_weights, uses_int_dots)
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -116,8 +116,11 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
             signature["k_per_split"] = "i32"
             config = split_k_config(fmt, layout, dtype, cc)
             num_warps, num_stages = config["num_warps"], config["num_stages"]
-            constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc)} | {
+            half = uses_half_weights(fmt, layout, dtype)
+            constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc), "HALF_WEIGHTS": half} | {
                 k: v for k, v in config.items() if k.startswith("BLOCK")}
+            if half:
+                constexprs["DOT_DTYPE"] = tl.float16
     for name in constexprs:
         signature[name] = "constexpr"
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}

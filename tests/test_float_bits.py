@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
-from kernels.triton.float_bits import (BYTE_SELECTOR, HALF_BITS_AT, IQ4_INT8_WORDS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT,
-                                       LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES, _assemble, _shift_right_ptx)
+from kernels.triton.float_bits import (BYTE_SELECTOR, HALF_BITS_AT, HALF_WORDS_AT, IQ4_INT8_WORDS_AT, IQ4_VALUES_AT,
+                                       IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES, _assemble,
+                                       _shift_right_ptx)
 from kernels.triton.int_gemv import _dp2a_ptx
 
 MASK = 0xFFFFFFFF
@@ -58,13 +59,26 @@ def dp2a(high: bool):
     return op
 
 
+def f16x2(operation):
+    """An f16x2 instruction: `operation` on the f16 halves of a and b, each result rounded to nearest once (numpy's
+    f16 arithmetic: the exact float32 result of two f16 operands, rounded)."""
+    def op(a: int, b: int) -> int:
+        halves = [np.array([(x >> shift) & 0xFFFF for shift in (0, 16)], dtype=np.uint16).view(np.float16)
+                  for x in (a, b)]
+        result = operation(halves[0].astype(np.float32), halves[1].astype(np.float32)).astype(np.float16)
+        low, high = (int(v) for v in result.view(np.uint16))
+        return low | (high << 16)
+    return op
+
+
 OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
        "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
        "mul.hi.u32": lambda a, b: (a * b) >> 32,
        "mov.b32": lambda a: a, "prmt.b32": prmt, "dp2a.lo.s32.s32": dp2a(False), "dp2a.hi.s32.s32": dp2a(True),
        "mul.f32": lambda a, b: bits_of(float32_of(a) * float32_of(b)),  # round to nearest, subnormals kept
        # d = {a rounded in the upper half, b in the lower}
-       "cvt.rn.bf16x2.f32": lambda a, b: (bf16_bits(a) << 16) | bf16_bits(b)}
+       "cvt.rn.bf16x2.f32": lambda a, b: (bf16_bits(a) << 16) | bf16_bits(b),
+       "sub.f16x2": f16x2(np.subtract), "mul.f16x2": f16x2(np.multiply)}
 
 
 def _value(operand: str, registers: dict[str, int]) -> int:
@@ -266,6 +280,31 @@ def test_code_book_bf16_every_code_in_every_position(name, values, seed):
         word = sum(int(c) << (4 * e) for e, c in enumerate(codes))
         out = run_ptx(PTX_SOURCES[name], {"$16": word, "$17": bits_of(scale), "$18": LOOKUP_WORDS[HALF_BITS_AT]})
         assert [out[f"${e}"] for e in range(16)] == code_book_bf16_expected(values, codes, scale), scale
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_iq4_half_weights_every_code_in_every_position(seed):
+    """IQ4's f16 weights (`qmatmul.qmv_kernel`'s HALF_WEIGHTS): level * scale rounded once, every code in every
+    position, for f16 scales of every size and sign, subnormal and the largest included."""
+    rng = np.random.default_rng(seed)
+    scales = np.concatenate([np.array([1.0, -1.0, 65504.0, 2.0**-24, 2.0**-14, -3.0e-3, 255.5], dtype=np.float16),
+                             rng.lognormal(0, 6, 40).astype(np.float16), rng.uniform(-300, 300, 40).astype(np.float16)])
+    words = {f"${10 + i}": word for i, word in enumerate(LOOKUP_WORDS[IQ4_WORDS_AT:IQ4_WORDS_AT + 4])}
+    words |= {"$14": LOOKUP_WORDS[HALF_BITS_AT], "$15": LOOKUP_WORDS[HALF_WORDS_AT],
+              "$16": LOOKUP_WORDS[HALF_WORDS_AT + 1]}
+    for i, scale in enumerate(scales):
+        bits = int(scale.view(np.uint16))
+        for codes in (np.roll(np.arange(8), i), np.roll(np.arange(8, 16), i)):
+            word = sum(int(c) << (4 * e) for e, c in enumerate(codes))
+            out = run_ptx(PTX_SOURCES["iq4 f16"], {"$8": word, "$9": bits | (bits << 16), **words})
+            expected = (np.asarray(IQ4_VALUES, dtype=np.float32)[codes] * np.float32(scale)).astype(np.float16)
+            assert [out[f"${e}"] for e in range(8)] == [int(v) for v in expected.view(np.uint16)], scale
+
+
+def test_f16x2_model_rounds_each_half():
+    one_and_a_bit = 1 + 2.0**-10  # times itself: 1 + 2^-9 + 2^-20, above the tie, rounds up to 1 + 2^-9
+    bits = int(np.float16(one_and_a_bit).view(np.uint16))
+    assert f16x2(np.multiply)(bits | (0x3C00 << 16), bits | (0x4000 << 16)) == 0x3C02 | (0x4000 << 16)
 
 
 def test_cvt_model_rounds_to_nearest_even():

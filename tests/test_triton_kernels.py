@@ -320,6 +320,51 @@ def test_split_k_kernels_on_a_weight_their_tiles_divide(fmt, monkeypatch):
         _check_fused(fmt, M, torch.float16, n, k, layout="planes")
 
 
+def _half_weight_case(fmt, dtype, row_scales, x_row_scales, seed=0):
+    """A planes weight of rows scaled by `row_scales` and x of rows scaled by `x_row_scales` for the split-K kernel's
+    f16 weights (`ops.uses_half_weights`), on odd shapes; its output, the exact one and sum(|x w|) per output."""
+    assert ops.uses_half_weights(fmt, "planes", ops.DTYPES[dtype][0])
+    rng = np.random.default_rng(seed)
+    k = 512 if fmt == "IQ4_XS" else odd_k(fmt)
+    w = rng.standard_normal((len(row_scales), k)) * np.asarray(row_scales)[:, None]
+    raw = reference.quantize(w.astype(np.float32), fmt)
+    dense = torch.from_numpy(reference.dequantize(raw, fmt)).double()
+    weight = QTensor(torch.from_numpy(raw).to(DEVICE), fmt, w.shape).planes()
+    x = torch.from_numpy(rng.standard_normal((len(x_row_scales), k)) * np.asarray(x_row_scales)[:, None]).to(dtype)
+    y = quant_linear_triton(x.to(DEVICE), weight, None).double().cpu()
+    return y, x.double() @ dense.T, x.double().abs() @ dense.abs().T
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["IQ4_NL", "IQ4_XS"])
+def test_half_weights_keep_rows_of_any_scale(fmt, dtype):
+    """f16 holds 2^-24 .. 65504; weights of rows from 1e-5 to 1e5 and bf16 x of rows from 1e-30 to 1e30 stay within
+    the output's rounding plus 2^-10 of sum(|x w|): each row is scaled by a power of two into f16's range first
+    (`qmatmul.qmv_kernel`). Unscaled, the small rows' weights would be f16 subnormals or zeros, the large ones'
+    products infinite. With fp16 x, the output's own range bounds the case (and its resolution, 2^-24, the
+    error)."""
+    if dtype == torch.bfloat16:
+        row_scales, x_row_scales, resolution = np.logspace(-5, 5, ODD_N), [1e-30, 1.0, 1e30], 0.0
+    else:
+        row_scales, x_row_scales, resolution = np.logspace(-5, 1, ODD_N), [1e-3, 1.0, 30.0], 2.0**-24
+    y, exact, magnitude = _half_weight_case(fmt, dtype, row_scales, x_row_scales)
+    assert ((y - exact).abs() <= 2.0**-8 * exact.abs() + 2.0**-10 * magnitude + resolution).all()
+
+
+def test_half_weights_pass_infinities_and_nans_on():
+    """An infinity or a NaN in a row of x makes that row's outputs NaN or infinite, as the float kernels' would be,
+    and leaves the other rows' alone."""
+    rng = np.random.default_rng(5)
+    k = odd_k("IQ4_NL")
+    weight, dense = quantized_weight("IQ4_NL", n=ODD_N, k=k, layout="planes")
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+    x[0, 5], x[1, 7] = float("inf"), float("nan")
+    y = quant_linear_triton(x.to(torch.bfloat16).to(DEVICE), weight, None).float().cpu()
+    assert not y[0].isfinite().any() and y[1].isnan().all()
+    exact = x[2].to(torch.bfloat16).double() @ dense.double().T
+    assert ((y[2].double() - exact).norm() / exact.norm()) <= TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_one_contract_for_every_method(method, monkeypatch):
     """The README's call - bf16 activations, a file's F32 bias - gives x's dtype and the same numbers on every path."""

@@ -23,8 +23,8 @@ from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                    Q6_K, Q8_0)
 from kernels.triton.float_bits import (byte_float_bits, code_book_bf16, five_bit_float_bits, int8_float_bits,
-                                       nf4_values, nibble_float_bits, shift_right, six_bit_float_bits,
-                                       three_bit_float_bits, two_bit_float_bits)
+                                       iq4_half_weights, nf4_values, nibble_float_bits, shift_right,
+                                       six_bit_float_bits, three_bit_float_bits, two_bit_float_bits)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -308,33 +308,62 @@ def decodes_by_multiply_add(fmt: int) -> bool:
 
 
 @triton.jit
+def _iq4_d(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """IQ4_NL's f16 block scales `d` of the tile's blocks, `[BLOCK_N, blocks]`, or IQ4_XS's super-block one,
+    `[BLOCK_N, 1]`, as float32."""
+    if FMT == IQ4_NL:  # d (f16) | codes
+        b, b_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
+        d = _typed(w_ptr, rows, b, b_mask, tl.float16).to(tl.float32)
+    else:
+        tl.static_assert(FMT == IQ4_XS, "_iq4_d: IQ4_NL or IQ4_XS")
+        s, _, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
+        d = _k_quant_d(w_ptr, rows, s, s_mask)
+    return d
+
+
+@triton.jit
+def _iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K: tl.constexpr):
+    """IQ4_XS's 6-bit sub-block scales (32 elements a sub-block, stored + 32) of the tile's sub-blocks, `[BLOCK_N,
+    sub-blocks]` int32. The planes: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | codes; a
+    super-block's 4 bytes of low bits and 2 of top bits load whole once a row, where a byte each a sub-block
+    loaded 16 a row (sm_90 per element: split-K 5.41 -> 5.15, FMA GEMV 5.64 -> 5.31)."""
+    tl.static_assert(BLOCK_K <= 128, "the tile lies in one half of a super-block")
+    nb = K // 256
+    s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
+    upper = (k0 >> 7) & 1  # sub-blocks 4-7; then in a 128-deep tile (`_in_half`) every other shift is a constant
+    j = _in_half(j, 32, BLOCK_K)
+    low4 = ((_typed(w_ptr, rows + 2 * _plane_bytes(nb, 2), s, s_mask, tl.int32) >> (16 * upper)) >> (4 * j)) & 15
+    top2 = ((_typed(w_ptr, rows + _plane_bytes(nb, 2), s, s_mask, tl.uint16).to(tl.int32) >> (8 * upper))
+            >> (2 * j)) & 3
+    return low4 | (top2 << 4)
+
+
+@triton.jit
+def _code_book_plane(K, FMT: tl.constexpr):
+    """The byte offset within a row of NF4's, IQ4_NL's or IQ4_XS's plane of 4-bit codes (two a byte, the first in
+    the low nibble)."""
+    if FMT == NF4:  # absmax (f32) | codes
+        plane = _plane_bytes(K // 64, 4)
+    elif FMT == IQ4_NL:
+        plane = _plane_bytes(K // 32, 2)
+    else:
+        plane = 2 * _plane_bytes(K // 256, 2) + _plane_bytes(K // 256, 4)
+    return plane
+
+
+@triton.jit
 def _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
     """NF4's, IQ4_NL's and IQ4_XS's float32 scales `[BLOCK_N, blocks]` of the tile's blocks of `sub_block_size(FMT)`
-    elements, and the byte offset within a row of their plane of 4-bit codes (two a byte, the first in the low
-    nibble)."""
-    if FMT == NF4:  # absmax (f32) | codes
-        nb = K // 64
+    elements, and the byte offset within a row of their plane of codes (`_code_book_plane`)."""
+    if FMT == NF4:
         b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
         scale = _typed(w_ptr, rows, b, b_mask, tl.float32)
-        plane = _plane_bytes(nb, 4)
-    elif FMT == IQ4_NL:  # d (f16) | codes
-        nb = K // 32
-        b, b_mask = _blocks(k0, K, n_mask, 32, BLOCK_K)
-        scale = _typed(w_ptr, rows, b, b_mask, tl.float16).to(tl.float32)
-        plane = _plane_bytes(nb, 2)
+    elif FMT == IQ4_NL:
+        scale = _iq4_d(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
     else:
-        tl.static_assert(FMT == IQ4_XS, "_code_book_scales: NF4, IQ4_NL or IQ4_XS")
-        # 32-element sub-blocks: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | codes
-        nb = K // 256
-        s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
-        low_plane = 2 * _plane_bytes(nb, 2)
-        # a super-block's 4 bytes of low bits and 2 of top bits, loaded whole once a row, where a byte each a
-        # sub-block loaded 16 a row (sm_90 per element: split-K 5.41 -> 5.15, FMA GEMV 5.64 -> 5.31)
-        low4 = (_typed(w_ptr, rows + low_plane, s, s_mask, tl.int32) >> (4 * j)) & 15
-        top2 = (_typed(w_ptr, rows + _plane_bytes(nb, 2), s, s_mask, tl.uint16).to(tl.int32) >> (2 * j)) & 3
-        scale = _k_quant_d(w_ptr, rows, s, s_mask) * ((low4 | (top2 << 4)) - 32).to(tl.float32)
-        plane = low_plane + _plane_bytes(nb, 4)
-    return scale, plane
+        scale = _iq4_d(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K) * \
+            (_iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K) - 32).to(tl.float32)
+    return scale, _code_book_plane(K, FMT)
 
 
 @triton.jit
@@ -518,3 +547,48 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
     else:
         w = decode_planes_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, FORM, BLOCK_N, BLOCK_K).to(DTYPE)
     return w
+
+
+@triton.constexpr_function
+def _iq4_d_exponent(fmt: int) -> int:
+    """The exponent e with each row's largest |d| scaled into [2^e, 2^(e + 1)) in `iq4_half_tile`: every weight
+    then lies below 2^15 (IQ4_NL: level * d, levels up to 127 in magnitude; IQ4_XS: level * (scale - 32) * d,
+    scale - 32 down to -32)."""
+    return 7 if fmt == IQ4_NL else 2
+
+
+@triton.jit
+def iq4_row_shifts(w_ptr, rows, k_start, k_end, K, n_mask, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`[BLOCK_N]` int32 shifts: 2^shift takes the largest |d| of IQ4_NL's blocks (IQ4_XS's super-blocks) in
+    columns k_start .. k_end of each row into [2^e, 2^(e + 1)) (`_iq4_d_exponent`; at most 2^126, for rows of
+    zeros)."""
+    top = tl.max(tl.zeros_like(rows), axis=1)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        d = _iq4_d(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
+        top = tl.maximum(top, tl.max(tl.abs(d).to(tl.int32, bitcast=True) >> 23, axis=1))
+    return tl.minimum(127 + _iq4_d_exponent(FMT) - top, 126)
+
+
+@triton.jit
+def _half_bits(v):
+    """f16 values -> their bits in both halves of an int32."""
+    bits = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
+def iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, factor, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """IQ4_NL's or IQ4_XS's weights times `factor` (`[BLOCK_N, 1]`, a power of two a row: `iq4_row_shifts`) as f16,
+    `[BLOCK_N, BLOCK_K]`: level * scale, each an f16 multiply (`float_bits.iq4_half_weights`), the scale IQ4_NL's
+    d * factor, exact in f16, or IQ4_XS's f16(d * factor) * (scale - 32). Every weight lies below 2^15, and those
+    of blocks within 2^21 of the row's largest d keep 11 significant bits, where the bf16 weights keep 8."""
+    d = (_iq4_d(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K) * factor).to(tl.float16)
+    if FMT == IQ4_XS:
+        # 1024 + scale (6 bits) is exact in f16, and so is its difference with 1056
+        sub_scales = (_iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K) | 0x6400).to(tl.int16).to(
+            tl.float16, bitcast=True) - 1056.0
+        d = d * sub_scales
+    codes = _code_words(w_ptr, rows + _code_book_plane(K, FMT), k0, K, n_mask, 8, BLOCK_K)
+    pairs = _expand(_half_bits(d), BLOCK_N, BLOCK_K // 8, 4)  # a block's (sub-block's) 32 codes: 4 words
+    return tl.reshape(iq4_half_weights(codes, pairs, tables_ptr), (BLOCK_N, BLOCK_K))

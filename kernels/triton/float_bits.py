@@ -188,6 +188,19 @@ def _code_book_bf16_ptx(values) -> str:
     return _assemble(lines)
 
 
+def _iq4_half_ptx() -> str:
+    """A word ($8) of 8 IQ4 codes, the f16 scale of their block in both halves of $9 -> the f16 weights
+    kvalues_iq4nl[code] * scale ($0-$7). Each code looks its level + 128 up as a byte (the table in $10-$13,
+    `_lookups`' half_bits in $14), a permute sets 0x64 above it, the f16 1024 + level + 128 (0x6464 pairs in $15),
+    a subtraction of 1152 (pairs in $16) leaves the level exactly, a multiply rounds level * scale once: one table
+    where the bf16 weights take two (`_code_book_bf16_ptx`), and no per-block table to build."""
+    lines = _lookups(_table_operands(10, 1), "$14")
+    for k, (part, pick) in enumerate([("a", "0x4140"), ("a", "0x4342"), ("b", "0x4140"), ("b", "0x4342")]):
+        lines += [f"prmt.b32 e, v{part}0, $15, {pick};", "sub.f16x2 e, e, $16;", "mul.f16x2 e, e, $9;",
+                  f"mov.b32 {{${2 * k}, ${2 * k + 1}}}, e;"]
+    return _assemble(lines)
+
+
 def _two_bit_fields_ptx(third: bool, biased: bool = False) -> str:
     """Codes of 16 elements, their low 2 bits from $16 (element e at bits 2e..2e+1) and with `third` (Q3_K) a third
     bit from $17 (bit e) -> the bits of 2^23 (`biased`: 128) + code for elements 0-15 ($0-$15); Q2_K's codes are
@@ -278,17 +291,20 @@ IQ4_WORDS_AT = tl.constexpr(32)
 IQ4_VALUES_AT = tl.constexpr(36)
 HALF_BITS_AT = tl.constexpr(52)
 IQ4_INT8_WORDS_AT = tl.constexpr(53)
+HALF_WORDS_AT = tl.constexpr(57)
 LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("<u4")]
                      + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
                      + byte_table_words(IQ4_OFFSET_BINARY)
                      + [int(b) for b in np.asarray(IQ4_VALUES, dtype="<f4").view("<u4")]
                      + [0x44444444]
-                     + byte_table_words([v & 0xFF for v in IQ4_VALUES]))
+                     + byte_table_words([v & 0xFF for v in IQ4_VALUES])
+                     + [0x64646464, 0x64806480])
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True), "nibble": _nibble_bits_ptx(False),
                "nibble iq4": _nibble_bits_ptx(True), "nibble iq4 128": _nibble_bits_ptx(True, biased=True),
                "nibble nf4": _nibble_float32_ptx(), "nibble iq4 int8": _nibble_int8_ptx(),
                "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
-               "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES), "nibble 128": _nibble_bits_ptx(False, biased=True),
+               "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES),
+               "iq4 f16": _iq4_half_ptx(), "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _two_bit_fields_ptx(True, biased=True),
                "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),
                "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True),
@@ -306,6 +322,7 @@ THREE_BIT_PTX = tl.constexpr(PTX_SOURCES["three bit"])
 FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
 NF4_BF16_PTX = tl.constexpr(PTX_SOURCES["nf4 bf16"])
 IQ4_BF16_PTX = tl.constexpr(PTX_SOURCES["iq4 bf16"])
+IQ4_F16_PTX = tl.constexpr(PTX_SOURCES["iq4 f16"])
 NIBBLE_128_PTX = tl.constexpr(PTX_SOURCES["nibble 128"])
 THREE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["three bit 128"])
 TWO_BIT_PTX = tl.constexpr(PTX_SOURCES["two bit"])
@@ -375,6 +392,12 @@ def float_form(v, BIASED: tl.constexpr, FULL_BYTES: tl.constexpr = False):
     else:
         bits = v | FLOAT_OF_TWO_POW_23
     return bits
+
+
+@triton.jit
+def power_of_two(shift):
+    """The float32 2^shift of int32 `shift`, -126 <= shift <= 127: its bits."""
+    return ((shift + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -495,6 +518,26 @@ def code_book_bf16(codes, scale, IQ4: tl.constexpr, tables_ptr):
         code = (codes[:, :, None] >> (4 * tl.arange(0, 16))[None, None, :]) & 15
         values = tables_ptr + IQ4_VALUES_AT if IQ4 else tables_ptr
         w = (tl.load(values + code.to(tl.int32)) * scale[:, :, None]).to(tl.bfloat16)
+    return w
+
+
+@triton.jit
+def iq4_half_weights(codes, scale_pairs, tables_ptr):
+    """int32 words of 8 IQ4 codes (element e at bits 4e) and, like them, their block's f16 scale in both halves of
+    an int32 -> the f16 weights kvalues_iq4nl[code] * scale, rounded once, `[R, C, 2, 2, 2]` in element order once
+    reshaped to `[R, 8 C]`."""
+    if PTX:
+        w = in_element_order(tl.inline_asm_elementwise(
+            IQ4_F16_PTX, "=h," * 8 + "r" + ",r" * 8,
+            [codes, scale_pairs, _word(tables_ptr, IQ4_WORDS_AT), _word(tables_ptr, IQ4_WORDS_AT + 1),
+             _word(tables_ptr, IQ4_WORDS_AT + 2), _word(tables_ptr, IQ4_WORDS_AT + 3), _word(tables_ptr, HALF_BITS_AT),
+             _word(tables_ptr, HALF_WORDS_AT), _word(tables_ptr, HALF_WORDS_AT + 1)],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1))
+    else:
+        levels = (iq4_offset_binary(_nibbles(codes)) - 128).to(tl.float32)
+        scale = (scale_pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        # a level (8 bits) times an f16 scale (11) is exact in float32: one rounding, as the f16 multiply's
+        w = tl.reshape((levels * scale[:, :, None]).to(tl.float16), (codes.shape[0], codes.shape[1], 2, 2, 2))
     return w
 
 

@@ -24,10 +24,17 @@ import triton.language as tl
 from kernels.triton.decode import IQ4_NL, IQ4_XS, Q2_K, Q3_K
 from kernels.triton.decode_planes import (_code_book_scales, _code_words, _first, _k3_scale_bits, _k_quant_d, _load,
                                           _plane_bytes, _sub_blocks, _typed, _within)
-from kernels.triton.float_bits import FLOAT_OF_TWO_POW_23, PTX, iq4_int8_bytes, shift_right
+from kernels.triton.float_bits import FLOAT_OF_TWO_POW_23, PTX, iq4_int8_bytes, power_of_two, shift_right
 
 X_GROUP = tl.constexpr(32)  # x values sharing one power-of-two scale
 MAX_EXPONENT_SHIFT = tl.constexpr(141)  # 127 + 14: a group's largest x, of biased exponent e, times 2^(141 - e) lies in [2^14, 2^15)
+
+
+@triton.jit
+def x_shift(exponent):
+    """The shift whose 2^shift takes values whose largest has the biased float32 exponent `exponent` into
+    [2^14, 2^15): at most 126, for zeros and subnormals."""
+    return tl.minimum(MAX_EXPONENT_SHIFT - exponent, 126)
 
 
 @triton.constexpr_function
@@ -61,11 +68,11 @@ def quantize_x_kernel(x_ptr, xq_ptr, scale_ptr, sum_ptr, K, TRANSPOSE_4X4: tl.co
     x = tl.reshape(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), (G, X_GROUP))
     exponents = tl.abs(x).to(tl.int32, bitcast=True) >> 23  # 255: infinite or NaN
     exponent = tl.max(exponents, axis=1)
-    shift = tl.minimum(MAX_EXPONENT_SHIFT - exponent, 126)[:, None]
-    q = tl.floor(x * ((shift + 127) << 23).to(tl.float32, bitcast=True) + 0.5)
+    shift = x_shift(exponent)[:, None]
+    q = tl.floor(x * power_of_two(shift) + 0.5)
     q = tl.minimum(q, 32767.0)  # a float32 x just below 2^15 rounds up to it
     xq = tl.where(exponent[:, None] < 255, q, 0.0).to(tl.int32)
-    scale = tl.where(exponent < 255, (127 - tl.reshape(shift, (G,))) << 23, 0x7FC00000).to(tl.float32, bitcast=True)
+    scale = tl.where(exponent < 255, power_of_two(-tl.reshape(shift, (G,))), float("nan"))
     group = tl.program_id(0) * G + tl.arange(0, G)
     tl.store(scale_ptr + group, scale, mask=group < K // X_GROUP)
     xq = tl.reshape(xq, (BLOCK // 16, 16))

@@ -64,12 +64,26 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
 # and Q2_K decode 16 elements an asm call (`float_bits`), and in 4 warps the decoded tile left a thread with elements
 # too far apart in its registers for vector stores: 16-bit stores of every element to shared memory on the way to
 # the tensor cores (sm_90 per element: Q3_K 7.27 against 6.23, Q2_K 5.73 against 4.66; Q3_K also spilled 12 bytes
-# on sm_80). In 4, IQ4_NL and NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 they take
-# `float_bits.code_book_bf16` and fit in 4: IQ4_NL 5.09 a weight element there, 8.36 in 8 before), Q8_0 with fp32
-# activations 8 bytes on sm_90 and, with its bytes in the 128 form, 28 on sm_80.
+# on sm_80). In 4, NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 it takes
+# `float_bits.code_book_bf16` and fits in 4), Q8_0 with fp32 activations 8 bytes on sm_90 and, with its bytes in the
+# 128 form, 28 on sm_80.
 _ALL_ARCHS = (80, 86, 89, 90)
 SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for dtype in ("fp16", "bf16", "fp32")},
-                   ("IQ4_NL", "fp16"): (86, 89), ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (80, 90)}
+                   ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (80, 90)}
+
+
+# Formats (in planes) whose split-K kernel, for fp16 and bf16 activations, multiplies f16 weights (`qmatmul.qmv_kernel`'s
+# HALF_WEIGHTS): IQ4's integer levels take one byte table and a permute an element pair there, where bf16 weights
+# take a table of the block's 16 weights, built per block, two lookups and a permute (scheduler clocks a weight
+# element, sm_90: IQ4_NL 5.61 -> 4.11, IQ4_XS 5.92 -> 4.31; sm_80-89: 5.62 -> 4.28, 5.98-6.05 -> 4.48-4.50; H100
+# model at M = 16, issue time over memory time: 1.04 -> 0.76, 1.16 -> 0.85). The weights keep 11 significant bits
+# where bf16 keeps 8; x is scaled into f16's range by a power of two a row.
+HALF_WEIGHT_FORMATS = frozenset({"IQ4_NL", "IQ4_XS"})
+
+
+def uses_half_weights(fmt: str, layout: str, dtype_name: str) -> bool:
+    """Whether the split-K kernel multiplies f16 weights for a `fmt` weight in `layout` and `dtype_name` x."""
+    return layout == "planes" and fmt in HALF_WEIGHT_FORMATS and dtype_name != "fp32"
 
 
 def split_k_form(cc: int) -> int:
@@ -257,9 +271,10 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
                 weight.format, weight.layout, dtype_name, state.compute_capability(x.device))
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             form = INTERPRETER_SPLIT_K_FORM if interpreting() else split_k_form(state.compute_capability(x.device))
+            half = uses_half_weights(weight.format, weight.layout, dtype_name)
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], k_per_split,
-                             FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
-                             EVEN=even_tiles(weight.layout, N, K, cfg), FORM=form, **cfg)
+                             FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=tl.float16 if half else dot_dtype,
+                             EVEN=even_tiles(weight.layout, N, K, cfg), FORM=form, HALF_WEIGHTS=half, **cfg)
             return out.to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], out.stride(0))

@@ -11,7 +11,8 @@
   products of x rounded to 16 bits and their codes as bytes instead, two an instruction (`int_gemv`,
   `ops.INT_DOT_FORMATS`).
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
-  where the FMA kernel would decode the weight once per row.
+  where the FMA kernel would decode the weight once per row; IQ4's integer levels there as f16 weights
+  (`ops.HALF_WEIGHT_FORMATS`).
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
 
 Each reads the weight in either layout (`PLANES`: `kernels/repack.py`). The split-K kernels load without masks
@@ -24,9 +25,10 @@ import triton.language as tl
 
 from kernels.triton.decode import decode_tile
 from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, decode_planes_parts,
-                                          decode_planes_tile_as, has_biased_form, has_offset,
-                                          sub_block_size)
-from kernels.triton.int_gemv import int_sums
+                                          decode_planes_tile_as, has_biased_form, has_offset, iq4_half_tile,
+                                          iq4_row_shifts, sub_block_size)
+from kernels.triton.float_bits import power_of_two
+from kernels.triton.int_gemv import int_sums, x_shift
 
 
 @triton.jit
@@ -216,13 +218,42 @@ def gemv_kernel(x_ptr, x_scale_ptr, x_sum_ptr, w_ptr, bias_ptr, y_ptr, tables_pt
 
 
 @triton.jit
+def _split_k_x(x_ptr, m, M, K, k0, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x's rows `m` (< M to exist), columns k0 .. k0 + BLOCK_K (masked at K unless `EVEN`)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN:
+        mask = m[:, None] < M
+    else:
+        mask = (m[:, None] < M) & (k[None, :] < K)
+    return tl.load(x_ptr + m[:, None] * K + k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`int_gemv.x_shift` of each row of x over columns k_start .. k_end: 2^shift takes its largest |x| into
+    [2^14, 2^15), where f16 holds a bf16 value exactly down to 2^-28 of it."""
+    top = tl.zeros_like(m)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K).to(tl.float32)
+        top = tl.maximum(top, tl.max(tl.abs(x).to(tl.int32, bitcast=True) >> 23, axis=1))
+    return x_shift(top)
+
+
+@triton.jit
 def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               EVEN: tl.constexpr, FORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
     tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s.
-    `FORM`: FUSED or FUSED_BYTES (`decode_planes`), which counts fewer on mma.sync GPUs."""
+    `FORM`: FUSED or FUSED_BYTES (`decode_planes`), which counts fewer on mma.sync GPUs.
+
+    `HALF_WEIGHTS` (IQ4_NL, IQ4_XS in planes; fp16 or bf16 x): f16 operands. IQ4's levels are integers, so an f16
+    weight takes one byte table and a permute into 1024 + level + 128 (`float_bits.iq4_half_weights`), where a bf16
+    one takes two tables and a permute to pair their bytes. Before its loop the program finds each row's factors:
+    a power of two that takes the weight row's largest |scale| over its columns into [2^7, 2^8) (no f16 weight
+    overflows, none of the largest blocks' is subnormal), and, for bf16 x, one that takes each x row's largest |x|
+    into [2^14, 2^15); the sums lose both factors at the end."""
     tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
@@ -236,15 +267,26 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
         n_mask = n[:, None] < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, FORM, BLOCK_N, BLOCK_K)
-        if EVEN:
-            x_mask = m[:, None] < M
+    k_end = tl.minimum(k_start + k_per_split, K)
+    SCALE_X: tl.constexpr = HALF_WEIGHTS and (x_ptr.dtype.element_ty == tl.bfloat16)
+    if HALF_WEIGHTS:
+        w_shift = iq4_row_shifts(w_ptr, rows, k_start, k_end, K, n_mask, FMT, BLOCK_K)
+        if SCALE_X:
+            x_shifts = _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
+        if HALF_WEIGHTS:
+            w = iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, power_of_two(w_shift)[:, None], BLOCK_N,
+                              BLOCK_K)
+            if SCALE_X:
+                x = x.to(tl.float32) * power_of_two(x_shifts)[:, None]
         else:
-            x_mask = (m[:, None] < M) & (k[None, :] < K)
-        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=x_mask, other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, FORM, BLOCK_N, BLOCK_K)
+        acc = tl.dot(w, tl.trans(x.to(DOT_DTYPE)), acc, input_precision="ieee")
+    if HALF_WEIGHTS:
+        acc *= power_of_two(-w_shift)[:, None]
+        if SCALE_X:
+            acc *= power_of_two(-x_shifts)[None, :]
     if HAS_BIAS:
         acc += tl.where(split == 0, tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32), 0.0)[:, None]
     tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=(m[None, :] < M) & (n[:, None] < N))
