@@ -78,7 +78,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     from kernels.triton import int_gemv, qmatmul
     from kernels.triton.decode import FORMAT_IDS
     from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, QUANTIZE_X_BLOCK, gemm_configs, split_k_config,
-                                    split_k_form, transposes_x, uses_half_weights, uses_int_dots)
+                                    split_k_form, transposes_x, uses_half_weights, uses_int_dots, uses_int_tiles)
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -117,7 +117,8 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
             config = split_k_config(fmt, layout, dtype, cc)
             num_warps, num_stages = config["num_warps"], config["num_stages"]
             half = uses_half_weights(fmt, layout, dtype)
-            constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc), "HALF_WEIGHTS": half} | {
+            constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc), "HALF_WEIGHTS": half,
+                           "INT_TILES": uses_int_tiles(fmt, layout, dtype)} | {
                 k: v for k, v in config.items() if k.startswith("BLOCK")}
             if half:
                 constexprs["DOT_DTYPE"] = tl.float16

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
-from kernels.triton.float_bits import (BYTE_SELECTOR, HALF_BITS_AT, HALF_WORDS_AT, IQ4_INT8_WORDS_AT, IQ4_VALUES_AT,
-                                       IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT, PTX_SOURCES, _assemble,
-                                       _shift_right_ptx)
+from kernels.triton.float_bits import (BF16_INT_WORDS_AT, BYTE_SELECTOR, HALF_BITS_AT, HALF_WORDS_AT,
+                                       IQ4_INT8_WORDS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT,
+                                       PTX_SOURCES, _assemble, _shift_right_ptx)
 from kernels.triton.int_gemv import _dp2a_ptx
 
 MASK = 0xFFFFFFFF
@@ -59,6 +59,22 @@ def dp2a(high: bool):
     return op
 
 
+def bf16_bits_of_float64(value: float) -> int:
+    """float64 -> bf16, rounded to nearest even once (not through float32): exact for the sums of bf16 products
+    `fma.rn.bf16x2` forms here, whose terms lie within 2^36 of each other."""
+    bits = int(np.array([value], dtype=np.float64).view(np.uint64)[0])
+    bits += (1 << 44) - 1 + ((bits >> 45) & 1)
+    rounded = np.array([bits & ~((1 << 45) - 1)], dtype=np.uint64).view(np.float64)[0]
+    return bf16_bits(bits_of(np.float32(rounded)))  # both conversions exact: 8 significant bits
+
+
+def bf16x2_fma(a: int, b: int, c: int) -> int:
+    """fma.rn.bf16x2: a * b + c in each bf16 half, rounded once."""
+    halves = [[float(float32_of(((x >> shift) & 0xFFFF) << 16)) for shift in (0, 16)] for x in (a, b, c)]
+    low, high = (bf16_bits_of_float64(halves[0][i] * halves[1][i] + halves[2][i]) for i in range(2))
+    return low | (high << 16)
+
+
 def f16x2(operation):
     """An f16x2 instruction: `operation` on the f16 halves of a and b, each result rounded to nearest once (numpy's
     f16 arithmetic: the exact float32 result of two f16 operands, rounded)."""
@@ -78,7 +94,7 @@ OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": l
        "mul.f32": lambda a, b: bits_of(float32_of(a) * float32_of(b)),  # round to nearest, subnormals kept
        # d = {a rounded in the upper half, b in the lower}
        "cvt.rn.bf16x2.f32": lambda a, b: (bf16_bits(a) << 16) | bf16_bits(b),
-       "sub.f16x2": f16x2(np.subtract), "mul.f16x2": f16x2(np.multiply)}
+       "sub.f16x2": f16x2(np.subtract), "mul.f16x2": f16x2(np.multiply), "fma.rn.bf16x2": bf16x2_fma}
 
 
 def _value(operand: str, registers: dict[str, int]) -> int:
@@ -299,6 +315,47 @@ def test_iq4_half_weights_every_code_in_every_position(seed):
             out = run_ptx(PTX_SOURCES["iq4 f16"], {"$8": word, "$9": bits | (bits << 16), **words})
             expected = (np.asarray(IQ4_VALUES, dtype=np.float32)[codes] * np.float32(scale)).astype(np.float16)
             assert [out[f"${e}"] for e in range(8)] == [int(v) for v in expected.view(np.uint16)], scale
+
+
+def bf16_bits_of_int(value: int) -> int:
+    return bf16_bits(bits_of(np.float32(value)))
+
+
+def test_three_bit_scale_pairs_every_scale_in_every_position():
+    """Q3_K's 6-bit sub-block scale, byte k of a word -> the bf16 pairs s = scale - 32 and -12 s."""
+    constant = LOOKUP_WORDS[BF16_INT_WORDS_AT + 1]
+    for scale in range(64):
+        for k in range(4):
+            word = pack([(scale if i == k else 37 * i + 11) & 63 for i in range(4)])
+            out = run_ptx(PTX_SOURCES["three bit scale pairs"], {"$2": word, "$3": 0x4040 + 0x101 * k, "$4": constant})
+            s, offset = bf16_bits_of_int(scale - 32), bf16_bits_of_int(-12 * (scale - 32))
+            assert (out["$0"], out["$1"]) == (s | (s << 16), offset | (offset << 16))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_three_bit_ints(seed):
+    """Q3_K's codes of 16 elements and their sub-block's scale pairs -> (code - 4) * (scale - 32) as bf16, exact,
+    position 4i + j holding element 4j + i: every scale, every code in every position, random words."""
+    rng = np.random.default_rng(seed)
+    words = {"$20": LOOKUP_WORDS[BF16_INT_WORDS_AT]}
+    for scale in range(64):
+        s, offset = bf16_bits_of_int(scale - 32), bf16_bits_of_int(-12 * (scale - 32))
+        words |= {"$18": s | (s << 16), "$19": offset | (offset << 16)}
+        codes = np.roll(np.arange(16) % 8, scale) if scale < 8 else rng.integers(0, 8, 16)
+        low = sum(int(c & 3) << (2 * e) for e, c in enumerate(codes))
+        third = sum(int(c >> 2) << e for e, c in enumerate(codes))
+        out = run_ptx(PTX_SOURCES["three bit ints"], {"$16": low, "$17": third, **words})
+        expected = [bf16_bits_of_int((int(codes[4 * (p % 4) + p // 4]) - 4) * (scale - 32)) for p in range(16)]
+        assert [out[f"${p}"] for p in range(16)] == expected, scale
+
+
+def test_bf16x2_fma_model_rounds_each_half_once():
+    # 1 + 2^-7 times itself is 1 + 2^-6 + 2^-14, nearer 1 + 2^-6 (0x3F82) than the next bf16; minus 2^-14 (the
+    # high half) it is 1 + 2^-6 exactly
+    one_and_a_bit = 0x3F81
+    minus_tiny = bf16_bits(bits_of(np.float32(-(2.0**-14))))
+    assert bf16x2_fma(one_and_a_bit | (one_and_a_bit << 16), one_and_a_bit | (one_and_a_bit << 16),
+                      minus_tiny << 16) == 0x3F82 | (0x3F82 << 16)
 
 
 def test_f16x2_model_rounds_each_half():

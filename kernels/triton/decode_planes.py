@@ -24,7 +24,8 @@ from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, 
                                    Q6_K, Q8_0)
 from kernels.triton.float_bits import (byte_float_bits, code_book_bf16, five_bit_float_bits, int8_float_bits,
                                        iq4_half_weights, nf4_values, nibble_float_bits, shift_right,
-                                       six_bit_float_bits, three_bit_float_bits, two_bit_float_bits)
+                                       six_bit_float_bits, three_bit_float_bits, three_bit_ints,
+                                       three_bit_scale_pairs, two_bit_float_bits)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -222,6 +223,13 @@ def _k3_scale_bits(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
     8 + j % 4). A tile at most 128 deep lies in one half of its super-block, so the whole tile takes the same
     nibble, four bytes at a time: three 32-bit words a row, not two bytes a sub-block (sm_90 per element: FMA GEMV
     5.26 -> 4.74, split-K 6.23 -> 5.80, GEMM 128x128x128 7.42 -> 7.22)."""
+    words, index = _k3_scale_bytes(w_ptr, plane, k0, s, j, mask, BLOCK_K)
+    return byte_float_bits(words, index)
+
+
+@triton.jit
+def _k3_scale_bytes(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
+    """`_k3_scale_bits`' scales as bytes: the 32-bit word holding each sub-block's, and its byte index there."""
     tl.static_assert(BLOCK_K <= 128, "the tile lies in one half of a super-block")
     a = _typed(w_ptr, plane, 3 * s, mask, tl.int32)
     b = _typed(w_ptr, plane, 3 * s + 1, mask, tl.int32)
@@ -230,7 +238,7 @@ def _k3_scale_bits(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
     first = ((a >> half) & 0x0F0F0F0F) | (((c >> half) & 0x03030303) << 4)  # sub-blocks 0-3 of the half
     second = ((b >> half) & 0x0F0F0F0F) | (((c >> (half + 2)) & 0x03030303) << 4)  # 4-7
     j = _in_half(j, 16, BLOCK_K)
-    return byte_float_bits(tl.where(j < 4, first, second), j % 4)
+    return tl.where(j < 4, first, second), j % 4
 
 
 @triton.jit
@@ -592,3 +600,22 @@ def iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, fac
     codes = _code_words(w_ptr, rows + _code_book_plane(K, FMT), k0, K, n_mask, 8, BLOCK_K)
     pairs = _expand(_half_bits(d), BLOCK_N, BLOCK_K // 8, 4)  # a block's (sub-block's) 32 codes: 4 words
     return tl.reshape(iq4_half_weights(codes, pairs, tables_ptr), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Q3_K's tile as the bf16 integers (code - 4) * (scale - 32), `[BLOCK_N, BLOCK_K]` with each 16 columns in 4 x 4
+    transposed order (`float_bits.three_bit_ints`), and its super-block's d, `[BLOCK_N, 1]` float32: the weights
+    are d times them, exactly the reference's float32 ones. At most 128 deep, the tile lies in one super-block."""
+    nb = K // 256  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
+    s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
+    low_plane = _plane_bytes(nb, 32)
+    scale_plane = low_plane + _plane_bytes(nb, 64)
+    d = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask)
+    words, index = _k3_scale_bytes(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K)
+    scales, offsets = three_bit_scale_pairs(words, index, tables_ptr)
+    m = (_first(k0, 16) + tl.arange(0, BLOCK_K // 16))[None, :]
+    m_mask = _within(n_mask, m, K // 16)
+    w = three_bit_ints(_typed(w_ptr, rows + low_plane, m, m_mask, tl.int32),
+                       _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32), scales, offsets, tables_ptr)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K)), d

@@ -201,20 +201,51 @@ def _iq4_half_ptx() -> str:
     return _assemble(lines)
 
 
+def _spread_third_bits() -> list[str]:
+    """PTX: Q3_K's 16 third bits ($17, bit e: element e) spread a nibble to a byte into `h`: nibble k (elements
+    4k .. 4k + 3) to bits 8k .. 8k + 3."""
+    return ["shl.b32 h, $17, 8;", "or.b32 h, h, $17;", "and.b32 h, h, 0x00ff00ff;", "shl.b32 t, h, 4;",
+            "or.b32 h, h, t;", "and.b32 h, h, 0x0f0f0f0f;"]
+
+
+def _three_bit_ints_ptx() -> str:
+    """Q3_K's codes of 16 elements ($16: low 2 bits, element e at bits 2e; $17: third bits, bit e), their sub-block's
+    s = scale - 32 as bf16 pairs ($18: s, $19: -12 s; 0x41414141 in $20) -> the bf16 (code - 4) * s, exact integers
+    of at most 128 in magnitude, in 4 x 4 transposed order: $(4i + j) is element 4j + i, field i of byte j. A code
+    goes to bits 4-6 under the byte 0x41: the bf16 8 + code, in the binade where a mantissa step is 1/16 of 16
+    units, and one multiply-add (8 + code) * s - 12 s gives (code - 4) * s rounded once, exactly; 12 s is exact
+    too, where the 128 form's 132 s would not be. Field i's pairs of bytes (j, j + 1) become one register each."""
+    lines = _spread_third_bits()
+    for i in range(4):
+        shift = 4 - 2 * i  # field i (bits 2i, 2i + 1 of each byte) to bits 4-5
+        low = "$16"
+        if shift:
+            lines.append(f"{'shl' if shift > 0 else 'shr'}.b32 x, $16, {abs(shift)};")
+            low = "x"
+        lines += [f"and.b32 v, {low}, 0x30303030;", f"shl.b32 y, h, {6 - i};", "and.b32 y, y, 0x40404040;",
+                  "or.b32 v, v, y;"]
+        for j in (0, 2):
+            lines += [f"prmt.b32 p, v, $20, 0x4{j + 1}4{j};", "fma.rn.bf16x2 p, p, $18, $19;",
+                      f"mov.b32 {{${4 * i + j}, ${4 * i + j + 1}}}, p;"]
+    return _assemble(lines)
+
+
+def _three_bit_scale_pairs_ptx() -> str:
+    """Byte $3 & 3 of $2, a Q3_K 6-bit sub-block scale (the selector 0x4040 + 0x101 ($3 & 3) is $3), and 0x43434343
+    ($4) -> `_three_bit_ints_ptx`'s bf16 pairs: s = scale - 32 ($0) and -12 s ($1), from the bf16 128 + scale, each
+    one exact multiply-add."""
+    return _assemble(["prmt.b32 p, $2, $4, $3;", "mov.b32 a, 0x3F803F80;", "mov.b32 b, 0xC320C320;",
+                      "fma.rn.bf16x2 $0, p, a, b;", "mov.b32 c, 0xC140C140;", "mov.b32 e, 0x44F044F0;",
+                      "fma.rn.bf16x2 $1, p, c, e;"])
+
+
 def _two_bit_fields_ptx(third: bool, biased: bool = False) -> str:
     """Codes of 16 elements, their low 2 bits from $16 (element e at bits 2e..2e+1) and with `third` (Q3_K) a third
     bit from $17 (bit e) -> the bits of 2^23 (`biased`: 128) + code for elements 0-15 ($0-$15); Q2_K's codes are
     the 2-bit fields alone. Elements i, 4 + i, 8 + i, 12 + i are fields i of $16's four bytes: one shift and mask
     gives their low bits, a byte each; the third bits are first spread a nibble to a byte (nibble k of $17 to byte
     k), so that their bit i lands on bit 2 with one more shift."""
-    lines = []
-    if third:
-        lines += ["shl.b32 h, $17, 8;",  # nibble k of the 16 third bits -> bits 8k..8k+3
-                  "or.b32 h, h, $17;",
-                  "and.b32 h, h, 0x00ff00ff;",
-                  "shl.b32 t, h, 4;",
-                  "or.b32 h, h, t;",
-                  "and.b32 h, h, 0x0f0f0f0f;"]
+    lines = _spread_third_bits() if third else []
     for i in range(4):
         low = f"$16" if i == 0 else "x"
         if i:
@@ -292,19 +323,22 @@ IQ4_VALUES_AT = tl.constexpr(36)
 HALF_BITS_AT = tl.constexpr(52)
 IQ4_INT8_WORDS_AT = tl.constexpr(53)
 HALF_WORDS_AT = tl.constexpr(57)
+BF16_INT_WORDS_AT = tl.constexpr(59)
 LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("<u4")]
                      + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
                      + byte_table_words(IQ4_OFFSET_BINARY)
                      + [int(b) for b in np.asarray(IQ4_VALUES, dtype="<f4").view("<u4")]
                      + [0x44444444]
                      + byte_table_words([v & 0xFF for v in IQ4_VALUES])
-                     + [0x64646464, 0x64806480])
+                     + [0x64646464, 0x64806480]
+                     + [0x41414141, 0x43434343])
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True), "nibble": _nibble_bits_ptx(False),
                "nibble iq4": _nibble_bits_ptx(True), "nibble iq4 128": _nibble_bits_ptx(True, biased=True),
                "nibble nf4": _nibble_float32_ptx(), "nibble iq4 int8": _nibble_int8_ptx(),
                "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
                "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES),
-               "iq4 f16": _iq4_half_ptx(), "nibble 128": _nibble_bits_ptx(False, biased=True),
+               "iq4 f16": _iq4_half_ptx(), "three bit ints": _three_bit_ints_ptx(),
+               "three bit scale pairs": _three_bit_scale_pairs_ptx(), "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _two_bit_fields_ptx(True, biased=True),
                "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),
                "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True),
@@ -323,6 +357,8 @@ FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
 NF4_BF16_PTX = tl.constexpr(PTX_SOURCES["nf4 bf16"])
 IQ4_BF16_PTX = tl.constexpr(PTX_SOURCES["iq4 bf16"])
 IQ4_F16_PTX = tl.constexpr(PTX_SOURCES["iq4 f16"])
+THREE_BIT_INTS_PTX = tl.constexpr(PTX_SOURCES["three bit ints"])
+THREE_BIT_SCALE_PAIRS_PTX = tl.constexpr(PTX_SOURCES["three bit scale pairs"])
 NIBBLE_128_PTX = tl.constexpr(PTX_SOURCES["nibble 128"])
 THREE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["three bit 128"])
 TWO_BIT_PTX = tl.constexpr(PTX_SOURCES["two bit"])
@@ -590,6 +626,48 @@ def three_bit_float_bits(low, third, BIASED: tl.constexpr):
     else:
         bits = _codes_and_top_bits(low, third, 16, 2, 1, BIASED)
     return bits
+
+
+@triton.jit
+def _bf16_bits(v):
+    """float32 values exact in bf16 -> their bf16 bits in both halves of an int32."""
+    bits = v.to(tl.int32, bitcast=True) >> 16
+    return (bits & 0xFFFF) | (bits << 16)
+
+
+@triton.jit
+def three_bit_scale_pairs(words, index, tables_ptr):
+    """Byte `index` (0-3) of int32 `words`, Q3_K 6-bit sub-block scales -> (the bf16 s = scale - 32 in both halves
+    of an int32, -12 s likewise), `three_bit_ints`' scales."""
+    if PTX:
+        pairs = tl.inline_asm_elementwise(THREE_BIT_SCALE_PAIRS_PTX, "=r,=r,r,r,r",
+                                          [words, 0x4040 + 0x101 * index, _word(tables_ptr, BF16_INT_WORDS_AT + 1)],
+                                          dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        scale = (((words >> (8 * index)) & 255) - 32).to(tl.float32)
+        pairs = _bf16_bits(scale), _bf16_bits(-12.0 * scale)
+    return pairs
+
+
+@triton.jit
+def three_bit_ints(low, third, scale_pairs, offset_pairs, tables_ptr):
+    """Q3_K codes, 16 elements a word (`low`: 2-bit fields, element e at bits 2e; `third`: their third bits, bit e,
+    zero-extended 16-bit words) and their sub-block's `three_bit_scale_pairs` -> the bf16 (code - 4) * (scale - 32),
+    exact integers, `[R, C, 16]`-shaped in 4 x 4 transposed order (position 4i + j: element 4j + i) once reshaped
+    to `[R, 16 C]`."""
+    if PTX:
+        w = in_element_order(tl.inline_asm_elementwise(
+            THREE_BIT_INTS_PTX, "=h," * 16 + "r,r,r,r,r",
+            [low, third, scale_pairs, offset_pairs, _word(tables_ptr, BF16_INT_WORDS_AT)],
+            dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1))
+    else:
+        e = tl.arange(0, 16)[None, None, :]
+        codes = ((low[:, :, None] >> (2 * e)) & 3) | (((third[:, :, None] >> e) & 1) << 2)
+        scale = (scale_pairs << 16).to(tl.float32, bitcast=True)[:, :, None]
+        w = ((codes - 4).to(tl.float32) * scale).to(tl.bfloat16)
+        w = tl.reshape(tl.permute(tl.reshape(w, (low.shape[0], low.shape[1], 4, 4)), (0, 1, 3, 2)),
+                       (low.shape[0], low.shape[1], 16))
+    return w
 
 
 @triton.jit

@@ -37,6 +37,13 @@ def x_shift(exponent):
     return tl.minimum(MAX_EXPONENT_SHIFT - exponent, 126)
 
 
+@triton.jit
+def transpose_4x4(v):
+    """`[R, C]` -> each 16 columns in Q2_K's and Q3_K's 2-bit fields' order: position 4j + b holds column 4b + j
+    (field j of byte b of a word of 16 codes)."""
+    return tl.reshape(tl.permute(tl.reshape(v, (v.shape[0], v.shape[1] // 16, 4, 4)), (0, 1, 3, 2)), v.shape)
+
+
 @triton.constexpr_function
 def _dp2a_ptx(high: bool) -> str:
     return f"dp2a.{'hi' if high else 'lo'}.s32.s32 $0, $1, $2, $3;"
@@ -79,7 +86,7 @@ def quantize_x_kernel(x_ptr, xq_ptr, scale_ptr, sum_ptr, K, TRANSPOSE_4X4: tl.co
     g = tl.program_id(0) * (BLOCK // 16) + tl.arange(0, BLOCK // 16)
     tl.store(sum_ptr + g, tl.sum(xq, axis=1), mask=g < K // 16)
     if TRANSPOSE_4X4:
-        xq = tl.permute(tl.reshape(xq, (BLOCK // 16, 4, 4)), (0, 2, 1))
+        xq = transpose_4x4(xq)
     tl.store(xq_ptr + k, tl.reshape(xq, (BLOCK,)).to(tl.int16), mask=k < K)
 
 

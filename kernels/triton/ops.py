@@ -86,6 +86,21 @@ def uses_half_weights(fmt: str, layout: str, dtype_name: str) -> bool:
     return layout == "planes" and fmt in HALF_WEIGHT_FORMATS and dtype_name != "fp32"
 
 
+# Formats (in planes) whose split-K kernel, for bf16 activations, multiplies bf16 tiles of the integers code times
+# sub-block scale and scales the sums by the super-block's d (`qmatmul.qmv_kernel`'s INT_TILES): Q3_K's
+# (code - 4) * (scale - 32) is at most 128 in magnitude, exact in bf16, and one multiply-add of bf16 pairs makes it
+# (`float_bits.three_bit_ints`), where the float decode took a permute an element and a multiply-add, and a
+# conversion a pair (scheduler clocks a weight element, sm_90: 5.34 -> 4.14, sm_80-89: 6.75 -> 4.77; H100 model at
+# M = 16, issue time over memory time: 1.29 -> 1.00). The weights are the reference's float32 ones, not rounded to
+# bf16. fp16 x keeps the float decode: there 12 s is not exact.
+INT_TILE_FORMATS = frozenset({"Q3_K"})
+
+
+def uses_int_tiles(fmt: str, layout: str, dtype_name: str) -> bool:
+    """Whether the split-K kernel multiplies integer tiles for a `fmt` weight in `layout` and `dtype_name` x."""
+    return layout == "planes" and fmt in INT_TILE_FORMATS and dtype_name == "bf16"
+
+
 def split_k_form(cc: int) -> int:
     """The split-K kernel's decode form (`decode_planes.FUSED` or FUSED_BYTES) on compute capability `cc`: 4-bit codes
     a 32-bit word an asm call on Hopper (wgmma), four bytes a register elsewhere, where that counts fewer (sm_80-89,
@@ -274,7 +289,8 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             half = uses_half_weights(weight.format, weight.layout, dtype_name)
             qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], k_per_split,
                              FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=tl.float16 if half else dot_dtype,
-                             EVEN=even_tiles(weight.layout, N, K, cfg), FORM=form, HALF_WEIGHTS=half, **cfg)
+                             EVEN=even_tiles(weight.layout, N, K, cfg), FORM=form, HALF_WEIGHTS=half,
+                             INT_TILES=uses_int_tiles(weight.format, weight.layout, dtype_name), **cfg)
             return out.to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], out.stride(0))

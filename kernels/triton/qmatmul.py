@@ -12,7 +12,7 @@
   `ops.INT_DOT_FORMATS`).
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
   where the FMA kernel would decode the weight once per row; IQ4's integer levels there as f16 weights
-  (`ops.HALF_WEIGHT_FORMATS`).
+  (`ops.HALF_WEIGHT_FORMATS`), Q3_K's codes times sub-block scales as bf16 integers (`ops.INT_TILE_FORMATS`).
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
 
 Each reads the weight in either layout (`PLANES`: `kernels/repack.py`). The split-K kernels load without masks
@@ -26,9 +26,9 @@ import triton.language as tl
 from kernels.triton.decode import decode_tile
 from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, decode_planes_parts,
                                           decode_planes_tile_as, has_biased_form, has_offset, iq4_half_tile,
-                                          iq4_row_shifts, sub_block_size)
+                                          iq4_row_shifts, q3_k_int_tile, sub_block_size)
 from kernels.triton.float_bits import power_of_two
-from kernels.triton.int_gemv import int_sums, x_shift
+from kernels.triton.int_gemv import int_sums, transpose_4x4, x_shift
 
 
 @triton.jit
@@ -242,8 +242,8 @@ def _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN: tl.constexpr, BLOCK_K: t
 @triton.jit
 def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, INT_TILES: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
     tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s.
     `FORM`: FUSED or FUSED_BYTES (`decode_planes`), which counts fewer on mma.sync GPUs.
@@ -253,7 +253,11 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
     one takes two tables and a permute to pair their bytes. Before its loop the program finds each row's factors:
     a power of two that takes the weight row's largest |scale| over its columns into [2^7, 2^8) (no f16 weight
     overflows, none of the largest blocks' is subnormal), and, for bf16 x, one that takes each x row's largest |x|
-    into [2^14, 2^15); the sums lose both factors at the end."""
+    into [2^14, 2^15); the sums lose both factors at the end.
+
+    `INT_TILES` (Q3_K in planes, bf16 x): each tile's (code - 4) * (scale - 32), bf16 integers
+    (`decode_planes.q3_k_int_tile`), times x with its columns in the same 4 x 4 transposed order
+    (`int_gemv.transpose_4x4`), the sum scaled by the super-block's d: the reference's float32 weights exactly."""
     tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
@@ -275,14 +279,19 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
             x_shifts = _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
-        if HALF_WEIGHTS:
-            w = iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, power_of_two(w_shift)[:, None], BLOCK_N,
-                              BLOCK_K)
-            if SCALE_X:
-                x = x.to(tl.float32) * power_of_two(x_shifts)[:, None]
+        if INT_TILES:
+            w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
+            acc += tl.dot(w.to(DOT_DTYPE), tl.trans(transpose_4x4(x).to(DOT_DTYPE)), input_precision="ieee") * d
         else:
-            w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, FORM, BLOCK_N, BLOCK_K)
-        acc = tl.dot(w, tl.trans(x.to(DOT_DTYPE)), acc, input_precision="ieee")
+            if HALF_WEIGHTS:
+                w = iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, power_of_two(w_shift)[:, None],
+                                  BLOCK_N, BLOCK_K)
+                if SCALE_X:
+                    x = x.to(tl.float32) * power_of_two(x_shifts)[:, None]
+            else:
+                w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, FORM, BLOCK_N,
+                                 BLOCK_K)
+            acc = tl.dot(w, tl.trans(x.to(DOT_DTYPE)), acc, input_precision="ieee")
     if HALF_WEIGHTS:
         acc *= power_of_two(-w_shift)[:, None]
         if SCALE_X:
