@@ -330,20 +330,26 @@ def _iq4_d(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def _iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K: tl.constexpr):
+def _iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K: tl.constexpr, SHIFTS_IN_HALF: tl.constexpr):
     """IQ4_XS's 6-bit sub-block scales (32 elements a sub-block, stored + 32) of the tile's sub-blocks, `[BLOCK_N,
     sub-blocks]` int32. The planes: d | scales_h (2 bits a sub-block) | scales_l (4 bits a sub-block) | codes; a
     super-block's 4 bytes of low bits and 2 of top bits load whole once a row, where a byte each a sub-block
-    loaded 16 a row (sm_90 per element: split-K 5.41 -> 5.15, FMA GEMV 5.64 -> 5.31)."""
-    tl.static_assert(BLOCK_K <= 128, "the tile lies in one half of a super-block")
+    loaded 16 a row (sm_90 per element: split-K 5.41 -> 5.15, FMA GEMV 5.64 -> 5.31). `SHIFTS_IN_HALF` (tiles at
+    most 128 deep): a shift by the tile's half of the super-block first, then shifts by constants in a 128-deep tile
+    (`_in_half`); it counts fewer in the M = 1 and split-K kernels (sm_90 scheduler clocks an element: integer GEMV
+    3.12 -> 3.02, split-K on f16 weights 4.48 -> 4.31) and more in the GEMM and the dequantize kernel (128 x 128 x
+    128: 7.88 -> 7.97, dequantize 12.5 -> 13.1)."""
     nb = K // 256
     s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
-    upper = (k0 >> 7) & 1  # sub-blocks 4-7; then in a 128-deep tile (`_in_half`) every other shift is a constant
-    j = _in_half(j, 32, BLOCK_K)
-    low4 = ((_typed(w_ptr, rows + 2 * _plane_bytes(nb, 2), s, s_mask, tl.int32) >> (16 * upper)) >> (4 * j)) & 15
-    top2 = ((_typed(w_ptr, rows + _plane_bytes(nb, 2), s, s_mask, tl.uint16).to(tl.int32) >> (8 * upper))
-            >> (2 * j)) & 3
-    return low4 | (top2 << 4)
+    low = _typed(w_ptr, rows + 2 * _plane_bytes(nb, 2), s, s_mask, tl.int32)
+    top = _typed(w_ptr, rows + _plane_bytes(nb, 2), s, s_mask, tl.uint16).to(tl.int32)
+    if SHIFTS_IN_HALF:
+        tl.static_assert(BLOCK_K <= 128, "the tile lies in one half of a super-block")
+        upper = (k0 >> 7) & 1  # sub-blocks 4-7
+        j = _in_half(j, 32, BLOCK_K)
+        low = low >> (16 * upper)
+        top = top >> (8 * upper)
+    return ((low >> (4 * j)) & 15) | (((top >> (2 * j)) & 3) << 4)
 
 
 @triton.jit
@@ -360,17 +366,19 @@ def _code_book_plane(K, FMT: tl.constexpr):
 
 
 @triton.jit
-def _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+def _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SHIFTS_IN_HALF: tl.constexpr = False):
     """NF4's, IQ4_NL's and IQ4_XS's float32 scales `[BLOCK_N, blocks]` of the tile's blocks of `sub_block_size(FMT)`
-    elements, and the byte offset within a row of their plane of codes (`_code_book_plane`)."""
+    elements, and the byte offset within a row of their plane of codes (`_code_book_plane`); `SHIFTS_IN_HALF`:
+    `_iq4_xs_scales`'."""
     if FMT == NF4:
         b, b_mask = _blocks(k0, K, n_mask, 64, BLOCK_K)
         scale = _typed(w_ptr, rows, b, b_mask, tl.float32)
     elif FMT == IQ4_NL:
         scale = _iq4_d(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
     else:
-        scale = _iq4_d(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K) * \
-            (_iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K) - 32).to(tl.float32)
+        sub_scales = _iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K, SHIFTS_IN_HALF)
+        scale = _iq4_d(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K) * (sub_scales - 32).to(tl.float32)
     return scale, _code_book_plane(K, FMT)
 
 
@@ -594,7 +602,7 @@ def iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, fac
     d = (_iq4_d(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K) * factor).to(tl.float16)
     if FMT == IQ4_XS:
         # 1024 + scale (6 bits) is exact in f16, and so is its difference with 1056
-        sub_scales = (_iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K) | 0x6400).to(tl.int16).to(
+        sub_scales = (_iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K, True) | 0x6400).to(tl.int16).to(
             tl.float16, bitcast=True) - 1056.0
         d = d * sub_scales
     codes = _code_words(w_ptr, rows + _code_book_plane(K, FMT), k0, K, n_mask, 8, BLOCK_K)

@@ -197,7 +197,7 @@ def _code_book_sums(xq_ptr, scale_ptr, w_ptr, rows, n_mask, k0, K, FMT: tl.const
     up as two words of int8 levels (`float_bits.iq4_int8_bytes`), multiplied by xq in element order, 4 dp2a; the
     block's float32 scale once per sum."""
     W: tl.constexpr = BLOCK_K // 8
-    scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K)
+    scale, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, FMT, BLOCK_K, True)
     scale = scale * _x_scales(scale_ptr, k0, K, n_mask, BLOCK_K)
     low, high = tl.split(iq4_int8_bytes(_code_words(w_ptr, rows + plane, k0, K, n_mask, 8, BLOCK_K), tables_ptr))
     p0, p1, p2, p3 = _split_pairs(tl.reshape(_x_pairs(xq_ptr, k0, K, n_mask, BLOCK_K), (W, 4)), W)
