@@ -321,15 +321,34 @@ def bf16_bits_of_int(value: int) -> int:
     return bf16_bits(bits_of(np.float32(value)))
 
 
-def test_three_bit_scale_pairs_every_scale_in_every_position():
-    """Q3_K's 6-bit sub-block scale, byte k of a word -> the bf16 pairs s = scale - 32 and -12 s."""
+@pytest.mark.parametrize("name,bits,offset,factor", [("three bit scale pairs", 6, 32, -12),
+                                                     ("two bit scale pairs", 4, 0, -128)])
+def test_integer_tiles_scale_pairs_every_scale_in_every_position(name, bits, offset, factor):
+    """Q3_K's 6-bit and Q2_K's 4-bit sub-block scales, byte k of a word -> the bf16 pairs s = scale - offset and
+    factor * s."""
     constant = LOOKUP_WORDS[BF16_INT_WORDS_AT + 1]
-    for scale in range(64):
+    for scale in range(1 << bits):
         for k in range(4):
-            word = pack([(scale if i == k else 37 * i + 11) & 63 for i in range(4)])
-            out = run_ptx(PTX_SOURCES["three bit scale pairs"], {"$2": word, "$3": 0x4040 + 0x101 * k, "$4": constant})
-            s, offset = bf16_bits_of_int(scale - 32), bf16_bits_of_int(-12 * (scale - 32))
-            assert (out["$0"], out["$1"]) == (s | (s << 16), offset | (offset << 16))
+            word = pack([(scale if i == k else 37 * i + 11) & ((1 << bits) - 1) for i in range(4)])
+            out = run_ptx(PTX_SOURCES[name], {"$2": word, "$3": 0x4040 + 0x101 * k, "$4": constant})
+            s, product = bf16_bits_of_int(scale - offset), bf16_bits_of_int(factor * (scale - offset))
+            assert (out["$0"], out["$1"]) == (s | (s << 16), product | (product << 16))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_two_bit_ints(seed):
+    """Q2_K's codes of 16 elements and their sub-block's scale pairs -> code * scale as bf16, exact, position
+    4i + j holding element 4j + i: every scale, every code in every position, random words."""
+    rng = np.random.default_rng(seed)
+    words = {"$19": LOOKUP_WORDS[BF16_INT_WORDS_AT + 1]}
+    for scale in range(16):
+        s, product = bf16_bits_of_int(scale), bf16_bits_of_int(-128 * scale)
+        words |= {"$17": s | (s << 16), "$18": product | (product << 16)}
+        for codes in (np.roll(np.arange(16) % 4, scale), rng.integers(0, 4, 16)):
+            out = run_ptx(PTX_SOURCES["two bit ints"], {"$16": sum(int(c) << (2 * e) for e, c in enumerate(codes)),
+                                                       **words})
+            expected = [bf16_bits_of_int(int(codes[4 * (p % 4) + p // 4]) * scale) for p in range(16)]
+            assert [out[f"${p}"] for p in range(16)] == expected, scale
 
 
 @pytest.mark.parametrize("seed", range(2))

@@ -34,8 +34,8 @@ def subset():
     jobs += [("quantize_x", fmt, "bf16", 0, cc, "planes") for fmt in ("Q2_K", "IQ4_NL") for cc in (80, 90)]
     # the split-K kernel's f16 weights with fp16 x (`ops.uses_half_weights`; IQ4_XS with bf16 x above) and its
     # integer tiles (`ops.uses_int_tiles`), masked
-    jobs += [("qmv", fmt, dtype, 0, cc, "planes") for fmt, dtype in (("IQ4_NL", "fp16"), ("Q3_K", "bf16"))
-             for cc in (80, 90)]
+    jobs += [("qmv", fmt, dtype, 0, cc, "planes") for fmt, dtype in (("IQ4_NL", "fp16"), ("Q3_K", "bf16"),
+                                                                     ("Q2_K", "bf16")) for cc in (80, 90)]
     return jobs
 
 

@@ -352,20 +352,22 @@ def test_half_weights_keep_rows_of_any_scale(fmt, dtype):
 
 
 @pytest.mark.parametrize("odd", [False, True], ids=["whole tiles", "odd"])
-def test_integer_tiles_multiply_the_reference_weights(odd, monkeypatch):
-    """Q3_K's split-K kernel with bf16 x (`ops.uses_int_tiles`): (code - 4) * (scale - 32) in bf16 tiles times x,
-    summed in float32 and scaled by d, is the reference's float32 weights times x: within the bf16 output's
-    rounding and float32 sums' (2^-20 of sum(|x w|)), and nearly every output is the exact one rounded to bf16,
-    which weights rounded to bf16 (off by up to 2^-9 each) miss for about 40% of them."""
-    assert ops.uses_int_tiles("Q3_K", "planes", "bf16") and not ops.uses_int_tiles("Q3_K", "planes", "fp16")
+@pytest.mark.parametrize("fmt", ["Q3_K", "Q2_K"])
+def test_integer_tiles_multiply_the_reference_weights(fmt, odd, monkeypatch):
+    """Q3_K's and Q2_K's split-K kernel with bf16 x (`ops.uses_int_tiles`): (code - 4) * (scale - 32) or code * scale
+    in bf16 tiles times x, summed in float32 and scaled by d (Q2_K: less dmin times its mins times x's sums per
+    sub-block, those as bf16 high and low parts), is the reference's float32 weights times x: within the bf16
+    output's rounding and float32 sums' (2^-20 of sum(|x w|)), and nearly every output is the exact one rounded to
+    bf16, which weights rounded to bf16 (off by up to 2^-9 each) miss for about 40% of them."""
+    assert ops.uses_int_tiles(fmt, "planes", "bf16") and not ops.uses_int_tiles(fmt, "planes", "fp16")
     if odd:
         n, k = ODD_N, 512
     else:  # the GPU tile on a weight it divides: no masked loads, 3 tiles a split
-        split_k = ops.split_k_config("Q3_K", "planes", "bf16", 90)
+        split_k = ops.split_k_config(fmt, "planes", "bf16", 90)
         monkeypatch.setattr(ops, "INTERPRETER_SPLIT_K", {name: split_k[name] for name in ("BLOCK_N", "BLOCK_M",
                                                                                            "BLOCK_K")})
         n, k = 2 * split_k["BLOCK_N"], 34 * split_k["BLOCK_K"]
-    weight, dense = quantized_weight("Q3_K", n=n, k=k, layout="planes")
+    weight, dense = quantized_weight(fmt, n=n, k=k, layout="planes")
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)).to(torch.bfloat16)
     y = quant_linear_triton(x.to(DEVICE), weight, None).double().cpu()
     exact = x.double() @ dense.double().T

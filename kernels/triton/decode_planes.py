@@ -25,7 +25,7 @@ from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, 
 from kernels.triton.float_bits import (byte_float_bits, code_book_bf16, five_bit_float_bits, int8_float_bits,
                                        iq4_half_weights, nf4_values, nibble_float_bits, shift_right,
                                        six_bit_float_bits, three_bit_float_bits, three_bit_ints,
-                                       three_bit_scale_pairs, two_bit_float_bits)
+                                       int_scale_pairs, two_bit_float_bits, two_bit_ints)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -621,9 +621,34 @@ def q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr,
     scale_plane = low_plane + _plane_bytes(nb, 64)
     d = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask)
     words, index = _k3_scale_bytes(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K)
-    scales, offsets = three_bit_scale_pairs(words, index, tables_ptr)
+    scales, offsets = int_scale_pairs(words, index, True, tables_ptr)
     m = (_first(k0, 16) + tl.arange(0, BLOCK_K // 16))[None, :]
     m_mask = _within(n_mask, m, K // 16)
     w = three_bit_ints(_typed(w_ptr, rows + low_plane, m, m_mask, tl.int32),
                        _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32), scales, offsets, tables_ptr)
     return tl.reshape(w, (BLOCK_N, BLOCK_K)), d
+
+
+@triton.jit
+def q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Q2_K's 128-deep tile as the bf16 integers code * scale, `[BLOCK_N, 128]` with each 16 columns in 4 x 4
+    transposed order (`float_bits.two_bit_ints`), its 8 sub-blocks' mins as bf16 `[BLOCK_N, 16]` (sub-block t at
+    columns 2t and 2t + 1, for `qmatmul._sub_block_sums_hi_lo`), and its super-block's d and dmin, `[BLOCK_N, 1]`
+    float32: the weights are d * (code * scale) - dmin * min, exactly the reference's float32 ones."""
+    tl.static_assert(BLOCK_K == 128, "8 sub-blocks a tile")
+    nb = K // 256  # scales (a byte each: scale | min << 4) | qs: 2-bit codes | d | dmin
+    codes_plane = _plane_bytes(nb, 16)
+    d_plane = codes_plane + _plane_bytes(nb, 64)
+    s, _, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
+    d = _k_quant_d(w_ptr, rows + d_plane, s, s_mask)
+    dmin = _k_quant_d(w_ptr, rows + d_plane + _plane_bytes(nb, 2), s, s_mask)
+    t = (_first(k0, 64) + tl.arange(0, 2))[None, :]  # the 8 scale bytes as two words
+    packed = _typed(w_ptr, rows, t, _within(n_mask, t, K // 64), tl.int32)
+    scales = packed & 0x0F0F0F0F
+    words = tl.reshape(tl.broadcast_to(scales[:, :, None], (BLOCK_N, 2, 4)), (BLOCK_N, 8))
+    scale_pairs, offset_pairs = int_scale_pairs(words, tl.arange(0, 8)[None, :] % 4, False, tables_ptr)
+    w = two_bit_ints(_code_words(w_ptr, rows + codes_plane, k0, K, n_mask, 16, BLOCK_K), scale_pairs, offset_pairs,
+                     tables_ptr)
+    mins = tl.reshape(tl.broadcast_to(((packed >> 4) & 0x0F0F0F0F)[:, :, None], (BLOCK_N, 2, 4)), (BLOCK_N, 8))
+    mins = ((mins >> (8 * (tl.arange(0, 8)[None, :] % 4))) & 15).to(tl.float32)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K)), tl.reshape(tl.join(mins, mins), (BLOCK_N, 16)), d, dmin

@@ -230,13 +230,38 @@ def _three_bit_ints_ptx() -> str:
     return _assemble(lines)
 
 
-def _three_bit_scale_pairs_ptx() -> str:
-    """Byte $3 & 3 of $2, a Q3_K 6-bit sub-block scale (the selector 0x4040 + 0x101 ($3 & 3) is $3), and 0x43434343
-    ($4) -> `_three_bit_ints_ptx`'s bf16 pairs: s = scale - 32 ($0) and -12 s ($1), from the bf16 128 + scale, each
-    one exact multiply-add."""
-    return _assemble(["prmt.b32 p, $2, $4, $3;", "mov.b32 a, 0x3F803F80;", "mov.b32 b, 0xC320C320;",
-                      "fma.rn.bf16x2 $0, p, a, b;", "mov.b32 c, 0xC140C140;", "mov.b32 e, 0x44F044F0;",
-                      "fma.rn.bf16x2 $1, p, c, e;"])
+def _two_bit_ints_ptx() -> str:
+    """Q2_K's codes of 16 elements ($16, element e at bits 2e) and their sub-block's scale as bf16 pairs ($17: sc,
+    $18: -128 sc; 0x43434343 in $19) -> the bf16 code * sc, exact, in 4 x 4 transposed order ($(4i + j): element
+    4j + i): the 128 form 128 + code times sc less 128 sc, one multiply-add a pair."""
+    lines = []
+    for i in range(4):
+        low = "$16"
+        if i:
+            lines.append(f"shr.b32 x, $16, {2 * i};")
+            low = "x"
+        lines.append(f"and.b32 v, {low}, 0x03030303;")
+        for j in (0, 2):
+            lines += [f"prmt.b32 p, v, $19, 0x4{j + 1}4{j};", "fma.rn.bf16x2 p, p, $17, $18;",
+                      f"mov.b32 {{${4 * i + j}, ${4 * i + j + 1}}}, p;"]
+    return _assemble(lines)
+
+
+def _bf16x2_immediate(value: int) -> str:
+    bits = int(np.asarray(value, dtype="<f4").view("<u4")) >> 16
+    assert bits << 16 == int(np.asarray(value, dtype="<f4").view("<u4")), "exact in bf16"
+    return f"0x{bits:04X}{bits:04X}"
+
+
+def _scale_pairs_ptx(offset: int, factor: int) -> str:
+    """Byte $3 & 3 of $2, a sub-block scale below 128 (the selector 0x4040 + 0x101 ($3 & 3) is $3), and 0x43434343
+    ($4) -> bf16 pairs of s = scale - `offset` ($0) and `factor` s ($1), from the bf16 128 + scale, each one exact
+    multiply-add: the integer tiles' scales (`_three_bit_ints_ptx`: offset 32, factor -12; `_two_bit_ints_ptx`: 0,
+    -128)."""
+    return _assemble(["prmt.b32 p, $2, $4, $3;", "mov.b32 a, 0x3F803F80;",
+                      f"mov.b32 b, {_bf16x2_immediate(-128 - offset)};", "fma.rn.bf16x2 $0, p, a, b;",
+                      f"mov.b32 c, {_bf16x2_immediate(factor)};",
+                      f"mov.b32 e, {_bf16x2_immediate(-factor * (128 + offset))};", "fma.rn.bf16x2 $1, p, c, e;"])
 
 
 def _two_bit_fields_ptx(third: bool, biased: bool = False) -> str:
@@ -338,7 +363,8 @@ PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True)
                "three bit": _two_bit_fields_ptx(True), "two bit": _two_bit_fields_ptx(False), "five bit": _five_bit_ptx(),
                "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES),
                "iq4 f16": _iq4_half_ptx(), "three bit ints": _three_bit_ints_ptx(),
-               "three bit scale pairs": _three_bit_scale_pairs_ptx(), "nibble 128": _nibble_bits_ptx(False, biased=True),
+               "three bit scale pairs": _scale_pairs_ptx(32, -12), "two bit ints": _two_bit_ints_ptx(),
+               "two bit scale pairs": _scale_pairs_ptx(0, -128), "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _two_bit_fields_ptx(True, biased=True),
                "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),
                "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True),
@@ -359,6 +385,8 @@ IQ4_BF16_PTX = tl.constexpr(PTX_SOURCES["iq4 bf16"])
 IQ4_F16_PTX = tl.constexpr(PTX_SOURCES["iq4 f16"])
 THREE_BIT_INTS_PTX = tl.constexpr(PTX_SOURCES["three bit ints"])
 THREE_BIT_SCALE_PAIRS_PTX = tl.constexpr(PTX_SOURCES["three bit scale pairs"])
+TWO_BIT_INTS_PTX = tl.constexpr(PTX_SOURCES["two bit ints"])
+TWO_BIT_SCALE_PAIRS_PTX = tl.constexpr(PTX_SOURCES["two bit scale pairs"])
 NIBBLE_128_PTX = tl.constexpr(PTX_SOURCES["nibble 128"])
 THREE_BIT_128_PTX = tl.constexpr(PTX_SOURCES["three bit 128"])
 TWO_BIT_PTX = tl.constexpr(PTX_SOURCES["two bit"])
@@ -636,23 +664,50 @@ def _bf16_bits(v):
 
 
 @triton.jit
-def three_bit_scale_pairs(words, index, tables_ptr):
-    """Byte `index` (0-3) of int32 `words`, Q3_K 6-bit sub-block scales -> (the bf16 s = scale - 32 in both halves
-    of an int32, -12 s likewise), `three_bit_ints`' scales."""
+def int_scale_pairs(words, index, THREE_BIT: tl.constexpr, tables_ptr):
+    """Byte `index` (0-3) of int32 `words`, sub-block scales -> (the bf16 s in both halves of an int32, the bf16 f s
+    likewise), the integer tiles' scales: with `THREE_BIT` (Q3_K's 6-bit scales) s = scale - 32, f = -12
+    (`three_bit_ints`), else (Q2_K's 4-bit ones) s = scale, f = -128 (`two_bit_ints`)."""
     if PTX:
-        pairs = tl.inline_asm_elementwise(THREE_BIT_SCALE_PAIRS_PTX, "=r,=r,r,r,r",
+        pairs = tl.inline_asm_elementwise(THREE_BIT_SCALE_PAIRS_PTX if THREE_BIT else TWO_BIT_SCALE_PAIRS_PTX,
+                                          "=r,=r,r,r,r",
                                           [words, 0x4040 + 0x101 * index, _word(tables_ptr, BF16_INT_WORDS_AT + 1)],
                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     else:
-        scale = (((words >> (8 * index)) & 255) - 32).to(tl.float32)
-        pairs = _bf16_bits(scale), _bf16_bits(-12.0 * scale)
+        OFFSET: tl.constexpr = 32 if THREE_BIT else 0
+        FACTOR: tl.constexpr = -12.0 if THREE_BIT else -128.0
+        scale = (((words >> (8 * index)) & 255) - OFFSET).to(tl.float32)
+        pairs = _bf16_bits(scale), _bf16_bits(FACTOR * scale)
     return pairs
+
+
+@triton.jit
+def _transposed_4x4(w):
+    """`[R, C, 16]` -> each 16 in 4 x 4 transposed order (position 4i + j: element 4j + i)."""
+    return tl.reshape(tl.permute(tl.reshape(w, (w.shape[0], w.shape[1], 4, 4)), (0, 1, 3, 2)), w.shape)
+
+
+@triton.jit
+def two_bit_ints(codes, scale_pairs, offset_pairs, tables_ptr):
+    """Q2_K codes, 16 elements a word (element e at bits 2e) and their sub-block's `int_scale_pairs` -> the bf16
+    code * scale, exact integers, `[R, C, 16]`-shaped in 4 x 4 transposed order (position 4i + j: element 4j + i)
+    once reshaped to `[R, 16 C]`."""
+    if PTX:
+        w = in_element_order(tl.inline_asm_elementwise(
+            TWO_BIT_INTS_PTX, "=h," * 16 + "r,r,r,r",
+            [codes, scale_pairs, offset_pairs, _word(tables_ptr, BF16_INT_WORDS_AT + 1)],
+            dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1))
+    else:
+        q = (codes[:, :, None] >> (2 * tl.arange(0, 16)[None, None, :])) & 3
+        scale = (scale_pairs << 16).to(tl.float32, bitcast=True)[:, :, None]
+        w = _transposed_4x4((q.to(tl.float32) * scale).to(tl.bfloat16))
+    return w
 
 
 @triton.jit
 def three_bit_ints(low, third, scale_pairs, offset_pairs, tables_ptr):
     """Q3_K codes, 16 elements a word (`low`: 2-bit fields, element e at bits 2e; `third`: their third bits, bit e,
-    zero-extended 16-bit words) and their sub-block's `three_bit_scale_pairs` -> the bf16 (code - 4) * (scale - 32),
+    zero-extended 16-bit words) and their sub-block's `int_scale_pairs` -> the bf16 (code - 4) * (scale - 32),
     exact integers, `[R, C, 16]`-shaped in 4 x 4 transposed order (position 4i + j: element 4j + i) once reshaped
     to `[R, 16 C]`."""
     if PTX:
@@ -664,9 +719,7 @@ def three_bit_ints(low, third, scale_pairs, offset_pairs, tables_ptr):
         e = tl.arange(0, 16)[None, None, :]
         codes = ((low[:, :, None] >> (2 * e)) & 3) | (((third[:, :, None] >> e) & 1) << 2)
         scale = (scale_pairs << 16).to(tl.float32, bitcast=True)[:, :, None]
-        w = ((codes - 4).to(tl.float32) * scale).to(tl.bfloat16)
-        w = tl.reshape(tl.permute(tl.reshape(w, (low.shape[0], low.shape[1], 4, 4)), (0, 1, 3, 2)),
-                       (low.shape[0], low.shape[1], 16))
+        w = _transposed_4x4(((codes - 4).to(tl.float32) * scale).to(tl.bfloat16))
     return w
 
 

@@ -64,20 +64,22 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
 # and Q2_K decode 16 elements an asm call (`float_bits`), and in 4 warps the decoded tile left a thread with elements
 # too far apart in its registers for vector stores: 16-bit stores of every element to shared memory on the way to
 # the tensor cores (sm_90 per element: Q3_K 7.27 against 6.23, Q2_K 5.73 against 4.66; Q3_K also spilled 12 bytes
-# on sm_80). In 4, NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 it takes
+# on sm_80); Q2_K's integer tiles (bf16 activations, `INT_TILE_FORMATS`) count fewer in 4 (sm_90: 3.70 against
+# 4.23). In 4, NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 it takes
 # `float_bits.code_book_bf16` and fits in 4), Q8_0 with fp32 activations 8 bytes on sm_90 and, with its bytes in the
 # 128 form, 28 on sm_80.
 _ALL_ARCHS = (80, 86, 89, 90)
-SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for dtype in ("fp16", "bf16", "fp32")},
+SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for dtype in ("fp16", "bf16", "fp32")
+                      if (fmt, dtype) != ("Q2_K", "bf16")},
                    ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (80, 90)}
 
 
-# Formats (in planes) whose split-K kernel, for fp16 and bf16 activations, multiplies f16 weights (`qmatmul.qmv_kernel`'s
-# HALF_WEIGHTS): IQ4's integer levels take one byte table and a permute an element pair there, where bf16 weights
-# take a table of the block's 16 weights, built per block, two lookups and a permute (scheduler clocks a weight
-# element, sm_90: IQ4_NL 5.61 -> 4.11, IQ4_XS 5.92 -> 4.31; sm_80-89: 5.62 -> 4.28, 5.98-6.05 -> 4.48-4.50; H100
-# model at M = 16, issue time over memory time: 1.04 -> 0.76, 1.16 -> 0.85). The weights keep 11 significant bits
-# where bf16 keeps 8; x is scaled into f16's range by a power of two a row.
+# Formats (in planes) whose split-K kernel, for fp16 and bf16 activations, multiplies f16 weights
+# (`qmatmul.qmv_kernel`'s HALF_WEIGHTS): IQ4's integer levels take one byte table and a permute an element pair,
+# where bf16 weights take a table of the block's 16 weights, built per block, two lookups and a permute (scheduler
+# clocks a weight element, sm_90: IQ4_NL 5.61 -> 4.11, IQ4_XS 5.92 -> 4.31; sm_80-89: 5.62 -> 4.28, 5.98-6.05 ->
+# 4.48-4.50; H100 model at M = 16, issue time over memory time: 1.04 -> 0.76, 1.16 -> 0.85). The weights keep 11
+# significant bits where bf16 keeps 8; x is scaled into f16's range by a power of two a row.
 HALF_WEIGHT_FORMATS = frozenset({"IQ4_NL", "IQ4_XS"})
 
 
@@ -88,12 +90,13 @@ def uses_half_weights(fmt: str, layout: str, dtype_name: str) -> bool:
 
 # Formats (in planes) whose split-K kernel, for bf16 activations, multiplies bf16 tiles of the integers code times
 # sub-block scale and scales the sums by the super-block's d (`qmatmul.qmv_kernel`'s INT_TILES): Q3_K's
-# (code - 4) * (scale - 32) is at most 128 in magnitude, exact in bf16, and one multiply-add of bf16 pairs makes it
-# (`float_bits.three_bit_ints`), where the float decode took a permute an element and a multiply-add, and a
-# conversion a pair (scheduler clocks a weight element, sm_90: 5.34 -> 4.14, sm_80-89: 6.75 -> 4.77; H100 model at
-# M = 16, issue time over memory time: 1.29 -> 1.00). The weights are the reference's float32 ones, not rounded to
-# bf16. fp16 x keeps the float decode: there 12 s is not exact.
-INT_TILE_FORMATS = frozenset({"Q3_K"})
+# (code - 4) * (scale - 32) is at most 128 in magnitude, Q2_K's code * scale 45, exact in bf16, and one multiply-add
+# of bf16 pairs makes each (`float_bits.three_bit_ints`, `two_bit_ints`), where the float decode took a permute an
+# element and a multiply-add, and a conversion a pair; Q2_K's mins meet x's sums per sub-block in a second, 16-deep
+# dot. Scheduler clocks a weight element, sm_90: Q3_K 5.34 -> 4.14, Q2_K 4.69 -> 3.70; sm_80-89: 6.75 -> 4.77,
+# 6.27 -> 4.24; H100 model at M = 16, issue time over memory time: 1.29 -> 1.00, 1.46 -> 1.15. The weights are the
+# reference's float32 ones, not rounded to bf16. fp16 x keeps the float decode: there Q3_K's 12 s is not exact.
+INT_TILE_FORMATS = frozenset({"Q3_K", "Q2_K"})
 
 
 def uses_int_tiles(fmt: str, layout: str, dtype_name: str) -> bool:

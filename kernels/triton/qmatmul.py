@@ -12,7 +12,8 @@
   `ops.INT_DOT_FORMATS`).
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
   where the FMA kernel would decode the weight once per row; IQ4's integer levels there as f16 weights
-  (`ops.HALF_WEIGHT_FORMATS`), Q3_K's codes times sub-block scales as bf16 integers (`ops.INT_TILE_FORMATS`).
+  (`ops.HALF_WEIGHT_FORMATS`), Q3_K's and Q2_K's codes times sub-block scales as bf16 integers
+  (`ops.INT_TILE_FORMATS`).
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
 
 Each reads the weight in either layout (`PLANES`: `kernels/repack.py`). The split-K kernels load without masks
@@ -23,10 +24,11 @@ the 128 form, one multiply-add an element (`decode_planes_tile`).
 import triton
 import triton.language as tl
 
-from kernels.triton.decode import decode_tile
+from kernels.triton.decode import Q2_K, decode_tile
 from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, decode_planes_parts,
                                           decode_planes_tile_as, has_biased_form, has_offset, iq4_half_tile,
-                                          iq4_row_shifts, q3_k_int_tile, sub_block_size)
+                                          iq4_row_shifts, q2_k_int_tiles, q3_k_int_tile,
+                                          sub_block_size)
 from kernels.triton.float_bits import power_of_two
 from kernels.triton.int_gemv import int_sums, transpose_4x4, x_shift
 
@@ -240,6 +242,17 @@ def _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
+def _sub_block_sums_hi_lo(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x's float32 sums over each 16 columns, as bf16 pairs high, low (sum t at columns 2t, 2t + 1, 16 of them for a
+    128-deep tile): their sum holds the float32 one to 16 significant bits, a 16-deep operand of the tensor cores,
+    as `decode_planes.q2_k_int_tiles`' mins are (each twice)."""
+    sums = tl.sum(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 16, 16)), axis=2)
+    high = sums.to(tl.bfloat16)
+    low = (sums - high.to(tl.float32)).to(tl.bfloat16)
+    return tl.reshape(tl.join(high, low), (BLOCK_M, 2 * (BLOCK_K // 16)))
+
+
+@triton.jit
 def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, INT_TILES: tl.constexpr,
@@ -255,9 +268,10 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
     overflows, none of the largest blocks' is subnormal), and, for bf16 x, one that takes each x row's largest |x|
     into [2^14, 2^15); the sums lose both factors at the end.
 
-    `INT_TILES` (Q3_K in planes, bf16 x): each tile's (code - 4) * (scale - 32), bf16 integers
-    (`decode_planes.q3_k_int_tile`), times x with its columns in the same 4 x 4 transposed order
-    (`int_gemv.transpose_4x4`), the sum scaled by the super-block's d: the reference's float32 weights exactly."""
+    `INT_TILES` (Q3_K, Q2_K in planes, bf16 x): each tile's (code - 4) * (scale - 32) (Q3_K) or code * scale (Q2_K),
+    bf16 integers (`decode_planes.q3_k_int_tile`, `q2_k_int_tiles`), times x with its columns in the same 4 x 4
+    transposed order (`int_gemv.transpose_4x4`), the sum scaled by the super-block's d; Q2_K's mins times x's sums
+    per sub-block (`_sub_block_sums_hi_lo`), scaled by dmin, subtracted: the reference's float32 weights exactly."""
     tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
@@ -279,7 +293,12 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
             x_shifts = _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
-        if INT_TILES:
+        if INT_TILES and (FMT == Q2_K):
+            w, mins, d, dmin = q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
+            acc += tl.dot(w.to(DOT_DTYPE), tl.trans(transpose_4x4(x).to(DOT_DTYPE)), input_precision="ieee") * d
+            sums = _sub_block_sums_hi_lo(x, BLOCK_M, BLOCK_K)
+            acc -= tl.dot(mins.to(DOT_DTYPE), tl.trans(sums.to(DOT_DTYPE)), input_precision="ieee") * dmin
+        elif INT_TILES:
             w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
             acc += tl.dot(w.to(DOT_DTYPE), tl.trans(transpose_4x4(x).to(DOT_DTYPE)), input_precision="ieee") * d
         else:
