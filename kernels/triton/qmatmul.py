@@ -292,24 +292,28 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
         if SCALE_X:
             x_shifts = _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
+        # each tile's x loads after its weight is decoded: loaded first, it held registers through the decode and
+        # the mma.sync GPUs' float decode counted more (sm_80, Q4_1: 4.66 against 4.83, Q8_0 4.31 against 4.45)
         if INT_TILES and (FMT == Q2_K):
             w, mins, d, dmin = q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
+            x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
             acc += tl.dot(w.to(DOT_DTYPE), tl.trans(transpose_4x4(x).to(DOT_DTYPE)), input_precision="ieee") * d
             sums = _sub_block_sums_hi_lo(x, BLOCK_M, BLOCK_K)
             acc -= tl.dot(mins.to(DOT_DTYPE), tl.trans(sums.to(DOT_DTYPE)), input_precision="ieee") * dmin
         elif INT_TILES:
             w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
+            x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
             acc += tl.dot(w.to(DOT_DTYPE), tl.trans(transpose_4x4(x).to(DOT_DTYPE)), input_precision="ieee") * d
         else:
             if HALF_WEIGHTS:
                 w = iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, power_of_two(w_shift)[:, None],
                                   BLOCK_N, BLOCK_K)
-                if SCALE_X:
-                    x = x.to(tl.float32) * power_of_two(x_shifts)[:, None]
             else:
                 w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, FORM, BLOCK_N,
                                  BLOCK_K)
+            x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
+            if SCALE_X:
+                x = x.to(tl.float32) * power_of_two(x_shifts)[:, None]
             acc = tl.dot(w, tl.trans(x.to(DOT_DTYPE)), acc, input_precision="ieee")
     if HALF_WEIGHTS:
         acc *= power_of_two(-w_shift)[:, None]
