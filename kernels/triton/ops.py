@@ -77,8 +77,8 @@ SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for d
 # Formats (in planes) whose split-K kernel, for fp16 and bf16 activations, multiplies f16 weights
 # (`qmatmul.qmv_kernel`'s HALF_WEIGHTS): IQ4's integer levels take one byte table and a permute an element pair,
 # where bf16 weights take a table of the block's 16 weights, built per block, two lookups and a permute (scheduler
-# clocks a weight element, sm_90: IQ4_NL 5.61 -> 4.11, IQ4_XS 5.92 -> 4.31; sm_80-89: 5.62 -> 4.28, 5.98-6.05 ->
-# 4.48-4.50; H100 model at M = 16, issue time over memory time: 1.04 -> 0.76, 1.16 -> 0.85). The weights keep 11
+# clocks a weight element, sm_90: IQ4_NL 5.61 -> 4.12, IQ4_XS 5.92 -> 4.32; sm_80-89: 5.62 -> 4.27-4.28, 5.98-6.05
+# -> 4.48; H100 model at M = 16, issue time over memory time: 1.04 -> 0.76, 1.16 -> 0.85). The weights keep 11
 # significant bits where bf16 keeps 8; x is scaled into f16's range by a power of two a row.
 HALF_WEIGHT_FORMATS = frozenset({"IQ4_NL", "IQ4_XS"})
 
@@ -93,8 +93,8 @@ def uses_half_weights(fmt: str, layout: str, dtype_name: str) -> bool:
 # (code - 4) * (scale - 32) is at most 128 in magnitude, Q2_K's code * scale 45, exact in bf16, and one multiply-add
 # of bf16 pairs makes each (`float_bits.three_bit_ints`, `two_bit_ints`), where the float decode took a permute an
 # element and a multiply-add, and a conversion a pair; Q2_K's mins meet x's sums per sub-block in a second, 16-deep
-# dot. Scheduler clocks a weight element, sm_90: Q3_K 5.34 -> 4.14, Q2_K 4.69 -> 3.70; sm_80-89: 6.75 -> 4.77,
-# 6.27 -> 4.24; H100 model at M = 16, issue time over memory time: 1.29 -> 1.00, 1.46 -> 1.15. The weights are the
+# dot. Scheduler clocks a weight element, sm_90: Q3_K 5.34 -> 4.14, Q2_K 4.69 -> 3.70; sm_80-89: 6.75 -> 4.72-4.77,
+# 6.27 -> 4.21; H100 model at M = 16, issue time over memory time: 1.29 -> 1.00, 1.46 -> 1.15. The weights are the
 # reference's float32 ones, not rounded to bf16. fp16 x keeps the float decode: there Q3_K's 12 s is not exact.
 INT_TILE_FORMATS = frozenset({"Q3_K", "Q2_K"})
 
