@@ -337,7 +337,7 @@ def _iq4_xs_scales(w_ptr, rows, k0, K, n_mask, BLOCK_K: tl.constexpr, SHIFTS_IN_
     loaded 16 a row (sm_90 per element: split-K 5.41 -> 5.15, FMA GEMV 5.64 -> 5.31). `SHIFTS_IN_HALF` (tiles at
     most 128 deep): a shift by the tile's half of the super-block first, then shifts by constants in a 128-deep tile
     (`_in_half`); it counts fewer in the M = 1 and split-K kernels (sm_90 scheduler clocks an element: integer GEMV
-    3.12 -> 3.02, split-K on f16 weights 4.48 -> 4.31) and more in the GEMM and the dequantize kernel (128 x 128 x
+    3.12 -> 3.02, split-K on f16 weights 4.48 -> 4.32) and more in the GEMM and the dequantize kernel (128 x 128 x
     128: 7.88 -> 7.97, dequantize 12.5 -> 13.1)."""
     nb = K // 256
     s, j, s_mask = _sub_blocks(k0, K, n_mask, 32, BLOCK_K)
