@@ -26,7 +26,7 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS
     """(kernel, format, dtype, config index, cc, layout) for everything that can be launched (in `layouts`)."""
     from kernels.repack import has_planes
     from kernels.triton.decode import KERNEL_FORMATS
-    from kernels.triton.ops import gemm_configs, uses_int_dots
+    from kernels.triton.ops import gemm_configs, prepares_split_k_x, uses_int_dots
 
     for cc in archs:
         for fmt in formats or KERNEL_FORMATS:
@@ -34,6 +34,8 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS
                 yield ("dequant", fmt, "fp16", 0, cc, layout)
                 if uses_int_dots(fmt, layout):  # x to 16-bit integers, in fmt's order
                     yield from (("quantize_x", fmt, dtype, 0, cc, layout) for dtype in dtypes)
+                if "bf16" in dtypes and prepares_split_k_x(fmt, layout, "bf16"):  # the split-K kernel's x
+                    yield ("split_k_x", fmt, "bf16", 0, cc, layout)
                 for dtype in dtypes:
                     # config index 1: the split-K kernels for weights their tiles divide (EVEN: no masked weight
                     # loads; planes only)
@@ -46,10 +48,11 @@ def jobs(archs=tuple(SHARED_LIMIT), formats=None, dtypes=DTYPES, layouts=LAYOUTS
 _MATMUL_POINTERS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "tables_ptr")
 # Pointer arguments per kernel. Every one is 16-byte aligned when quant_linear launches it (torch's allocations are;
 # an activation that is not gets copied), and Triton's JIT specialises on that, so every compilation here does too.
-POINTER_ARGUMENTS = {"qmm": _MATMUL_POINTERS, "qmv": _MATMUL_POINTERS,
+POINTER_ARGUMENTS = {"qmm": _MATMUL_POINTERS, "qmv": ("x_ptr", "x_shifts_ptr", "x_sums_ptr") + _MATMUL_POINTERS[1:],
                      "gemv": ("x_ptr", "x_scale_ptr", "x_sum_ptr") + _MATMUL_POINTERS[1:],
                      "dequant": ("w_ptr", "out_ptr", "tables_ptr"),
-                     "quantize_x": ("x_ptr", "xq_ptr", "scale_ptr", "sum_ptr")}
+                     "quantize_x": ("x_ptr", "xq_ptr", "scale_ptr", "sum_ptr"),
+                     "split_k_x": ("x_ptr", "xo_ptr", "x_shifts_ptr", "x_sums_ptr", "y_ptr")}
 
 
 def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
@@ -77,8 +80,9 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
 
     from kernels.triton import int_gemv, qmatmul
     from kernels.triton.decode import FORMAT_IDS
-    from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, QUANTIZE_X_BLOCK, gemm_configs, split_k_config,
-                                    split_k_form, transposes_x, uses_half_weights, uses_int_dots, uses_int_tiles)
+    from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, QUANTIZE_X_BLOCK, SPLIT_K_X_BLOCK, gemm_configs,
+                                    prepares_split_k_x, split_k_config, split_k_form, transposes_x,
+                                    uses_half_weights, uses_int_dots, uses_int_tiles)
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -88,6 +92,13 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         kernel, num_warps, num_stages = int_gemv.quantize_x_kernel, 4, 1
         signature = {"x_ptr": act, "xq_ptr": "*i16", "scale_ptr": "*fp32", "sum_ptr": "*i32", "K": "i32"}
         constexprs = {"TRANSPOSE_4X4": transposes_x(fmt), "BLOCK": QUANTIZE_X_BLOCK}
+    elif kernel_name == "split_k_x":
+        kernel, num_warps, num_stages = qmatmul.split_k_x_kernel, 4, 1
+        half = uses_half_weights(fmt, layout, dtype)
+        signature = {"x_ptr": act, "xo_ptr": "*fp16" if half else act, "x_shifts_ptr": "*i32" if half else "*fp32",
+                     "x_sums_ptr": "*bf16" if fmt == "Q2_K" else "*fp32", "y_ptr": "*fp32", "N": "i32", "K": "i32",
+                     "k_per_split": "i32", "n_per_split": "i32"}
+        constexprs = {"FMT": FORMAT_IDS[fmt], "HALF_WEIGHTS": half, "BLOCK": SPLIT_K_X_BLOCK}
     elif kernel_name == "dequant":
         kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
         options["enable_fp_fusion"] = DEQUANT_CONFIG["enable_fp_fusion"]
@@ -113,12 +124,17 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
             constexprs |= dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=group)
         else:
             kernel = qmatmul.qmv_kernel
-            signature["k_per_split"] = "i32"
             config = split_k_config(fmt, layout, dtype, cc)
             num_warps, num_stages = config["num_warps"], config["num_stages"]
             half = uses_half_weights(fmt, layout, dtype)
+            prepared = prepares_split_k_x(fmt, layout, dtype)
+            signature = {"x_ptr": "*fp16" if half and prepared else act,
+                         "x_shifts_ptr": "*i32" if half and prepared else "*fp32",
+                         "x_sums_ptr": "*bf16" if prepared and fmt == "Q2_K" else "*fp32"} | {
+                name: kind for name, kind in signature.items() if name != "x_ptr"}
+            signature["k_per_split"] = "i32"
             constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc), "HALF_WEIGHTS": half,
-                           "INT_TILES": uses_int_tiles(fmt, layout, dtype)} | {
+                           "X_SHIFTS": half and prepared, "INT_TILES": uses_int_tiles(fmt, layout, dtype)} | {
                 k: v for k, v in config.items() if k.startswith("BLOCK")}
             if half:
                 constexprs["DOT_DTYPE"] = tl.float16

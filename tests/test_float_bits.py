@@ -337,17 +337,19 @@ def test_integer_tiles_scale_pairs_every_scale_in_every_position(name, bits, off
 
 @pytest.mark.parametrize("seed", range(2))
 def test_two_bit_ints(seed):
-    """Q2_K's codes of 16 elements and their sub-block's scale pairs -> code * scale as bf16, exact, position
-    4i + j holding element 4j + i: every scale, every code in every position, random words."""
+    """Q2_K's codes of 16 elements and their sub-block's scale pairs -> f code scale as bf16, exact, position
+    4i + 2c + h holding element 4 (c + 2h) + i and f = 1, 4, 16, 16 for i = 0-3: every scale, every code in every
+    position, random words."""
     rng = np.random.default_rng(seed)
-    words = {"$19": LOOKUP_WORDS[BF16_INT_WORDS_AT + 1]}
+    words = {"$19": LOOKUP_WORDS[BF16_INT_WORDS_AT + 2]}
     for scale in range(16):
         s, product = bf16_bits_of_int(scale), bf16_bits_of_int(-128 * scale)
         words |= {"$17": s | (s << 16), "$18": product | (product << 16)}
         for codes in (np.roll(np.arange(16) % 4, scale), rng.integers(0, 4, 16)):
             out = run_ptx(PTX_SOURCES["two bit ints"], {"$16": sum(int(c) << (2 * e) for e, c in enumerate(codes)),
                                                        **words})
-            expected = [bf16_bits_of_int(int(codes[4 * (p % 4) + p // 4]) * scale) for p in range(16)]
+            elements = [4 * ((p // 2) % 2 + 2 * (p % 2)) + p // 4 for p in range(16)]
+            expected = [bf16_bits_of_int(int(codes[e]) * 4 ** min(e % 4, 2) * scale) for e in elements]
             assert [out[f"${p}"] for p in range(16)] == expected, scale
 
 

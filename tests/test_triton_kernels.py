@@ -213,6 +213,43 @@ def test_quantize_x_passes_infinities_and_nans_on():
     assert torch.isnan(quant_linear_triton(x.to(DEVICE), weight, None).cpu()).all()
 
 
+@pytest.mark.parametrize("fmt", ["IQ4_NL", "Q2_K", "Q3_K"])
+def test_split_k_x(fmt):
+    """The split-K kernel's x for bf16 activations (`qmatmul.split_k_x_kernel`), per row and K split: for IQ4's f16
+    weights x times the power of two that takes the split's largest |x| into [2^14, 2^15), in f16; for Q3_K's
+    integer tiles x in 4 x 4 transposed order, for Q2_K's x in theirs, over their factors, and its sums over each
+    16 as bf16 high and low parts that hold them to 2^-16 (2^-14 here: the interpreter truncates float32 to bf16,
+    where GPUs round); and y zeroed. Rows of any scale, a split with smaller values than the others, a last split
+    shorter than the rest."""
+    rng = np.random.default_rng(7)
+    k, splits, k_per_split, n = 1280, 3, 512, ODD_N
+    x = rng.standard_normal((3, k)) * np.array([1e-20, 1.0, 1e30])[:, None]
+    x[:, k_per_split:2 * k_per_split] *= 2.0**-20
+    x = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+    x_operand, shifts, sums, y = (t.cpu() for t in ops.split_k_x(x.to(DEVICE), fmt, n, splits, k_per_split))
+    assert torch.equal(y, torch.zeros(3, n))
+    if fmt == "IQ4_NL":
+        assert x_operand.dtype == torch.float16 and shifts.shape == (3, splits)
+        for split in range(splits):
+            part = slice(split * k_per_split, (split + 1) * k_per_split)
+            scaled = x[:, part].double() * 2.0 ** shifts[:, split].double()[:, None]
+            largest = scaled.abs().amax(dim=1)
+            assert ((largest >= 2**14) & (largest < 2**15)).all()
+            assert torch.equal(x_operand[:, part], scaled.half())
+        return
+    if fmt == "Q3_K":
+        assert torch.equal(x_operand, x.view(3, -1, 4, 4).transpose(2, 3).reshape(3, k))
+        return
+    # position 4i + 2c + h: element 4 (c + 2h) + i over 4^min(i, 2), as `float_bits.two_bit_ints`' weights go
+    fields = x.view(3, -1, 2, 2, 4).permute(0, 1, 4, 3, 2) / torch.tensor([1, 4, 16, 16]).view(4, 1, 1)
+    assert torch.equal(x_operand, fields.reshape(3, k))
+    groups = x.double().view(3, -1, 16)
+    exact = groups.sum(dim=2)
+    high, low = sums.double().view(3, -1, 2).unbind(2)
+    assert ((high + low - exact).abs() <= 2.0**-14 * exact.abs() + 2.0**-20 * groups.abs().sum(dim=2)).all()
+    assert (low.abs() <= 2.0**-7 * high.abs()).all()
+
+
 @triton.jit
 def _dot2_kernel(x_ptr, codes_ptr, acc_ptr, out_ptr, HIGH: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)

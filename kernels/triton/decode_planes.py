@@ -25,7 +25,7 @@ from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, 
 from kernels.triton.float_bits import (byte_float_bits, code_book_bf16, five_bit_float_bits, int8_float_bits,
                                        iq4_half_weights, nf4_values, nibble_float_bits, shift_right,
                                        six_bit_float_bits, three_bit_float_bits, three_bit_ints,
-                                       int_scale_pairs, two_bit_float_bits, two_bit_ints)
+                                       int_scale_pairs, two_bit_float_bits, two_bit_ints, bf16_halves)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -650,5 +650,5 @@ def q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr
     w = two_bit_ints(_code_words(w_ptr, rows + codes_plane, k0, K, n_mask, 16, BLOCK_K), scale_pairs, offset_pairs,
                      tables_ptr)
     mins = tl.reshape(tl.broadcast_to(((packed >> 4) & 0x0F0F0F0F)[:, :, None], (BLOCK_N, 2, 4)), (BLOCK_N, 8))
-    mins = ((mins >> (8 * (tl.arange(0, 8)[None, :] % 4))) & 15).to(tl.float32)
-    return tl.reshape(w, (BLOCK_N, BLOCK_K)), tl.reshape(tl.join(mins, mins), (BLOCK_N, 16)), d, dmin
+    mins = bf16_halves(int_scale_pairs(mins, tl.arange(0, 8)[None, :] % 4, False, tables_ptr)[0])
+    return tl.reshape(w, (BLOCK_N, BLOCK_K)), tl.reshape(mins, (BLOCK_N, 16)), d, dmin

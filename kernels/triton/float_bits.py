@@ -232,18 +232,15 @@ def _three_bit_ints_ptx() -> str:
 
 def _two_bit_ints_ptx() -> str:
     """Q2_K's codes of 16 elements ($16, element e at bits 2e) and their sub-block's scale as bf16 pairs ($17: sc,
-    $18: -128 sc; 0x43434343 in $19) -> the bf16 code * sc, exact, in 4 x 4 transposed order ($(4i + j): element
-    4j + i): the 128 form 128 + code times sc less 128 sc, one multiply-add a pair."""
-    lines = []
-    for i in range(4):
-        low = "$16"
-        if i:
-            lines.append(f"shr.b32 x, $16, {2 * i};")
-            low = "x"
-        lines.append(f"and.b32 v, {low}, 0x03030303;")
-        for j in (0, 2):
-            lines += [f"prmt.b32 p, v, $19, 0x4{j + 1}4{j};", "fma.rn.bf16x2 p, p, $17, $18;",
-                      f"mov.b32 {{${4 * i + j}, ${4 * i + j + 1}}}, p;"]
+    $18: -128 sc; 0x43004300 in $19) -> the bf16 f code sc, exact, in `in_two_bit_order` (f: `two_bit_factors`).
+    Fields 0-2 of bytes 0 and 2 are mantissa bits 0-5 of a bf16 pair: one mask and 0x43 (the exponent of 128) above
+    them make the pair 128 + f code (f = 1, 4, 16), and that times sc less 128 sc is f code sc, exactly (at most
+    16 * 45); field 3 is shifted to bits 4-5 first, bytes 1 and 3 down by 8."""
+    lines = [f"shr.b32 x{shift}, $16, {shift};" for shift in (2, 8, 10)]
+    for p, (source, field) in enumerate((("$16", 0), ("x8", 0), ("$16", 1), ("x8", 1), ("$16", 2), ("x8", 2),
+                                         ("x2", 2), ("x10", 2))):
+        lines += [f"and.b32 v, {source}, {0x00030003 << (2 * field)};", "or.b32 v, v, $19;",
+                  "fma.rn.bf16x2 v, v, $17, $18;", f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, v;"]
     return _assemble(lines)
 
 
@@ -356,7 +353,7 @@ LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("
                      + [0x44444444]
                      + byte_table_words([v & 0xFF for v in IQ4_VALUES])
                      + [0x64646464, 0x64806480]
-                     + [0x41414141, 0x43434343])
+                     + [0x41414141, 0x43434343, 0x43004300])
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True), "nibble": _nibble_bits_ptx(False),
                "nibble iq4": _nibble_bits_ptx(True), "nibble iq4 128": _nibble_bits_ptx(True, biased=True),
                "nibble nf4": _nibble_float32_ptx(), "nibble iq4 int8": _nibble_int8_ptx(),
@@ -664,6 +661,18 @@ def _bf16_bits(v):
 
 
 @triton.jit
+def bf16_halves(pairs):
+    """int32 words of two bf16 -> `[R, C, 2]` bf16, the low half first."""
+    if PTX:
+        low, high = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        low = (pairs << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        high = (pairs & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    return tl.join(low, high)
+
+
+@triton.jit
 def int_scale_pairs(words, index, THREE_BIT: tl.constexpr, tables_ptr):
     """Byte `index` (0-3) of int32 `words`, sub-block scales -> (the bf16 s in both halves of an int32, the bf16 f s
     likewise), the integer tiles' scales: with `THREE_BIT` (Q3_K's 6-bit scales) s = scale - 32, f = -12
@@ -690,18 +699,32 @@ def _transposed_4x4(w):
 @triton.jit
 def two_bit_ints(codes, scale_pairs, offset_pairs, tables_ptr):
     """Q2_K codes, 16 elements a word (element e at bits 2e) and their sub-block's `int_scale_pairs` -> the bf16
-    code * scale, exact integers, `[R, C, 16]`-shaped in 4 x 4 transposed order (position 4i + j: element 4j + i)
-    once reshaped to `[R, 16 C]`."""
+    exact integers code * scale * `two_bit_factors`, `[R, C, 16]`-shaped in `in_two_bit_order` once reshaped to
+    `[R, 16 C]`."""
     if PTX:
         w = in_element_order(tl.inline_asm_elementwise(
             TWO_BIT_INTS_PTX, "=h," * 16 + "r,r,r,r",
-            [codes, scale_pairs, offset_pairs, _word(tables_ptr, BF16_INT_WORDS_AT + 1)],
+            [codes, scale_pairs, offset_pairs, _word(tables_ptr, BF16_INT_WORDS_AT + 2)],
             dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1))
     else:
-        q = (codes[:, :, None] >> (2 * tl.arange(0, 16)[None, None, :])) & 3
+        e = tl.arange(0, 16)[None, None, :]
+        q = (codes[:, :, None] >> (2 * e)) & 3
         scale = (scale_pairs << 16).to(tl.float32, bitcast=True)[:, :, None]
-        w = _transposed_4x4((q.to(tl.float32) * scale).to(tl.bfloat16))
+        w = in_two_bit_order((q * two_bit_factors(e)).to(tl.float32) * scale).to(tl.bfloat16)
     return w
+
+
+@triton.jit
+def two_bit_factors(e):
+    """The power of two `two_bit_ints` multiplies element e (of 16) by: 1, 4, 16, 16 for fields 0-3 (e % 4)."""
+    return 1 << (2 * tl.minimum(e % 4, 2))
+
+
+@triton.jit
+def in_two_bit_order(v):
+    """`[R, C, 16]`, each 16 in element order -> in `two_bit_ints`' order: position 4i + 2c + h holds element
+    4 (c + 2h) + i, field i of byte c + 2h (bytes 0 and 2 pair, as do 1 and 3)."""
+    return tl.reshape(tl.permute(tl.reshape(v, (v.shape[0], v.shape[1], 2, 2, 4)), (0, 1, 4, 3, 2)), v.shape)
 
 
 @triton.jit

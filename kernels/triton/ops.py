@@ -15,7 +15,7 @@ from kernels.triton.decode import FORMAT_IDS
 from kernels.triton.decode_planes import FUSED, FUSED_BYTES
 from kernels.triton.float_bits import LOOKUP_WORDS
 from kernels.triton.int_gemv import X_GROUP, quantize_x_kernel
-from kernels.triton.qmatmul import dequant_kernel, gemv_kernel, qmm_kernel, qmv_kernel
+from kernels.triton.qmatmul import dequant_kernel, gemv_kernel, qmm_kernel, qmv_kernel, split_k_x_kernel
 
 SMALL_M = 16  # up to here the weight-streaming split-K kernels run: the FMA GEMV at M = 1, the tensor-core one above
 
@@ -64,8 +64,8 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
 # and Q2_K decode 16 elements an asm call (`float_bits`), and in 4 warps the decoded tile left a thread with elements
 # too far apart in its registers for vector stores: 16-bit stores of every element to shared memory on the way to
 # the tensor cores (sm_90 per element: Q3_K 7.27 against 6.23, Q2_K 5.73 against 4.66; Q3_K also spilled 12 bytes
-# on sm_80); Q2_K's integer tiles (bf16 activations, `INT_TILE_FORMATS`) count fewer in 4 (sm_90: 3.70 against
-# 4.23). In 4, NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 it takes
+# on sm_80); Q2_K's integer tiles (bf16 activations, `INT_TILE_FORMATS`) count fewer in 4 (sm_90: 2.87 against
+# 3.36 clocks). In 4, NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 it takes
 # `float_bits.code_book_bf16` and fits in 4), Q8_0 with fp32 activations 8 bytes on sm_90 and, with its bytes in the
 # 128 form, 28 on sm_80.
 _ALL_ARCHS = (80, 86, 89, 90)
@@ -79,7 +79,8 @@ SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for d
 # where bf16 weights take a table of the block's 16 weights, built per block, two lookups and a permute (scheduler
 # clocks a weight element, sm_90: IQ4_NL 5.61 -> 4.12, IQ4_XS 5.92 -> 4.32; sm_80-89: 5.62 -> 4.27-4.28, 5.98-6.05
 # -> 4.48; H100 model at M = 16, issue time over memory time: 1.04 -> 0.76, 1.16 -> 0.85). The weights keep 11
-# significant bits where bf16 keeps 8; x is scaled into f16's range by a power of two a row.
+# significant bits where bf16 keeps 8; x is scaled into f16's range by a power of two a row (bf16 x: by
+# `split_k_x`, once a call).
 HALF_WEIGHT_FORMATS = frozenset({"IQ4_NL", "IQ4_XS"})
 
 
@@ -96,12 +97,40 @@ def uses_half_weights(fmt: str, layout: str, dtype_name: str) -> bool:
 # dot. Scheduler clocks a weight element, sm_90: Q3_K 5.34 -> 4.14, Q2_K 4.69 -> 3.70; sm_80-89: 6.75 -> 4.72-4.77,
 # 6.27 -> 4.21; H100 model at M = 16, issue time over memory time: 1.29 -> 1.00, 1.46 -> 1.15. The weights are the
 # reference's float32 ones, not rounded to bf16. fp16 x keeps the float decode: there Q3_K's 12 s is not exact.
+# Q2_K's fields 0-2 are decoded where they lie, 1, 4 and 16 times their value, and x's columns come divided by
+# those (`float_bits.two_bit_ints`, `split_k_x`).
 INT_TILE_FORMATS = frozenset({"Q3_K", "Q2_K"})
 
 
 def uses_int_tiles(fmt: str, layout: str, dtype_name: str) -> bool:
     """Whether the split-K kernel multiplies integer tiles for a `fmt` weight in `layout` and `dtype_name` x."""
     return layout == "planes" and fmt in INT_TILE_FORMATS and dtype_name == "bf16"
+
+
+# With bf16 x the f16 weights and the integer tiles multiply another form of x (f16 rows scaled by a power of two;
+# columns in the tiles' order, and Q2_K's x sums a sub-block), which each program of the split-K kernel made from
+# its x tile, one an n-tile. `qmatmul.split_k_x_kernel` makes it once a call and zeroes y, the launch it replaces
+# (sm_90 scheduler clocks a weight element: IQ4_NL 4.12 -> 3.74, IQ4_XS 4.32 -> 3.95, Q3_K 4.14 -> 4.03, Q2_K
+# 3.70 -> 3.23, then 2.87 with its fields decoded where they lie and its mins as pairs).
+def prepares_split_k_x(fmt: str, layout: str, dtype_name: str) -> bool:
+    """Whether the split-K kernel multiplies another form of x than the one given (`qmatmul.split_k_x_kernel`): bf16
+    x, for f16 weights or integer tiles."""
+    return dtype_name == "bf16" and (uses_half_weights(fmt, layout, dtype_name)
+                                     or uses_int_tiles(fmt, layout, dtype_name))
+
+
+def split_k_x(x: torch.Tensor, fmt: str, N: int, splits: int, k_per_split: int):
+    """bf16 x `(M, K)` -> (the x operand, its shifts, its sums, a zeroed float32 y `(M, N)`) for `splits` splits of
+    `k_per_split` columns (`qmatmul.split_k_x_kernel`); unused ones are y."""
+    M, K = x.shape
+    half = fmt in HALF_WEIGHT_FORMATS
+    out = torch.empty((M, N), dtype=torch.float32, device=x.device)
+    x_operand = torch.empty((M, K), dtype=torch.float16 if half else x.dtype, device=x.device)
+    x_shifts = torch.empty((M, splits), dtype=torch.int32, device=x.device) if half else out
+    x_sums = torch.empty((M, K // 8), dtype=torch.bfloat16, device=x.device) if fmt == "Q2_K" else out
+    split_k_x_kernel[(M, splits)](x, x_operand, x_shifts, x_sums, out, N, K, k_per_split, triton.cdiv(N, splits),
+                                  FMT=FORMAT_IDS[fmt], HALF_WEIGHTS=half, BLOCK=SPLIT_K_X_BLOCK)
+    return x_operand, x_shifts, x_sums, out
 
 
 def split_k_form(cc: int) -> int:
@@ -137,6 +166,7 @@ GEMV_CONFIGS = {"planes": dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages
 # float GEMV's is 1-2e-6; one more launch (`quantize_x`), which the static model leaves out.
 INT_DOT_FORMATS = frozenset({"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"})
 QUANTIZE_X_BLOCK = 256
+SPLIT_K_X_BLOCK = 128
 
 
 def uses_int_dots(fmt: str, layout: str) -> bool:
@@ -284,15 +314,21 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
                               INT_DOTS=int_dots, **cfg)
             return out.to(x.dtype)
         if kernel == "split-k":
-            out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
             cfg = INTERPRETER_SPLIT_K if interpreting() else split_k_config(
                 weight.format, weight.layout, dtype_name, state.compute_capability(x.device))
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             form = INTERPRETER_SPLIT_K_FORM if interpreting() else split_k_form(state.compute_capability(x.device))
             half = uses_half_weights(weight.format, weight.layout, dtype_name)
-            qmv_kernel[grid](x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], k_per_split,
-                             FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=tl.float16 if half else dot_dtype,
-                             EVEN=even_tiles(weight.layout, N, K, cfg), FORM=form, HALF_WEIGHTS=half,
+            prepared = prepares_split_k_x(weight.format, weight.layout, dtype_name)
+            if prepared:
+                x_operand, x_shifts, x_sums, out = split_k_x(x, weight.format, N, grid[1], k_per_split)
+            else:
+                out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+                x_operand, x_shifts, x_sums = x, out, out
+            qmv_kernel[grid](x_operand, x_shifts, x_sums, weight.raw, bias_arg, out, table, M, N, K,
+                             weight.raw.shape[1], k_per_split, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias,
+                             DOT_DTYPE=tl.float16 if half else dot_dtype, EVEN=even_tiles(weight.layout, N, K, cfg),
+                             FORM=form, HALF_WEIGHTS=half, X_SHIFTS=half and prepared,
                              INT_TILES=uses_int_tiles(weight.format, weight.layout, dtype_name), **cfg)
             return out.to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)

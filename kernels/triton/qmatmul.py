@@ -13,7 +13,7 @@
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
   where the FMA kernel would decode the weight once per row; IQ4's integer levels there as f16 weights
   (`ops.HALF_WEIGHT_FORMATS`), Q3_K's and Q2_K's codes times sub-block scales as bf16 integers
-  (`ops.INT_TILE_FORMATS`).
+  (`ops.INT_TILE_FORMATS`); for those with bf16 x, `split_k_x_kernel` first makes the x they multiply, once.
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
 
 Each reads the weight in either layout (`PLANES`: `kernels/repack.py`). The split-K kernels load without masks
@@ -29,7 +29,7 @@ from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, 
                                           decode_planes_tile_as, has_biased_form, has_offset, iq4_half_tile,
                                           iq4_row_shifts, q2_k_int_tiles, q3_k_int_tile,
                                           sub_block_size)
-from kernels.triton.float_bits import power_of_two
+from kernels.triton.float_bits import in_two_bit_order, power_of_two, two_bit_factors
 from kernels.triton.int_gemv import int_sums, transpose_4x4, x_shift
 
 
@@ -231,17 +231,6 @@ def _split_k_x(x_ptr, m, M, K, k0, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
-    """`int_gemv.x_shift` of each row of x over columns k_start .. k_end: 2^shift takes its largest |x| into
-    [2^14, 2^15), where f16 holds a bf16 value exactly down to 2^-28 of it."""
-    top = tl.zeros_like(m)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K).to(tl.float32)
-        top = tl.maximum(top, tl.max(tl.abs(x).to(tl.int32, bitcast=True) >> 23, axis=1))
-    return x_shift(top)
-
-
-@triton.jit
 def _sub_block_sums_hi_lo(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """x's float32 sums over each 16 columns, as bf16 pairs high, low (sum t at columns 2t, 2t + 1, 16 of them for a
     128-deep tile): their sum holds the float32 one to 16 significant bits, a 16-deep operand of the tensor cores,
@@ -253,10 +242,58 @@ def _sub_block_sums_hi_lo(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
+def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per_split, n_per_split,
+                     FMT: tl.constexpr, HALF_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+    """For one row of bf16 x and one K split of `qmv_kernel`: the x operand it multiplies where that is not x as
+    given, made here once instead of by each of the split's programs (one an n-tile), and the split's share of the
+    row of y zeroed for the split-K sums, which a launch of its own would otherwise do.
+
+    `HALF_WEIGHTS`: x times 2^shift in f16, exact down to 2^-28 of the largest, where the shift (`int_gemv.x_shift`,
+    the row's per split at `x_shifts_ptr`) takes the split's largest |x| into [2^14, 2^15). Else (`INT_TILES`): x in
+    Q2_K's and Q3_K's 4 x 4 transposed order (`int_gemv.transpose_4x4`), and for Q2_K its sums over each 16 columns
+    as bf16 high and low parts (`_sub_block_sums_hi_lo`, `K // 8` a row at `x_sums_ptr`)."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    n_end = tl.minimum((split + 1) * n_per_split, N)
+    for n0 in range(split * n_per_split, n_end, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        tl.store(y_ptr + row * N + n, tl.zeros((BLOCK,), dtype=tl.float32), mask=n < n_end)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if HALF_WEIGHTS:
+        top = tl.zeros((BLOCK,), dtype=tl.int32)
+        for k0 in range(k_start, k_end, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * K + k, mask=k < k_end, other=0.0).to(tl.float32)
+            top = tl.maximum(top, tl.abs(x).to(tl.int32, bitcast=True) >> 23)
+        shift = x_shift(tl.max(top, axis=0))
+        tl.store(x_shifts_ptr + row * tl.num_programs(1) + split, shift)
+        for k0 in range(k_start, k_end, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * K + k, mask=k < k_end, other=0.0).to(tl.float32)
+            tl.store(xo_ptr + row * K + k, (x * power_of_two(shift)).to(tl.float16), mask=k < k_end)
+    else:
+        for k0 in range(k_start, k_end, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * K + k, mask=k < k_end, other=0.0)[None, :]
+            if FMT == Q2_K:
+                e = tl.arange(0, 16)[None, None, :]
+                x_operand = in_two_bit_order((tl.reshape(x, (1, BLOCK // 16, 16)).to(tl.float32)
+                                              / two_bit_factors(e)).to(x.dtype))
+            else:
+                x_operand = transpose_4x4(x)
+            tl.store(xo_ptr + row * K + k, tl.reshape(x_operand, (BLOCK,)), mask=k < k_end)
+            if FMT == Q2_K:
+                s = k0 // 8 + tl.arange(0, BLOCK // 8)
+                tl.store(x_sums_ptr + row * (K // 8) + s, tl.reshape(_sub_block_sums_hi_lo(x, 1, BLOCK), (BLOCK // 8,)),
+                         mask=s < k_end // 8)
+
+
+@triton.jit
+def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, INT_TILES: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, X_SHIFTS: tl.constexpr,
+               INT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
     tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s.
     `FORM`: FUSED or FUSED_BYTES (`decode_planes`), which counts fewer on mma.sync GPUs.
@@ -265,13 +302,14 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
     weight takes one byte table and a permute into 1024 + level + 128 (`float_bits.iq4_half_weights`), where a bf16
     one takes two tables and a permute to pair their bytes. Before its loop the program finds each row's factors:
     a power of two that takes the weight row's largest |scale| over its columns into [2^7, 2^8) (no f16 weight
-    overflows, none of the largest blocks' is subnormal), and, for bf16 x, one that takes each x row's largest |x|
-    into [2^14, 2^15); the sums lose both factors at the end.
+    overflows, none of the largest blocks' is subnormal); the sums lose it at the end. With `X_SHIFTS` (bf16 x), x
+    comes as `split_k_x_kernel` makes it: in f16, each row times a power of two (`x_shifts_ptr`) the sums lose too.
 
     `INT_TILES` (Q3_K, Q2_K in planes, bf16 x): each tile's (code - 4) * (scale - 32) (Q3_K) or code * scale (Q2_K),
     bf16 integers (`decode_planes.q3_k_int_tile`, `q2_k_int_tiles`), times x with its columns in the same 4 x 4
-    transposed order (`int_gemv.transpose_4x4`), the sum scaled by the super-block's d; Q2_K's mins times x's sums
-    per sub-block (`_sub_block_sums_hi_lo`), scaled by dmin, subtracted: the reference's float32 weights exactly."""
+    transposed order, the sum scaled by the super-block's d; Q2_K's mins times x's sums per sub-block (bf16 high and
+    low parts at `x_sums_ptr`), scaled by dmin, subtracted: the reference's float32 weights exactly. x and its sums
+    come from `split_k_x_kernel`."""
     tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
@@ -286,24 +324,21 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # k_per_split is a multiple of BLOCK_K
     k_end = tl.minimum(k_start + k_per_split, K)
-    SCALE_X: tl.constexpr = HALF_WEIGHTS and (x_ptr.dtype.element_ty == tl.bfloat16)
     if HALF_WEIGHTS:
         w_shift = iq4_row_shifts(w_ptr, rows, k_start, k_end, K, n_mask, FMT, BLOCK_K)
-        if SCALE_X:
-            x_shifts = _x_row_shifts(x_ptr, m, M, K, k_start, k_end, EVEN, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         # each tile's x loads after its weight is decoded: loaded first, it held registers through the decode and
         # the mma.sync GPUs' float decode counted more (sm_80, Q4_1: 4.66 against 4.83, Q8_0 4.31 against 4.45)
         if INT_TILES and (FMT == Q2_K):
             w, mins, d, dmin = q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
             x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
-            acc += tl.dot(w.to(DOT_DTYPE), tl.trans(transpose_4x4(x).to(DOT_DTYPE)), input_precision="ieee") * d
-            sums = _sub_block_sums_hi_lo(x, BLOCK_M, BLOCK_K)
+            acc += tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), input_precision="ieee") * d
+            sums = _split_k_x(x_sums_ptr, m, M, K // 8, k0 // 8, True, BLOCK_K // 8)
             acc -= tl.dot(mins.to(DOT_DTYPE), tl.trans(sums.to(DOT_DTYPE)), input_precision="ieee") * dmin
         elif INT_TILES:
             w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
             x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
-            acc += tl.dot(w.to(DOT_DTYPE), tl.trans(transpose_4x4(x).to(DOT_DTYPE)), input_precision="ieee") * d
+            acc += tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), input_precision="ieee") * d
         else:
             if HALF_WEIGHTS:
                 w = iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, power_of_two(w_shift)[:, None],
@@ -312,12 +347,11 @@ def qmv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_
                 w = _weight_tile(w_ptr, rows, k0, K, n_mask, FMT, PLANES, tables_ptr, DOT_DTYPE, FORM, BLOCK_N,
                                  BLOCK_K)
             x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
-            if SCALE_X:
-                x = x.to(tl.float32) * power_of_two(x_shifts)[:, None]
             acc = tl.dot(w, tl.trans(x.to(DOT_DTYPE)), acc, input_precision="ieee")
     if HALF_WEIGHTS:
         acc *= power_of_two(-w_shift)[:, None]
-        if SCALE_X:
+        if X_SHIFTS:
+            x_shifts = tl.load(x_shifts_ptr + m * tl.num_programs(1) + split, mask=m < M, other=0)
             acc *= power_of_two(-x_shifts)[None, :]
     if HAS_BIAS:
         acc += tl.where(split == 0, tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32), 0.0)[:, None]
