@@ -51,7 +51,7 @@ _MATMUL_POINTERS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "tables_ptr")
 POINTER_ARGUMENTS = {"qmm": _MATMUL_POINTERS, "qmv": ("x_ptr", "x_shifts_ptr", "x_sums_ptr") + _MATMUL_POINTERS[1:],
                      "gemv": ("x_ptr", "x_scale_ptr", "x_sum_ptr") + _MATMUL_POINTERS[1:],
                      "dequant": ("w_ptr", "out_ptr", "tables_ptr"),
-                     "quantize_x": ("x_ptr", "xq_ptr", "scale_ptr", "sum_ptr"),
+                     "quantize_x": ("x_ptr", "xq_ptr", "scale_ptr", "sum_ptr", "y_ptr"),
                      "split_k_x": ("x_ptr", "xo_ptr", "x_shifts_ptr", "x_sums_ptr", "y_ptr")}
 
 
@@ -90,7 +90,8 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     options = {}
     if kernel_name == "quantize_x":
         kernel, num_warps, num_stages = int_gemv.quantize_x_kernel, 4, 1
-        signature = {"x_ptr": act, "xq_ptr": "*i16", "scale_ptr": "*fp32", "sum_ptr": "*i32", "K": "i32"}
+        signature = {"x_ptr": act, "xq_ptr": "*i16", "scale_ptr": "*fp32", "sum_ptr": "*i32", "y_ptr": "*fp32",
+                     "N": "i32", "K": "i32"}
         constexprs = {"TRANSPOSE_4X4": transposes_x(fmt), "BLOCK": QUANTIZE_X_BLOCK}
     elif kernel_name == "split_k_x":
         kernel, num_warps, num_stages = qmatmul.split_k_x_kernel, 4, 1

@@ -36,6 +36,8 @@ def subset():
     # integer tiles (`ops.uses_int_tiles`), masked
     jobs += [("qmv", fmt, dtype, 0, cc, "planes") for fmt, dtype in (("IQ4_NL", "fp16"), ("Q3_K", "bf16"),
                                                                      ("Q2_K", "bf16")) for cc in (80, 90)]
+    # the kernel preparing their bf16 x, in its three forms
+    jobs += [("split_k_x", fmt, "bf16", 0, cc, "planes") for fmt in ("IQ4_NL", "Q3_K", "Q2_K") for cc in (80, 90)]
     return jobs
 
 

@@ -184,10 +184,11 @@ def _activations_with_outliers(k, seed):
 def test_quantize_x(fmt):
     """x -> 16-bit integers by a power of two per 32: the largest in [2^14, 2^15) (groups below 2^-112, the
     smallest scale's range, aside), bf16 values within 2^7 of it exact, the others within half a step; sums per 16;
-    Q2_K's order transposed within each 16."""
+    Q2_K's order transposed within each 16; the GEMV's y zeroed."""
     x = _activations_with_outliers(1024, 1)
-    xq, scales, sums = (t.cpu() for t in quantize_x(x.to(DEVICE), fmt))
+    xq, scales, sums, y = (t.cpu() for t in quantize_x(x.to(DEVICE), fmt, ODD_N))
     assert xq.dtype == torch.int16 and scales.shape == (32,) and sums.shape == (64,)
+    assert torch.equal(y, torch.zeros(1, ODD_N))
     if fmt == "Q2_K":
         xq = xq.view(64, 4, 4).transpose(1, 2)
     xq = xq.reshape(32, 32).double()
@@ -206,7 +207,7 @@ def test_quantize_x_passes_infinities_and_nans_on():
     are NaN where the float kernels' would be infinite or NaN, not finite."""
     x = torch.ones(1, 256)
     x[0, 3], x[0, 200] = float("inf"), float("nan")
-    xq, scales, _ = (t.cpu() for t in quantize_x(x.to(DEVICE), "IQ4_NL"))
+    xq, scales, _, _ = (t.cpu() for t in quantize_x(x.to(DEVICE), "IQ4_NL", ODD_N))
     assert torch.isnan(scales[[0, 6]]).all() and torch.isfinite(scales[[1, 2, 3, 4, 5, 7]]).all()
     assert (xq[:32] == 0).all() and (xq[192:224] == 0).all() and (xq[32:64] != 0).all()
     weight, _ = quantized_weight("IQ4_NL", n=ODD_N, k=256, layout="planes")

@@ -64,12 +64,19 @@ def dot2(x_pair, codes, acc, HIGH: tl.constexpr):
 
 
 @triton.jit
-def quantize_x_kernel(x_ptr, xq_ptr, scale_ptr, sum_ptr, K, TRANSPOSE_4X4: tl.constexpr, BLOCK: tl.constexpr):
+def quantize_x_kernel(x_ptr, xq_ptr, scale_ptr, sum_ptr, y_ptr, N, K, TRANSPOSE_4X4: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """x `[K]` -> int16 `xq` with x = xq * scale for each group of `X_GROUP` (a power of two in `scale_ptr`), and
     the sum of xq over each 16 in `sum_ptr` (int32). `TRANSPOSE_4X4`: within each 16, xq in the order of Q2_K's
     2-bit fields (position 4 j + b holds element 4 b + j: byte b of a word's field j). A group holding an infinity
     or a NaN gets the scale NaN and zeros, so that the outputs it reaches are NaN, as the float kernels' would be
-    NaN or infinite, not finite garbage."""
+    NaN or infinite, not finite garbage. Each program also zeroes its share of the GEMV's float32 y `[N]`, which a
+    launch of its own would otherwise do."""
+    n_per_program = tl.cdiv(N, tl.num_programs(0))
+    n_end = tl.minimum((tl.program_id(0) + 1) * n_per_program, N)
+    for n0 in range(tl.program_id(0) * n_per_program, n_end, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        tl.store(y_ptr + n, tl.zeros((BLOCK,), dtype=tl.float32), mask=n < n_end)
     G: tl.constexpr = BLOCK // X_GROUP
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.reshape(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), (G, X_GROUP))

@@ -179,16 +179,17 @@ def transposes_x(fmt: str) -> bool:
     return fmt in ("Q2_K", "Q3_K")
 
 
-def quantize_x(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_x(x: torch.Tensor, fmt: str, N: int) -> tuple[torch.Tensor, ...]:
     """x `(1, K)` -> (int16 xq, float32 power-of-two scales a group of `X_GROUP`, int32 sums of xq a 16), in the
-    order `fmt`'s integer GEMV reads them (`int_gemv.quantize_x_kernel`)."""
+    order `fmt`'s integer GEMV reads them, and its zeroed float32 y `(1, N)` (`int_gemv.quantize_x_kernel`)."""
     K = x.shape[1]
+    out = torch.empty((1, N), dtype=torch.float32, device=x.device)
     xq = torch.empty(K, dtype=torch.int16, device=x.device)
     scales = torch.empty(K // X_GROUP.value, dtype=torch.float32, device=x.device)
     sums = torch.empty(K // 16, dtype=torch.int32, device=x.device)
-    quantize_x_kernel[(triton.cdiv(K, QUANTIZE_X_BLOCK),)](x, xq, scales, sums, K, TRANSPOSE_4X4=transposes_x(fmt),
-                                                          BLOCK=QUANTIZE_X_BLOCK)
-    return xq, scales, sums
+    quantize_x_kernel[(triton.cdiv(K, QUANTIZE_X_BLOCK),)](x, xq, scales, sums, out, N, K,
+                                                          TRANSPOSE_4X4=transposes_x(fmt), BLOCK=QUANTIZE_X_BLOCK)
+    return xq, scales, sums, out
 
 
 def even_tiles(layout: str, N: int, K: int, cfg: dict) -> bool:
@@ -304,11 +305,13 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
     with state.on_device(x.device):
         kernel = fused_kernel(M, weight.format, dtype_name)
         if kernel == "gemv":
-            out = torch.zeros((1, N), dtype=torch.float32, device=x.device)
             cfg = INTERPRETER_GEMV if interpreting() else GEMV_CONFIGS[weight.layout]
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             int_dots = uses_int_dots(weight.format, weight.layout)
-            xs = quantize_x(x, weight.format) if int_dots else (x, x, x)
+            if int_dots:
+                *xs, out = quantize_x(x, weight.format, N)
+            else:
+                xs, out = (x, x, x), torch.zeros((1, N), dtype=torch.float32, device=x.device)
             gemv_kernel[grid](*xs, weight.raw, bias_arg, out, table, N, K, weight.raw.shape[1], k_per_split,
                               FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, EVEN=even_tiles(weight.layout, N, K, cfg),
                               INT_DOTS=int_dots, **cfg)
