@@ -631,8 +631,8 @@ def q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Q2_K's 128-deep tile as the bf16 integers code * scale, `[BLOCK_N, 128]` with each 16 columns in 4 x 4
-    transposed order (`float_bits.two_bit_ints`), its 8 sub-blocks' mins as bf16 `[BLOCK_N, 16]` (sub-block t at
+    """Q2_K's 128-deep tile as the bf16 integers code * scale times 1, 4 or 16, `[BLOCK_N, 128]` with each 16
+    columns in `float_bits.two_bit_ints`' order, its 8 sub-blocks' mins as bf16 `[BLOCK_N, 16]` (sub-block t at
     columns 2t and 2t + 1, for `qmatmul._sub_block_sums_hi_lo`), and its super-block's d and dmin, `[BLOCK_N, 1]`
     float32: the weights are d * (code * scale) - dmin * min, exactly the reference's float32 ones."""
     tl.static_assert(BLOCK_K == 128, "8 sub-blocks a tile")

@@ -676,7 +676,8 @@ def bf16_halves(pairs):
 def int_scale_pairs(words, index, THREE_BIT: tl.constexpr, tables_ptr):
     """Byte `index` (0-3) of int32 `words`, sub-block scales -> (the bf16 s in both halves of an int32, the bf16 f s
     likewise), the integer tiles' scales: with `THREE_BIT` (Q3_K's 6-bit scales) s = scale - 32, f = -12
-    (`three_bit_ints`), else (Q2_K's 4-bit ones) s = scale, f = -128 (`two_bit_ints`)."""
+    (`three_bit_ints`), else (Q2_K's 4-bit ones, and its mins, of which only s is used) s = scale, f = -128
+    (`two_bit_ints`)."""
     if PTX:
         pairs = tl.inline_asm_elementwise(THREE_BIT_SCALE_PAIRS_PTX if THREE_BIT else TWO_BIT_SCALE_PAIRS_PTX,
                                           "=r,=r,r,r,r",
