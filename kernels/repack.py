@@ -10,7 +10,8 @@ so the codes of consecutive blocks are contiguous (16-byte vector loads), each s
 own, and 4-bit codes are paired in element order (byte j holds element 2j in its low nibble, 2j+1 in its high one),
 so a tile of bytes unpacks into consecutive elements with no index arithmetic. The K-quants' code fields (ggml's
 nibble runs, 2-bit crumbs, high-bit planes: `CODE_FIELDS`) become planes of the same sizes holding the same bits in
-element order, 8 // bits codes a byte, the first in the lowest bits; their (and IQ4_XS's) sub-block scales stay as
+element order, 8 // bits codes a byte, the first in the lowest bits (Q3_K's third bits in the order its decoders
+merge them: `PLANE_ORDERS`); their (and IQ4_XS's) sub-block scales stay as
 stored, decoded once per sub-block by the kernel. Planes are padded to 16 bytes: for Flux's shapes (K a multiple of
 256) the legacy formats and NF4 take exactly the stored bytes, the K-quants and IQ4_XS up to 1.6% more at K = 3072
 (their 2-byte super-block fields: 24 bytes a row, padded to 32) and none at K = 12288.
@@ -84,6 +85,20 @@ CODE_FIELDS = {
 }
 
 
+# Code fields whose plane holds them in another order than the elements': within each 32, position p (bit p of a
+# little-endian 32-bit word) holds element PLANE_ORDERS[...][p]. Q3_K's third bits are spread a nibble to a byte
+# (bit 8b + 4h + i: element 16h + 4b + i), as its decoders merge them into bytes (bit i of byte b: element 4b + i
+# of each 16), where spreading 16 bits at run time took 6 instructions a 16 elements.
+NIBBLES_TO_BYTES = tuple(16 * ((p % 8) // 4) + 4 * (p // 8) + p % 4 for p in range(32))
+PLANE_ORDERS = {("q3_k", "hmask"): NIBBLES_TO_BYTES}
+
+
+def _reordered(codes: torch.Tensor, order) -> torch.Tensor:
+    """Codes `(rows, nb, elements)`: position p of each `len(order)` takes the code at `order[p]`."""
+    spans = codes.reshape(*codes.shape[:-1], -1, len(order))
+    return spans[..., list(order)].flatten(-2)
+
+
 def _stored_to_elements(field: torch.Tensor, bits: int, run: int) -> torch.Tensor:
     """A code field `(rows, nb, bytes)` as stored -> its codes `(rows, nb, elements)` in element order."""
     if run == 0:
@@ -116,15 +131,26 @@ def _or_shifted(fields, bits: int) -> torch.Tensor:
 
 
 def _to_planes_fields(fmt: Format, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each field `(rows, nb, size)` as its plane holds it: codes in element order, the rest as stored."""
-    return fields | {name: _elements_to_plane(_stored_to_elements(fields[name], bits, run), bits)
-                     for name, (bits, run) in CODE_FIELDS[fmt.codes].items()}
+    """Each field `(rows, nb, size)` as its plane holds it: codes in element order (or `PLANE_ORDERS`'), the rest as
+    stored."""
+    planes = {}
+    for name, (bits, run) in CODE_FIELDS[fmt.codes].items():
+        codes = _stored_to_elements(fields[name], bits, run)
+        order = PLANE_ORDERS.get((fmt.codes, name))
+        planes[name] = _elements_to_plane(codes if order is None else _reordered(codes, order), bits)
+    return fields | planes
 
 
 def _to_blocks_fields(fmt: Format, planes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `_to_planes_fields`."""
-    return planes | {name: _elements_to_stored(_plane_to_elements(planes[name], bits), bits, run)
-                     for name, (bits, run) in CODE_FIELDS[fmt.codes].items()}
+    fields = {}
+    for name, (bits, run) in CODE_FIELDS[fmt.codes].items():
+        codes = _plane_to_elements(planes[name], bits)
+        order = PLANE_ORDERS.get((fmt.codes, name))
+        if order is not None:
+            codes = _reordered(codes, sorted(range(len(order)), key=order.__getitem__))
+        fields[name] = _elements_to_stored(codes, bits, run)
+    return planes | fields
 
 
 def to_planes(raw: torch.Tensor, fmt: Format | str) -> torch.Tensor:

@@ -243,16 +243,25 @@ def test_dp2a(high):
         assert run_ptx(_dp2a_ptx(high), {"$1": x, "$2": code, "$3": acc})["$0"] == expected
 
 
+def spread_third_bits(third: int, others: int) -> int:
+    """Q3_K's 16 third bits (bit e: element e) as its decoders take them: bit i of byte b is element 4b + i's, and
+    bits 4-7 of each byte hold another 16 elements' (`others`, spread the same way), as its planes do."""
+    return sum(((third >> e) & 1) << (8 * (e // 4) + e % 4) | ((others >> e) & 1) << (8 * (e // 4) + e % 4 + 4)
+               for e in range(16))
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("name,has_third", [("three bit", True), ("two bit", False)])
 def test_two_bit_fields(name, has_third, seed, form):
-    """Q3_K's 2-bit fields with their third bits, Q2_K's alone, 16 elements a word."""
+    """Q3_K's 2-bit fields with their third bits (the other 16 elements' in the word around them), Q2_K's alone, 16
+    elements a word."""
     rng = np.random.default_rng(seed)
     words = [0, 0xFFFFFFFF] + [int(w) for w in rng.integers(0, 2**32, 62, dtype=np.uint64)]
     thirds = [0xFFFF, 0] + [int(h) for h in rng.integers(0, 2**16, 62)]
-    for low, third in zip(words, thirds):
-        operands = {"$16": low, "$17": third} if has_third else {"$16": low}
+    others = [0, 0xFFFF] + [int(h) for h in rng.integers(0, 2**16, 62)]
+    for low, third, other in zip(words, thirds, others):
+        operands = {"$16": low, "$17": spread_third_bits(third, other)} if has_third else {"$16": low}
         out = run_ptx(PTX_SOURCES[name + form], operands)
         expected = [FORMS[form](((low >> (2 * e)) & 3) | (has_third * ((third >> e) & 1) << 2)) for e in range(16)]
         assert [out[f"${e}"] for e in range(16)] == expected
@@ -355,19 +364,23 @@ def test_two_bit_ints(seed):
 
 @pytest.mark.parametrize("seed", range(2))
 def test_three_bit_ints(seed):
-    """Q3_K's codes of 16 elements and their sub-block's scale pairs -> (code - 4) * (scale - 32) as bf16, exact,
-    position 4i + j holding element 4j + i: every scale, every code in every position, random words."""
+    """Q3_K's codes of 32 elements, two sub-blocks, and their scale pairs -> (code - 4) * (scale - 32) as bf16,
+    exact, position 16h + 4i + j holding element 4j + i of sub-block h: every scale, every code in every position,
+    random words."""
     rng = np.random.default_rng(seed)
-    words = {"$20": LOOKUP_WORDS[BF16_INT_WORDS_AT]}
+    words = {"$38": LOOKUP_WORDS[BF16_INT_WORDS_AT]}
     for scale in range(64):
-        s, offset = bf16_bits_of_int(scale - 32), bf16_bits_of_int(-12 * (scale - 32))
-        words |= {"$18": s | (s << 16), "$19": offset | (offset << 16)}
-        codes = np.roll(np.arange(16) % 8, scale) if scale < 8 else rng.integers(0, 8, 16)
-        low = sum(int(c & 3) << (2 * e) for e, c in enumerate(codes))
-        third = sum(int(c >> 2) << e for e, c in enumerate(codes))
-        out = run_ptx(PTX_SOURCES["three bit ints"], {"$16": low, "$17": third, **words})
-        expected = [bf16_bits_of_int((int(codes[4 * (p % 4) + p // 4]) - 4) * (scale - 32)) for p in range(16)]
-        assert [out[f"${p}"] for p in range(16)] == expected, scale
+        scales = (scale, 63 - scale)
+        low, third, expected = 0, [0, 0], []
+        for h, sub_scale in enumerate(scales):
+            s, offset = bf16_bits_of_int(sub_scale - 32), bf16_bits_of_int(-12 * (sub_scale - 32))
+            words |= {f"${34 + 2 * h}": s | (s << 16), f"${35 + 2 * h}": offset | (offset << 16)}
+            codes = np.roll(np.arange(16) % 8, scale + h) if scale < 8 else rng.integers(0, 8, 16)
+            low |= sum(int(c & 3) << (2 * e) for e, c in enumerate(codes)) << (32 * h)
+            third[h] = sum(int(c >> 2) << e for e, c in enumerate(codes))
+            expected += [bf16_bits_of_int((int(codes[4 * (p % 4) + p // 4]) - 4) * (sub_scale - 32)) for p in range(16)]
+        out = run_ptx(PTX_SOURCES["three bit ints"], {"$32": low, "$33": spread_third_bits(*third), **words})
+        assert [out[f"${p}"] for p in range(32)] == expected, scale
 
 
 def test_bf16x2_fma_model_rounds_each_half_once():

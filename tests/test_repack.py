@@ -66,6 +66,22 @@ def test_nf4_codes_move_to_the_low_nibble_first():
     assert set(planes[plane_offsets(f, 64)["qs"]:][:32]) == {0xA3}
 
 
+def test_q3_k_third_bits_spread_a_nibble_to_a_byte():
+    """Q3_K's hmask plane: in each 32-bit word (32 elements), bit 8b + 4h + i holds element 16h + 4b + i's third
+    bit, as its decoders merge them (bit i of byte b: element 4b + i of a 16)."""
+    f = get_format("Q3_K")
+    third = np.random.default_rng(1).integers(0, 2, 256)  # element e's third bit
+    block = np.zeros((1, f.block_bytes), dtype=np.uint8)
+    for e in range(256):  # ggml: element e's at bit e // 32 of hmask byte e % 32
+        block[0, e % 32] |= third[e] << (e // 32)
+    planes = to_planes(torch.from_numpy(block), "Q3_K")[0].numpy()
+    words = planes[plane_offsets(f, 256)["hmask"]:][:32].view("<u4")
+    for e in range(256):
+        word, e32 = divmod(e, 32)
+        bit = 8 * ((e32 % 16) // 4) + 4 * (e32 // 16) + e32 % 4
+        assert (int(words[word]) >> bit) & 1 == third[e], e
+
+
 def test_formats_without_planes_keep_their_blocks():
     raw = reference_raw("F8_E4M3", 2, 256)  # every block-quantized format has planes; FP8 is one byte a weight
     weight = QTensor(raw, "F8_E4M3", (2, 256))

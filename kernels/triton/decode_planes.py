@@ -242,6 +242,15 @@ def _k3_scale_bytes(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def q3_k_third_bits(w_ptr, rows, k0, K, n_mask, BLOCK_K: tl.constexpr):
+    """Q3_K's third bits of the tile (its hmask plane at the rows' starts), `[BLOCK_N, BLOCK_K // 16]` int32, those
+    of each 16 elements spread a nibble to a byte (`float_bits._third_bits_in_element_order`): a word of the plane
+    holds 32 elements' so (`kernels.repack.PLANE_ORDERS`), the first 16's as loaded, the others' shifted down 4."""
+    m = (_first(k0, 16) + tl.arange(0, BLOCK_K // 16))[None, :]
+    return _typed(w_ptr, rows, m >> 1, _within(n_mask, m, K // 16), tl.int32) >> (4 * (m & 1))
+
+
+@triton.jit
 def _k3_scales(w_ptr, plane, k0, s, j, mask, BLOCK_K: tl.constexpr):
     """Q3_K's sub-block scales `_k3_scale_bits` less 32, as float32."""
     return _bits_to_float(_k3_scale_bits(w_ptr, plane, k0, s, j, mask, BLOCK_K), 32)
@@ -430,11 +439,11 @@ def decode_planes_parts(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_pt
             scale_plane = low_plane + _plane_bytes(nb, 64)
             scale = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask) * \
                 _k3_scales(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K)
-            # 16 elements at a time: a 32-bit word of low bits and a 16-bit word of third bits
+            # 16 elements at a time: a 32-bit word of low bits and their third bits
             m = (_first(k0, 16) + tl.arange(0, BLOCK_K // 16))[None, :]
             m_mask = _within(n_mask, m, K // 16)
             bits = three_bit_float_bits(_typed(w_ptr, rows + low_plane, m, m_mask, tl.int32),
-                                        _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32), BIASED)
+                                        q3_k_third_bits(w_ptr, rows, k0, K, n_mask, BLOCK_K), BIASED)
             v = _code_value(tl.reshape(bits, (BLOCK_N, BLOCK_K)), FMT, BIASED)
             offset = scale
         else:  # Q2_K: scales (a byte each: scale | min << 4) | qs: 2-bit codes | d | dmin
@@ -614,18 +623,23 @@ def iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, fac
 def q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Q3_K's tile as the bf16 integers (code - 4) * (scale - 32), `[BLOCK_N, BLOCK_K]` with each 16 columns in 4 x 4
     transposed order (`float_bits.three_bit_ints`), and its super-block's d, `[BLOCK_N, 1]` float32: the weights
-    are d times them, exactly the reference's float32 ones. At most 128 deep, the tile lies in one super-block."""
+    are d times them, exactly the reference's float32 ones. 32 to 128 deep, the tile lies in one super-block."""
     nb = K // 256  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
     s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
     low_plane = _plane_bytes(nb, 32)
     scale_plane = low_plane + _plane_bytes(nb, 64)
     d = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask)
     words, index = _k3_scale_bytes(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K)
+    # 32 elements (two sub-blocks) an asm call: a 64-bit word of low bits and a word of the third bits' plane
     scales, offsets = int_scale_pairs(words, index, True, tables_ptr)
-    m = (_first(k0, 16) + tl.arange(0, BLOCK_K // 16))[None, :]
-    m_mask = _within(n_mask, m, K // 16)
-    w = three_bit_ints(_typed(w_ptr, rows + low_plane, m, m_mask, tl.int32),
-                       _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32), scales, offsets, tables_ptr)
+    scales, next_scales = tl.split(tl.reshape(tl.broadcast_to(scales, (BLOCK_N, BLOCK_K // 16)),
+                                              (BLOCK_N, BLOCK_K // 32, 2)))
+    offsets, next_offsets = tl.split(tl.reshape(tl.broadcast_to(offsets, (BLOCK_N, BLOCK_K // 16)),
+                                                (BLOCK_N, BLOCK_K // 32, 2)))
+    p = (_first(k0, 32) + tl.arange(0, BLOCK_K // 32))[None, :]
+    p_mask = _within(n_mask, p, K // 32)
+    w = three_bit_ints(_typed(w_ptr, rows + low_plane, p, p_mask, tl.int64), _typed(w_ptr, rows, p, p_mask, tl.int32),
+                       scales, offsets, next_scales, next_offsets, tables_ptr)
     return tl.reshape(w, (BLOCK_N, BLOCK_K)), d
 
 

@@ -201,32 +201,29 @@ def _iq4_half_ptx() -> str:
     return _assemble(lines)
 
 
-def _spread_third_bits() -> list[str]:
-    """PTX: Q3_K's 16 third bits ($17, bit e: element e) spread a nibble to a byte into `h`: nibble k (elements
-    4k .. 4k + 3) to bits 8k .. 8k + 3."""
-    return ["shl.b32 h, $17, 8;", "or.b32 h, h, $17;", "and.b32 h, h, 0x00ff00ff;", "shl.b32 t, h, 4;",
-            "or.b32 h, h, t;", "and.b32 h, h, 0x0f0f0f0f;"]
-
-
 def _three_bit_ints_ptx() -> str:
-    """Q3_K's codes of 16 elements ($16: low 2 bits, element e at bits 2e; $17: third bits, bit e), their sub-block's
-    s = scale - 32 as bf16 pairs ($18: s, $19: -12 s; 0x41414141 in $20) -> the bf16 (code - 4) * s, exact integers
-    of at most 128 in magnitude, in 4 x 4 transposed order: $(4i + j) is element 4j + i, field i of byte j. A code
-    goes to bits 4-6 under the byte 0x41: the bf16 8 + code, in the binade where a mantissa step is 1/16 of 16
+    """Q3_K's codes of 32 elements, two sub-blocks ($32: their low 2 bits as two words, element e at bits 2e of the
+    first or of the second; $33: their third bits, spread a nibble to a byte, the second 16's shifted down 4:
+    `_third_bits_in_element_order`), the sub-blocks' s = scale - 32 as bf16 pairs ($34: s, $35: -12 s for the
+    first, $36, $37 for the second; 0x41414141 in $38) -> the bf16 (code - 4) * s, exact integers of at most 128 in
+    magnitude, each 16 in 4 x 4 transposed order: $(16h + 4i + j) is element 4j + i of 16 h, field i of byte j. A
+    code goes to bits 4-6 under the byte 0x41: the bf16 8 + code, in the binade where a mantissa step is 1/16 of 16
     units, and one multiply-add (8 + code) * s - 12 s gives (code - 4) * s rounded once, exactly; 12 s is exact
     too, where the 128 form's 132 s would not be. Field i's pairs of bytes (j, j + 1) become one register each."""
-    lines = _spread_third_bits()
-    for i in range(4):
-        shift = 4 - 2 * i  # field i (bits 2i, 2i + 1 of each byte) to bits 4-5
-        low = "$16"
-        if shift:
-            lines.append(f"{'shl' if shift > 0 else 'shr'}.b32 x, $16, {abs(shift)};")
-            low = "x"
-        lines += [f"and.b32 v, {low}, 0x30303030;", f"shl.b32 y, h, {6 - i};", "and.b32 y, y, 0x40404040;",
-                  "or.b32 v, v, y;"]
-        for j in (0, 2):
-            lines += [f"prmt.b32 p, v, $20, 0x4{j + 1}4{j};", "fma.rn.bf16x2 p, p, $18, $19;",
-                      f"mov.b32 {{${4 * i + j}, ${4 * i + j + 1}}}, p;"]
+    lines = ["mov.b64 {la, lb}, $32;", "shr.b32 hb, $33, 4;"]
+    for half, (low, third, s, offset) in enumerate((("la", "$33", "$34", "$35"), ("lb", "hb", "$36", "$37"))):
+        for i in range(4):
+            shift = 4 - 2 * i  # field i (bits 2i, 2i + 1 of each byte) to bits 4-5
+            field = low
+            if shift:
+                lines.append(f"{'shl' if shift > 0 else 'shr'}.b32 x, {low}, {abs(shift)};")
+                field = "x"
+            lines += [f"and.b32 v, {field}, 0x30303030;", f"shl.b32 y, {third}, {6 - i};",
+                      "and.b32 y, y, 0x40404040;", "or.b32 v, v, y;"]
+            for j in (0, 2):
+                out = 16 * half + 4 * i + j
+                lines += [f"prmt.b32 p, v, $38, 0x4{j + 1}4{j};", f"fma.rn.bf16x2 p, p, {s}, {offset};",
+                          f"mov.b32 {{${out}, ${out + 1}}}, p;"]
     return _assemble(lines)
 
 
@@ -263,11 +260,11 @@ def _scale_pairs_ptx(offset: int, factor: int) -> str:
 
 def _two_bit_fields_ptx(third: bool, biased: bool = False) -> str:
     """Codes of 16 elements, their low 2 bits from $16 (element e at bits 2e..2e+1) and with `third` (Q3_K) a third
-    bit from $17 (bit e) -> the bits of 2^23 (`biased`: 128) + code for elements 0-15 ($0-$15); Q2_K's codes are
-    the 2-bit fields alone. Elements i, 4 + i, 8 + i, 12 + i are fields i of $16's four bytes: one shift and mask
-    gives their low bits, a byte each; the third bits are first spread a nibble to a byte (nibble k of $17 to byte
-    k), so that their bit i lands on bit 2 with one more shift."""
-    lines = _spread_third_bits() if third else []
+    bit from $17 (spread a nibble to a byte: `_third_bits_in_element_order`) -> the bits of 2^23 (`biased`: 128) +
+    code for elements 0-15 ($0-$15); Q2_K's codes are the 2-bit fields alone. Elements i, 4 + i, 8 + i, 12 + i are
+    fields i of $16's four bytes: one shift and mask gives their low bits, a byte each, and one more their third
+    bits' (bit i of each byte) at bit 2."""
+    lines = []
     for i in range(4):
         low = f"$16" if i == 0 else "x"
         if i:
@@ -275,10 +272,10 @@ def _two_bit_fields_ptx(third: bool, biased: bool = False) -> str:
         lines.append(f"and.b32 v{i}, {low}, 0x03030303;")
         if third:
             if i < 2:
-                lines.append(f"shl.b32 y, h, {2 - i};")
+                lines.append(f"shl.b32 y, $17, {2 - i};")
             elif i > 2:
-                lines.append(f"shr.b32 y, h, {i - 2};")
-            lines += [f"and.b32 y, {'h' if i == 2 else 'y'}, 0x04040404;", f"or.b32 v{i}, v{i}, y;"]
+                lines.append(f"shr.b32 y, $17, {i - 2};")
+            lines += [f"and.b32 y, {'$17' if i == 2 else 'y'}, 0x04040404;", f"or.b32 v{i}, v{i}, y;"]
     sources = [(f"v{e % 4}", e // 4) for e in range(16)]
     return _assemble(lines + _float_bits_of_bytes(sources, biased))
 
@@ -640,16 +637,24 @@ def two_bit_float_bits(words, BIASED: tl.constexpr):
 
 
 @triton.jit
+def _third_bits_in_element_order(third):
+    """Q3_K's third bits of 16 elements as its decoders take them -> bit e: element e's. They take them spread a
+    nibble to a byte, bit i of byte b being element 4b + i's and bits 4-7 anything, as its planes hold them
+    (`kernels.repack.PLANE_ORDERS`), a word for 32 elements: the first 16's, or shifted down 4 the others'."""
+    return (third & 0xF) | ((third >> 4) & 0xF0) | ((third >> 8) & 0xF00) | ((third >> 12) & 0xF000)
+
+
+@triton.jit
 def three_bit_float_bits(low, third, BIASED: tl.constexpr):
     """Q3_K codes, 16 elements a word: `low` int32 words of 2-bit fields (element e at bits 2e), `third` their
-    third bits (bit e, zero-extended 16-bit words) -> int32 bits of the float32 2^23 + code (`BIASED`:
-    128 + code), in element order once reshaped to `[R, 16 C]`."""
+    third bits (spread a nibble to a byte: `_third_bits_in_element_order`) -> int32 bits of the float32 2^23 + code
+    (`BIASED`: 128 + code), in element order once reshaped to `[R, 16 C]`."""
     if PTX:
         bits = in_element_order(tl.inline_asm_elementwise(THREE_BIT_128_PTX if BIASED else THREE_BIT_PTX,
                                                              "=r," * 16 + "r,r", [low, third],
                                                              dtype=(tl.int32,) * 16, is_pure=True, pack=1))
     else:
-        bits = _codes_and_top_bits(low, third, 16, 2, 1, BIASED)
+        bits = _codes_and_top_bits(low, _third_bits_in_element_order(third), 16, 2, 1, BIASED)
     return bits
 
 
@@ -729,22 +734,31 @@ def in_two_bit_order(v):
 
 
 @triton.jit
-def three_bit_ints(low, third, scale_pairs, offset_pairs, tables_ptr):
-    """Q3_K codes, 16 elements a word (`low`: 2-bit fields, element e at bits 2e; `third`: their third bits, bit e,
-    zero-extended 16-bit words) and their sub-block's `int_scale_pairs` -> the bf16 (code - 4) * (scale - 32),
-    exact integers, `[R, C, 16]`-shaped in 4 x 4 transposed order (position 4i + j: element 4j + i) once reshaped
-    to `[R, 16 C]`."""
+def three_bit_ints(low, third, scales, offsets, next_scales, next_offsets, tables_ptr):
+    """Q3_K codes, 32 elements (two sub-blocks) a call (`low`: int64 words of 2-bit fields, element e at bits 2e;
+    `third`: int32 words of their third bits, the plane's: `_third_bits_in_element_order`) and the two sub-blocks'
+    `int_scale_pairs` -> the bf16 (code - 4) * (scale - 32), exact integers, `[R, C, 32]`-shaped with each 16 in 4 x
+    4 transposed order (position 4i + j: element 4j + i) once reshaped to `[R, 32 C]`."""
     if PTX:
         w = in_element_order(tl.inline_asm_elementwise(
-            THREE_BIT_INTS_PTX, "=h," * 16 + "r,r,r,r,r",
-            [low, third, scale_pairs, offset_pairs, _word(tables_ptr, BF16_INT_WORDS_AT)],
-            dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1))
+            THREE_BIT_INTS_PTX, "=h," * 32 + "l,r,r,r,r,r,r",
+            [low, third, scales, offsets, next_scales, next_offsets, _word(tables_ptr, BF16_INT_WORDS_AT)],
+            dtype=(tl.bfloat16,) * 32, is_pure=True, pack=1))
     else:
-        e = tl.arange(0, 16)[None, None, :]
-        codes = ((low[:, :, None] >> (2 * e)) & 3) | (((third[:, :, None] >> e) & 1) << 2)
-        scale = (scale_pairs << 16).to(tl.float32, bitcast=True)[:, :, None]
-        w = _transposed_4x4(((codes - 4).to(tl.float32) * scale).to(tl.bfloat16))
+        w = tl.join(_three_bit_ints_of_16((low & 0xFFFFFFFF).to(tl.int32), third, scales),
+                    _three_bit_ints_of_16((low >> 32).to(tl.int32), third >> 4, next_scales))
+        w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (low.shape[0], low.shape[1], 32))
     return w
+
+
+@triton.jit
+def _three_bit_ints_of_16(low, third, scale_pairs):
+    """Portable `three_bit_ints` of one sub-block: `[R, C, 16]`."""
+    e = tl.arange(0, 16)[None, None, :]
+    third = _third_bits_in_element_order(third)[:, :, None]
+    codes = ((low[:, :, None] >> (2 * e)) & 3) | (((third >> e) & 1) << 2)
+    scale = (scale_pairs << 16).to(tl.float32, bitcast=True)[:, :, None]
+    return _transposed_4x4(((codes - 4).to(tl.float32) * scale).to(tl.bfloat16))
 
 
 @triton.jit

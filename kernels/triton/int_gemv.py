@@ -23,7 +23,7 @@ import triton.language as tl
 
 from kernels.triton.decode import IQ4_NL, IQ4_XS, Q2_K, Q3_K
 from kernels.triton.decode_planes import (_code_book_scales, _code_words, _first, _k3_scale_bits, _k_quant_d, _load,
-                                          _plane_bytes, _sub_blocks, _typed, _within)
+                                          _plane_bytes, _sub_blocks, _typed, _within, q3_k_third_bits)
 from kernels.triton.float_bits import FLOAT_OF_TWO_POW_23, PTX, iq4_int8_bytes, power_of_two, shift_right
 
 X_GROUP = tl.constexpr(32)  # x values sharing one power-of-two scale
@@ -175,9 +175,9 @@ def _q2_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N: 
 @triton.jit
 def _q3_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Q3_K's (hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d) sums over each 32 of W[n, k] x[k],
-    `[BLOCK_N, BLOCK_K // 32]` fp32. As Q2_K's, with each code's third bit merged into its byte: the 16 third bits
-    of a word's elements spread a nibble to a byte (byte b: elements 4 b .. 4 b + 3), so that field j's bit (element
-    4 b + j) is bit j of byte b. The codes are value + 4: the sub-block's sum of xq times 4 leaves once per
+    `[BLOCK_N, BLOCK_K // 32]` fp32. As Q2_K's, with each code's third bit merged into its byte: the planes hold
+    the third bits of each 16 elements spread a nibble to a byte (`decode_planes.q3_k_third_bits`), field j's
+    (element 4 b + j) at bit j of byte b. The codes are value + 4: the sub-block's sum of xq times 4 leaves once per
     sub-block."""
     G: tl.constexpr = BLOCK_K // 16
     nb = K // 256
@@ -185,9 +185,7 @@ def _q3_k_sums(xq_ptr, scale_ptr, sum_ptr, w_ptr, rows, n_mask, k0, K, BLOCK_N: 
     scale_plane = low_plane + _plane_bytes(nb, 64)
     m = (_first(k0, 16) + tl.arange(0, G))[None, :]
     m_mask = _within(n_mask, m, K // 16)
-    third = _typed(w_ptr, rows, m, m_mask, tl.uint16).to(tl.int32)
-    third = (third | (third << 8)) & 0x00FF00FF
-    third = (third | (third << 4)) & 0x0F0F0F0F
+    third = q3_k_third_bits(w_ptr, rows, k0, K, n_mask, BLOCK_K)
     dots = _field_dots(xq_ptr, k0, K, n_mask, _typed(w_ptr, rows + low_plane, m, m_mask, tl.int32), third, BLOCK_K)
     s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
     scale = _k3_scale_bits(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K) - (FLOAT_OF_TWO_POW_23 + 32)
