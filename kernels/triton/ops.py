@@ -98,7 +98,8 @@ def uses_half_weights(fmt: str, layout: str, dtype_name: str) -> bool:
 # 6.27 -> 4.21; H100 model at M = 16, issue time over memory time: 1.29 -> 1.00, 1.46 -> 1.15. The weights are the
 # reference's float32 ones, not rounded to bf16. fp16 x keeps the float decode: there Q3_K's 12 s is not exact.
 # Q2_K's fields 0-2 are decoded where they lie, 1, 4 and 16 times their value, and x's columns come divided by
-# those (`float_bits.two_bit_ints`, `split_k_x`).
+# those (`float_bits.two_bit_ints`, `split_k_x`); Q3_K's tiles are decoded 32 elements an asm call, its third bits
+# as the planes hold them (`kernels.repack.PLANE_ORDERS`).
 INT_TILE_FORMATS = frozenset({"Q3_K", "Q2_K"})
 
 
