@@ -471,6 +471,14 @@ def _word(tables_ptr, i):
 
 
 @triton.jit
+def _word_tile(tables_ptr, i):
+    """`_word` as a `[1, 1]` tensor, for asm calls on the tensor cores' operands: Triton decodes a tile straight
+    into the operand's registers (moving the layout conversion up to its loads) only where every input of the decode
+    comes from a tensor load, a constant or element-wise work on them, and a scalar's splat is none of those."""
+    return tl.load((tables_ptr + i).to(tl.pointer_type(tl.int32)) + tl.zeros((1, 1), tl.int32))
+
+
+@triton.jit
 def _nibbles_in_element_order(v):
     """The 8 outputs of a nibble asm, the low nibbles' (elements 0, 2, 4, 6) then the high ones' (1, 3, 5, 7) ->
     `[R, C, 2, 2, 2]` in element order."""
@@ -685,8 +693,8 @@ def int_scale_pairs(words, index, THREE_BIT: tl.constexpr, tables_ptr):
     (`two_bit_ints`)."""
     if PTX:
         pairs = tl.inline_asm_elementwise(THREE_BIT_SCALE_PAIRS_PTX if THREE_BIT else TWO_BIT_SCALE_PAIRS_PTX,
-                                          "=r,=r,r,r,r",
-                                          [words, 0x4040 + 0x101 * index, _word(tables_ptr, BF16_INT_WORDS_AT + 1)],
+                                          "=r,=r,r,r,r", [words, 0x4040 + 0x101 * index,
+                                                          _word_tile(tables_ptr, BF16_INT_WORDS_AT + 1)],
                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     else:
         OFFSET: tl.constexpr = 32 if THREE_BIT else 0
@@ -710,7 +718,7 @@ def two_bit_ints(codes, scale_pairs, offset_pairs, tables_ptr):
     if PTX:
         w = in_element_order(tl.inline_asm_elementwise(
             TWO_BIT_INTS_PTX, "=h," * 16 + "r,r,r,r",
-            [codes, scale_pairs, offset_pairs, _word(tables_ptr, BF16_INT_WORDS_AT + 2)],
+            [codes, scale_pairs, offset_pairs, _word_tile(tables_ptr, BF16_INT_WORDS_AT + 2)],
             dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1))
     else:
         e = tl.arange(0, 16)[None, None, :]

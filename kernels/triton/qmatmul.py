@@ -27,8 +27,8 @@ import triton.language as tl
 from kernels.triton.decode import Q2_K, decode_tile
 from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, decode_planes_parts,
                                           decode_planes_tile_as, has_biased_form, has_offset, iq4_half_tile,
-                                          iq4_row_shifts, q2_k_int_tiles, q3_k_int_tile,
-                                          sub_block_size)
+                                          in_operand_order, iq4_row_shifts, q2_k_int_tiles, q3_k_int_tile,
+                                          sub_block_pairs_in_operand_order, sub_block_size)
 from kernels.triton.float_bits import in_two_bit_order, power_of_two, two_bit_factors
 from kernels.triton.int_gemv import int_sums, transpose_4x4, x_shift
 
@@ -243,7 +243,8 @@ def _sub_block_sums_hi_lo(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per_split, n_per_split,
-                     FMT: tl.constexpr, HALF_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+                     FMT: tl.constexpr, HALF_WEIGHTS: tl.constexpr, OPERAND_K_WIDTH: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """For one row of bf16 x and one K split of `qmv_kernel`: the x operand it multiplies where that is not x as
     given, made here once instead of by each of the split's programs (one an n-tile), and the split's share of the
     row of y zeroed for the split-K sums, which a launch of its own would otherwise do.
@@ -281,20 +282,36 @@ def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per
                 e = tl.arange(0, 16)[None, None, :]
                 x_operand = in_two_bit_order((tl.reshape(x, (1, BLOCK // 16, 16)).to(tl.float32)
                                               / two_bit_factors(e)).to(x.dtype))
+                x_operand = in_operand_order(tl.reshape(x_operand, (BLOCK // 128, 128)), 16, OPERAND_K_WIDTH)
             else:
                 x_operand = transpose_4x4(x)
             tl.store(xo_ptr + row * K + k, tl.reshape(x_operand, (BLOCK,)), mask=k < k_end)
             if FMT == Q2_K:
                 s = k0 // 8 + tl.arange(0, BLOCK // 8)
-                tl.store(x_sums_ptr + row * (K // 8) + s, tl.reshape(_sub_block_sums_hi_lo(x, 1, BLOCK), (BLOCK // 8,)),
-                         mask=s < k_end // 8)
+                sums = tl.reshape(_sub_block_sums_hi_lo(x, 1, BLOCK), (BLOCK // 128, 16))
+                sums = sub_block_pairs_in_operand_order(sums)
+                tl.store(x_sums_ptr + row * (K // 8) + s, tl.reshape(sums, (BLOCK // 8,)), mask=s < k_end // 8)
+
+
+@triton.jit
+def _q2_k_int_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m, M, K, k0, products, min_products,
+                   DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, K_WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Q2_K's 128-deep tile at k0 (`decode_planes.q2_k_int_tiles`) times x, its mins times x's sums per sub-block,
+    added to `products` and `min_products` (None: zero), unscaled; and the tile's d and dmin."""
+    w, mins, d, dmin = q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, K_WIDTH, BLOCK_N, 128)
+    x = _split_k_x(x_ptr, m, M, K, k0, EVEN, 128)
+    products = tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), products, input_precision="ieee")
+    sums = _split_k_x(x_sums_ptr, m, M, K // 8, k0 // 8, True, 16)
+    min_products = tl.dot(mins.to(DOT_DTYPE), tl.trans(sums.to(DOT_DTYPE)), min_products, input_precision="ieee")
+    return products, min_products, d, dmin
 
 
 @triton.jit
 def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, X_SHIFTS: tl.constexpr,
-               INT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               INT_TILES: tl.constexpr, OPERAND_K_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
     tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s.
     `FORM`: FUSED or FUSED_BYTES (`decode_planes`), which counts fewer on mma.sync GPUs.
@@ -331,11 +348,15 @@ def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_p
         # each tile's x loads after its weight is decoded: loaded first, it held registers through the decode and
         # the mma.sync GPUs' float decode counted more (sm_80, Q4_1: 4.66 against 4.83, Q8_0 4.31 against 4.45)
         if INT_TILES and (FMT == Q2_K):
-            w, mins, d, dmin = q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
-            x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
-            acc += tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), input_precision="ieee") * d
-            sums = _split_k_x(x_sums_ptr, m, M, K // 8, k0 // 8, True, BLOCK_K // 8)
-            acc -= tl.dot(mins.to(DOT_DTYPE), tl.trans(sums.to(DOT_DTYPE)), input_precision="ieee") * dmin
+            products, min_products, d, dmin = _q2_k_int_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m,
+                                                             M, K, k0, None, None, DOT_DTYPE, EVEN, OPERAND_K_WIDTH,
+                                                             BLOCK_N)
+            if BLOCK_K == 256:  # the super-block's other half, under the same d and dmin
+                products, min_products, _, _ = _q2_k_int_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m,
+                                                              M, K, k0 + 128, products, min_products, DOT_DTYPE, EVEN,
+                                                              OPERAND_K_WIDTH, BLOCK_N)
+            acc += products * d
+            acc -= min_products * dmin
         elif INT_TILES:
             w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
             x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
