@@ -81,7 +81,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     from kernels.triton import int_gemv, qmatmul
     from kernels.triton.decode import FORMAT_IDS
     from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, QUANTIZE_X_BLOCK, SPLIT_K_X_BLOCK, gemm_configs,
-                                    operand_k_width, prepares_split_k_x, split_k_config, split_k_form, transposes_x,
+                                    prepares_split_k_x, split_k_config, split_k_form, transposes_x,
                                     uses_half_weights, uses_int_dots, uses_int_tiles)
 
     act = f"*{dtype}"
@@ -99,8 +99,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         signature = {"x_ptr": act, "xo_ptr": "*fp16" if half else act, "x_shifts_ptr": "*i32" if half else "*fp32",
                      "x_sums_ptr": "*bf16" if fmt == "Q2_K" else "*fp32", "y_ptr": "*fp32", "N": "i32", "K": "i32",
                      "k_per_split": "i32", "n_per_split": "i32"}
-        constexprs = {"FMT": FORMAT_IDS[fmt], "HALF_WEIGHTS": half, "OPERAND_K_WIDTH": operand_k_width(cc),
-                      "BLOCK": SPLIT_K_X_BLOCK}
+        constexprs = {"FMT": FORMAT_IDS[fmt], "HALF_WEIGHTS": half, "BLOCK": SPLIT_K_X_BLOCK}
     elif kernel_name == "dequant":
         kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
         options["enable_fp_fusion"] = DEQUANT_CONFIG["enable_fp_fusion"]
@@ -136,8 +135,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
                 name: kind for name, kind in signature.items() if name != "x_ptr"}
             signature["k_per_split"] = "i32"
             constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc), "HALF_WEIGHTS": half,
-                           "X_SHIFTS": half and prepared, "INT_TILES": uses_int_tiles(fmt, layout, dtype),
-                           "OPERAND_K_WIDTH": operand_k_width(cc)} | {
+                           "X_SHIFTS": half and prepared, "INT_TILES": uses_int_tiles(fmt, layout, dtype)} | {
                 k: v for k, v in config.items() if k.startswith("BLOCK")}
             if half:
                 constexprs["DOT_DTYPE"] = tl.float16

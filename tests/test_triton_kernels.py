@@ -214,38 +214,36 @@ def test_quantize_x_passes_infinities_and_nans_on():
     assert torch.isnan(quant_linear_triton(x.to(DEVICE), weight, None).cpu()).all()
 
 
-def _operand_columns(k_width):
-    """Where the tensor cores' A operand takes each column of a 128-deep tile of Q2_K's words (16 elements each)
-    from, as `decode_planes.in_operand_order` promises: lane q of a quad holds columns k_width q .. k_width q +
-    k_width - 1 of each 16 (and, for k_width 2, the same 8 on), and takes words 2 q and 2 q + 1 whole."""
+def _operand_columns(per_word):
+    """Where the tensor cores' A operand takes each column of a 128-deep tile of words of `per_word` elements from, as
+    `decode_planes.in_operand_order` promises: lane q of a quad holds columns 2 q, 2 q + 1, 2 q + 8, 2 q + 9 of each
+    16 and takes its words (32 / per_word of them) whole."""
+    words = 32 // per_word
     source = np.empty(128, dtype=np.int64)
     for q in range(4):
-        for h in range(2):
-            for element in range(16):
+        for h in range(words):
+            for element in range(per_word):
                 j, i = divmod(element, 4)
-                if k_width == 4:
-                    column = 16 * (4 * h + j) + 4 * q + i
-                else:
-                    column = 16 * (4 * h + j) + 8 * (i // 2) + 2 * q + i % 2
-                source[column] = 16 * (2 * q + h) + element
+                column = 16 * (per_word // 4 * h + j) + 8 * (i // 2) + 2 * q + i % 2
+                source[column] = per_word * (words * q + h) + element
     return source
 
 
-@pytest.mark.parametrize("fmt, k_width", [("IQ4_NL", 2), ("Q2_K", 2), ("Q2_K", 4), ("Q3_K", 2)])
-def test_split_k_x(fmt, k_width):
+@pytest.mark.parametrize("fmt", ["IQ4_NL", "Q2_K", "Q3_K"])
+def test_split_k_x(fmt):
     """The split-K kernel's x for bf16 activations (`qmatmul.split_k_x_kernel`), per row and K split: for IQ4's f16
     weights x times the power of two that takes the split's largest |x| into [2^14, 2^15), in f16; for Q3_K's
     integer tiles x in 4 x 4 transposed order, for Q2_K's x in theirs, over their factors, then each 128 in the
-    tensor cores' operand order (`_operand_columns`), and its sums over each 16 as bf16 high and low parts that hold
-    them to 2^-16 (2^-14 here: the interpreter truncates float32 to bf16, where GPUs round), sub-block 2 q + h's at
-    columns 8 h + 2 q of each 16; and y zeroed. Rows of any scale, a split with smaller values than the others, a
-    last split shorter than the rest."""
+    tensor cores' operand order (`_operand_columns`), and Q2_K's sums over each 16 as bf16 high and low parts that
+    hold them to 2^-16 (2^-14 here: the interpreter truncates float32 to bf16, where GPUs round), sub-block 2 q +
+    h's at columns 8 h + 2 q of each 16; and y zeroed. Rows of any scale, a split with smaller values than the
+    others, a last split shorter than the rest."""
     rng = np.random.default_rng(7)
     k, splits, k_per_split, n = 1280, 3, 512, ODD_N
     x = rng.standard_normal((3, k)) * np.array([1e-20, 1.0, 1e30])[:, None]
     x[:, k_per_split:2 * k_per_split] *= 2.0**-20
     x = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
-    x_operand, shifts, sums, y = (t.cpu() for t in ops.split_k_x(x.to(DEVICE), fmt, n, splits, k_per_split, k_width))
+    x_operand, shifts, sums, y = (t.cpu() for t in ops.split_k_x(x.to(DEVICE), fmt, n, splits, k_per_split))
     assert torch.equal(y, torch.zeros(3, n))
     if fmt == "IQ4_NL":
         assert x_operand.dtype == torch.float16 and shifts.shape == (3, splits)
@@ -257,11 +255,12 @@ def test_split_k_x(fmt, k_width):
             assert torch.equal(x_operand[:, part], scaled.half())
         return
     if fmt == "Q3_K":
-        assert torch.equal(x_operand, x.view(3, -1, 4, 4).transpose(2, 3).reshape(3, k))
+        transposed = x.view(3, -1, 4, 4).transpose(2, 3).reshape(3, -1, 128)
+        assert torch.equal(x_operand, transposed[:, :, _operand_columns(32)].reshape(3, k))
         return
     # position 4i + 2c + h: element 4 (c + 2h) + i over 4^min(i, 2), as `float_bits.two_bit_ints`' weights go
     fields = x.view(3, -1, 2, 2, 4).permute(0, 1, 4, 3, 2) / torch.tensor([1, 4, 16, 16]).view(4, 1, 1)
-    assert torch.equal(x_operand, fields.reshape(3, -1, 128)[:, :, _operand_columns(k_width)].reshape(3, k))
+    assert torch.equal(x_operand, fields.reshape(3, -1, 128)[:, :, _operand_columns(16)].reshape(3, k))
     groups = x.double().view(3, -1, 16)
     exact = groups.sum(dim=2)
     sub_blocks = np.array([8 * h + 2 * q for q in range(4) for h in range(2)])  # of sub-blocks 0-7
@@ -409,15 +408,14 @@ def test_half_weights_keep_rows_of_any_scale(fmt, dtype):
 
 
 @pytest.mark.parametrize("odd", [False, True], ids=["whole tiles", "odd"])
-@pytest.mark.parametrize("fmt, k_width", [("Q3_K", 2), ("Q2_K", 2), ("Q2_K", 4)])
-def test_integer_tiles_multiply_the_reference_weights(fmt, k_width, odd, monkeypatch):
+@pytest.mark.parametrize("fmt", ["Q3_K", "Q2_K"])
+def test_integer_tiles_multiply_the_reference_weights(fmt, odd, monkeypatch):
     """Q3_K's and Q2_K's split-K kernel with bf16 x (`ops.uses_int_tiles`): (code - 4) * (scale - 32) or code * scale
     in bf16 tiles times x, summed in float32 and scaled by d (Q2_K: less dmin times its mins times x's sums per
     sub-block, those as bf16 high and low parts), is the reference's float32 weights times x: within the bf16
     output's rounding and float32 sums' (2^-20 of sum(|x w|)), and nearly every output is the exact one rounded to
     bf16, which weights rounded to bf16 (off by up to 2^-9 each) miss for about 40% of them."""
     assert ops.uses_int_tiles(fmt, "planes", "bf16") and not ops.uses_int_tiles(fmt, "planes", "fp16")
-    monkeypatch.setattr(ops, "INTERPRETER_OPERAND_K_WIDTH", k_width)
     if odd:
         n, k = ODD_N, 512
     else:  # the GPU tile on a weight it divides: no masked loads, 3 tiles a split

@@ -22,8 +22,8 @@ import triton.language as tl
 from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                    Q6_K, Q8_0)
-from kernels.triton.float_bits import (byte_float_bits, code_book_bf16, five_bit_float_bits, int8_float_bits,
-                                       iq4_half_weights, nf4_values, nibble_float_bits, shift_right,
+from kernels.triton.float_bits import (Q3_K_SCALE_SHIFTS_AT, byte_float_bits, code_book_bf16, five_bit_float_bits,
+                                       int8_float_bits, iq4_half_weights, nf4_values, nibble_float_bits, shift_right,
                                        six_bit_float_bits, three_bit_float_bits, three_bit_ints,
                                        int_scale_pairs, two_bit_float_bits, two_bit_ints, bf16_halves)
 
@@ -108,36 +108,39 @@ def _by_fours(w_ptr, base, index, n_mask, count, dtype: tl.constexpr, BLOCK_N: t
 
 @triton.jit
 def _in_operand_rows(w_ptr, base, index, mask, dtype: tl.constexpr):
-    """`_typed` fields `index` (`[1, C]`, consecutive, C a multiple of 4; `mask` `[R, C]` or None) of the rows at
-    `base` (`[R, 1]`, R a multiple of 16), loaded so that each thread holds the fields of the rows and of the
+    """`_typed` fields `index` (`[1, C]`, consecutive, C a multiple of 4; `mask` `[R, C]`, `[R, 1]` or None) of the
+    rows at `base` (`[R, 1]`, R a multiple of 16), loaded so that each thread holds the fields of the rows and of the
     quarter of C the tensor cores' operand gives it (`in_operand_order`): row 16 w + 8 r + l with l at lanes 2-4, w
     at the warps, r in registers, the quarters at lanes 0-1. Triton lays loads out by their shape, so the rows load
     as `[2 (r), R / 16 (w), 8 (l), 4, C / 4]`."""
     R: tl.constexpr = base.shape[0]
     C: tl.constexpr = index.shape[1]
+    if C == 4:
+        # one field a thread and row: a select the compiler cannot fold hides the fields' contiguity, so that Triton
+        # does not vectorise the load over two lanes' fields
+        index = tl.where(index >= 0, index, 0)
     rows = tl.permute(tl.reshape(base, (R // 16, 2, 8)), (1, 0, 2))[:, :, :, None, None]
     pointers = (w_ptr + rows).to(tl.pointer_type(dtype)) + tl.reshape(index, (1, 1, 1, 4, C // 4))
     if mask is None:
         fields = tl.load(pointers)
     else:
-        fields = tl.load(pointers, mask=tl.permute(tl.reshape(mask, (R // 16, 2, 8, 4, C // 4)), (1, 0, 2, 3, 4)),
-                         other=0)
+        mask = tl.reshape(tl.broadcast_to(mask, (R, C)), (R // 16, 2, 8, 4, C // 4))
+        fields = tl.load(pointers, mask=tl.permute(mask, (1, 0, 2, 3, 4)), other=0)
     return tl.reshape(tl.permute(fields, (1, 0, 2, 3, 4)), (R, C))
 
 
 @triton.jit
-def in_operand_order(v, PER_WORD: tl.constexpr, K_WIDTH: tl.constexpr):
+def in_operand_order(v, PER_WORD: tl.constexpr):
     """`[R, 128]`: a 128-deep tile of words of `PER_WORD` elements each, word c at columns PER_WORD c on -> the
-    columns in the order in which the tensor cores' A operand gives a thread its elements, so that a tile decoded a
-    word an asm call needs no data moved between threads on its way there: words H q .. H q + H - 1 (H = 32 /
-    PER_WORD) go whole to the thread at lane q of their rows' quad. Lane q holds columns `K_WIDTH` q .. `K_WIDTH` q
-    + `K_WIDTH` - 1 of each 16 and, with `K_WIDTH` 2, the same 8 columns on: wgmma's layout (`K_WIDTH` 2) and the
-    one Triton gives mma.sync's bf16 operand decoded from narrower loads (4, which it pairs with a like order of x).
-    So word H q + h's element (4 j + i) goes to column 16 (PER_WORD / 4 h + j) + K_WIDTH q + i with `K_WIDTH` 4, to
-    16 (...) + 8 (i // 2) + 2 q + i % 2 with 2."""
+    columns in the order in which the tensor cores' 16-bit A operand gives a thread its elements, so that a tile
+    decoded a word an asm call needs no data moved between threads on its way there: words H q .. H q + H - 1 (H =
+    32 / PER_WORD) go whole to the thread at lane q of their rows' quad, which holds columns 2 q, 2 q + 1, 2 q + 8
+    and 2 q + 9 of each 16 (wgmma's layout, and mma.sync's as Triton lays out these tiles' operand: where it paired
+    4 columns a lane, an earlier form of the loads, the tile took warp shuffles there). So word H q + h's element
+    4 j + 2 a + e goes to column 16 (PER_WORD / 4 h + j) + 8 a + 2 q + e."""
     H: tl.constexpr = 128 // PER_WORD // 4
-    return tl.reshape(tl.permute(tl.reshape(v, (v.shape[0], 4, H, PER_WORD // 4, 4 // K_WIDTH, K_WIDTH)),
-                                 (0, 2, 3, 4, 1, 5)), v.shape)
+    return tl.reshape(tl.permute(tl.reshape(v, (v.shape[0], 4, H, PER_WORD // 4, 2, 2)), (0, 2, 3, 4, 1, 5)),
+                      v.shape)
 
 
 @triton.jit
@@ -663,33 +666,42 @@ def iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, fac
 
 @triton.jit
 def q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Q3_K's tile as the bf16 integers (code - 4) * (scale - 32), `[BLOCK_N, BLOCK_K]` with each 16 columns in 4 x 4
-    transposed order (`float_bits.three_bit_ints`), and its super-block's d, `[BLOCK_N, 1]` float32: the weights
-    are d times them, exactly the reference's float32 ones. 32 to 128 deep, the tile lies in one super-block."""
+    """Q3_K's 128-deep tile as the bf16 integers (code - 4) * (scale - 32), `[BLOCK_N, 128]` with each 16 columns in
+    4 x 4 transposed order (`float_bits.three_bit_ints`) and then the tile's in `in_operand_order`, and
+    its super-block's d, `[BLOCK_N, 1]` float32: the weights are d times them, exactly the reference's float32 ones.
+    As `q2_k_int_tiles`, a thread loads the words of the two sub-blocks the tensor cores' operand gives it and
+    their scales' bytes (`_in_operand_rows`), and the shifts that take those to the scales, which depend on the
+    thread and the tile's half of the super-block, come from the lookup table (`float_bits.Q3_K_SCALE_SHIFTS`):
+    computed from either, they would keep the tile from the operand's registers."""
+    tl.static_assert(BLOCK_K == 128, "8 sub-blocks a tile")
     nb = K // 256  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
-    s, j, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
+    s, _, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
     low_plane = _plane_bytes(nb, 32)
     scale_plane = low_plane + _plane_bytes(nb, 64)
     d = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask)
-    words, index = _k3_scale_bytes(w_ptr, rows + scale_plane, k0, s, j, s_mask, BLOCK_K)
+    q = tl.arange(0, 4)[None, :]  # sub-blocks 2 q, 2 q + 1 of the half, a 16-bit load of the 12 bytes each
+    low_bits = _in_operand_rows(w_ptr, rows + scale_plane, 6 * s + q, s_mask, tl.uint16).to(tl.int32)
+    top_bits = _in_operand_rows(w_ptr, rows + scale_plane, 6 * s + 4 + (q & 1), s_mask, tl.uint16).to(tl.int32)
+    half = (k0 >> 7) & 1
+    shifts = (tables_ptr + Q3_K_SCALE_SHIFTS_AT).to(tl.pointer_type(tl.int32))
+    low_shift = tl.load(shifts + half + tl.zeros((1, 1), tl.int32))
+    top_shift = tl.load(shifts + 2 + 4 * half + q)
+    scales = ((low_bits >> low_shift) & 0x0F0F) | (((top_bits >> top_shift) & 0x0303) << 4)
+    first_pairs, first_offsets = int_scale_pairs(scales, 0, True, tables_ptr)
+    second_pairs, second_offsets = int_scale_pairs(scales, 1, True, tables_ptr)
     # 32 elements (two sub-blocks) an asm call: a 64-bit word of low bits and a word of the third bits' plane
-    scales, offsets = int_scale_pairs(words, index, True, tables_ptr)
-    scales, next_scales = tl.split(tl.reshape(tl.broadcast_to(scales, (BLOCK_N, BLOCK_K // 16)),
-                                              (BLOCK_N, BLOCK_K // 32, 2)))
-    offsets, next_offsets = tl.split(tl.reshape(tl.broadcast_to(offsets, (BLOCK_N, BLOCK_K // 16)),
-                                                (BLOCK_N, BLOCK_K // 32, 2)))
-    p = (_first(k0, 32) + tl.arange(0, BLOCK_K // 32))[None, :]
+    p = (_first(k0, 32) + q)
     p_mask = _within(n_mask, p, K // 32)
-    w = three_bit_ints(_typed(w_ptr, rows + low_plane, p, p_mask, tl.int64), _typed(w_ptr, rows, p, p_mask, tl.int32),
-                       scales, offsets, next_scales, next_offsets, tables_ptr)
-    return tl.reshape(w, (BLOCK_N, BLOCK_K)), d
+    w = three_bit_ints(_in_operand_rows(w_ptr, rows + low_plane, p, p_mask, tl.int64),
+                       _in_operand_rows(w_ptr, rows, p, p_mask, tl.int32), first_pairs, first_offsets,
+                       second_pairs, second_offsets, tables_ptr)
+    return in_operand_order(tl.reshape(w, (BLOCK_N, BLOCK_K)), 32), d
 
 
 @triton.jit
-def q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, K_WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Q2_K's 128-deep tile as the bf16 integers code * scale times 1, 4 or 16, `[BLOCK_N, 128]` with each 16
-    columns in `float_bits.two_bit_ints`' order and then the tile's in `in_operand_order` (`K_WIDTH`), its 8
+    columns in `float_bits.two_bit_ints`' order and then the tile's in `in_operand_order`, its 8
     sub-blocks' mins as bf16 `[BLOCK_N, 16]` (a pair of columns each, for `qmatmul._sub_block_sums_hi_lo`, in
     `sub_block_pairs_in_operand_order`), and its super-block's d and dmin, `[BLOCK_N, 1]` float32: the weights are
     d * (code * scale) - dmin * min, exactly the reference's float32 ones. A thread loads the code words and scale
@@ -713,7 +725,7 @@ def q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, K_WIDTH: tl.constexpr
     second_pairs, second_offsets = int_scale_pairs(scales, 1, False, tables_ptr)
     w = two_bit_ints(codes, tl.reshape(tl.join(first_pairs, second_pairs), (BLOCK_N, 8)),
                      tl.reshape(tl.join(first_offsets, second_offsets), (BLOCK_N, 8)), tables_ptr)
-    w = in_operand_order(tl.reshape(w, (BLOCK_N, BLOCK_K)), 16, K_WIDTH)
+    w = in_operand_order(tl.reshape(w, (BLOCK_N, BLOCK_K)), 16)
     mins = tl.join(bf16_halves(int_scale_pairs(mins, 0, False, tables_ptr)[0]),
                    bf16_halves(int_scale_pairs(mins, 1, False, tables_ptr)[0]))  # [R, 4, 2 (the min twice), 2]
     mins = tl.permute(mins, (0, 3, 1, 2))

@@ -343,6 +343,11 @@ HALF_BITS_AT = tl.constexpr(52)
 IQ4_INT8_WORDS_AT = tl.constexpr(53)
 HALF_WORDS_AT = tl.constexpr(57)
 BF16_INT_WORDS_AT = tl.constexpr(59)
+Q3_K_SCALE_SHIFTS_AT = tl.constexpr(62)
+# Q3_K's 6-bit scales (`decode_planes.q3_k_int_tile`): in its super-block's half h, sub-block j's low 4 bits are
+# nibble h of byte j, its top 2 bits 4 h + 2 (j // 4) up in byte 8 + j % 4: the shifts 4 h, then per h and per
+# quarter q of the tile (j = 2 q, 2 q + 1) 4 h + 2 (q // 2)
+Q3_K_SCALE_SHIFTS = (0, 4) + tuple(4 * h + 2 * (q // 2) for h in range(2) for q in range(4))
 LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("<u4")]
                      + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
                      + byte_table_words(IQ4_OFFSET_BINARY)
@@ -350,7 +355,8 @@ LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("
                      + [0x44444444]
                      + byte_table_words([v & 0xFF for v in IQ4_VALUES])
                      + [0x64646464, 0x64806480]
-                     + [0x41414141, 0x43434343, 0x43004300])
+                     + [0x41414141, 0x43434343, 0x43004300]
+                     + list(Q3_K_SCALE_SHIFTS))
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True), "nibble": _nibble_bits_ptx(False),
                "nibble iq4": _nibble_bits_ptx(True), "nibble iq4 128": _nibble_bits_ptx(True, biased=True),
                "nibble nf4": _nibble_float32_ptx(), "nibble iq4 int8": _nibble_int8_ptx(),
@@ -750,7 +756,7 @@ def three_bit_ints(low, third, scales, offsets, next_scales, next_offsets, table
     if PTX:
         w = in_element_order(tl.inline_asm_elementwise(
             THREE_BIT_INTS_PTX, "=h," * 32 + "l,r,r,r,r,r,r",
-            [low, third, scales, offsets, next_scales, next_offsets, _word(tables_ptr, BF16_INT_WORDS_AT)],
+            [low, third, scales, offsets, next_scales, next_offsets, _word_tile(tables_ptr, BF16_INT_WORDS_AT)],
             dtype=(tl.bfloat16,) * 32, is_pure=True, pack=1))
     else:
         w = tl.join(_three_bit_ints_of_16((low & 0xFFFFFFFF).to(tl.int32), third, scales),

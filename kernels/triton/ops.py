@@ -76,7 +76,7 @@ SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for d
 # Planes formats whose split-K tile is deeper than SPLIT_K_CONFIGS', for which activation dtypes. Q2_K's integer tiles
 # (bf16 activations): a 256-deep tile is a whole super-block, whose d and dmin scale the sums once, two multiply-adds
 # an output a thread where two 128-deep tiles took four (sm_90, clocks a weight element: 2.62 -> 2.48).
-SPLIT_K_DEPTHS = {("Q2_K", "bf16"): 256}
+SPLIT_K_DEPTHS = {("Q2_K", "bf16"): 256, ("Q3_K", "bf16"): 256}
 
 # Formats (in planes) whose split-K kernel, for fp16 and bf16 activations, multiplies f16 weights
 # (`qmatmul.qmv_kernel`'s HALF_WEIGHTS): IQ4's integer levels take one byte table and a permute an element pair,
@@ -124,9 +124,9 @@ def prepares_split_k_x(fmt: str, layout: str, dtype_name: str) -> bool:
                                      or uses_int_tiles(fmt, layout, dtype_name))
 
 
-def split_k_x(x: torch.Tensor, fmt: str, N: int, splits: int, k_per_split: int, k_width: int):
+def split_k_x(x: torch.Tensor, fmt: str, N: int, splits: int, k_per_split: int):
     """bf16 x `(M, K)` -> (the x operand, its shifts, its sums, a zeroed float32 y `(M, N)`) for `splits` splits of
-    `k_per_split` columns (`qmatmul.split_k_x_kernel`; `k_width`: `operand_k_width`'s); unused ones are y."""
+    `k_per_split` columns (`qmatmul.split_k_x_kernel`); unused ones are y."""
     M, K = x.shape
     half = fmt in HALF_WEIGHT_FORMATS
     out = torch.empty((M, N), dtype=torch.float32, device=x.device)
@@ -134,8 +134,7 @@ def split_k_x(x: torch.Tensor, fmt: str, N: int, splits: int, k_per_split: int, 
     x_shifts = torch.empty((M, splits), dtype=torch.int32, device=x.device) if half else out
     x_sums = torch.empty((M, K // 8), dtype=torch.bfloat16, device=x.device) if fmt == "Q2_K" else out
     split_k_x_kernel[(M, splits)](x, x_operand, x_shifts, x_sums, out, N, K, k_per_split, triton.cdiv(N, splits),
-                                  FMT=FORMAT_IDS[fmt], HALF_WEIGHTS=half, OPERAND_K_WIDTH=k_width,
-                                  BLOCK=SPLIT_K_X_BLOCK)
+                                  FMT=FORMAT_IDS[fmt], HALF_WEIGHTS=half, BLOCK=SPLIT_K_X_BLOCK)
     return x_operand, x_shifts, x_sums, out
 
 
@@ -144,13 +143,6 @@ def split_k_form(cc: int) -> int:
     a 32-bit word an asm call on Hopper (wgmma), four bytes a register elsewhere, where that counts fewer (sm_80-89,
     mma.sync) or has not been analysed (sm_100 and up: the kernels' form before the word-wise one)."""
     return FUSED if cc == 90 else FUSED_BYTES
-
-
-def operand_k_width(cc: int) -> int:
-    """How many consecutive columns of each 16 the tensor cores' A operand gives a thread (`decode_planes.
-    in_operand_order`), as Triton lays out the integer tiles' on compute capability `cc`: 2 for wgmma (sm_90), 4 for
-    mma.sync (sm_80-89) and, not analysed, later GPUs."""
-    return 2 if cc == 90 else 4
 
 
 def split_k_config(fmt: str, layout: str, dtype_name: str, cc: int) -> dict:
@@ -224,7 +216,6 @@ INTERPRETER_GEMM = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=128, GROUP_N=4)
 INTERPRETER_SPLIT_K = dict(_SPLIT_K_BLOCKS, BLOCK_K=128)
 INTERPRETER_GEMV = dict(BLOCK_N=32, BLOCK_K=128)
 INTERPRETER_SPLIT_K_FORM = FUSED  # tests/test_triton_kernels.py runs FUSED_BYTES too
-INTERPRETER_OPERAND_K_WIDTH = 2  # and 4
 # activation dtype -> (its name in the tile tables, the tl.dot operand type)
 DTYPES = {torch.float16: ("fp16", tl.float16), torch.bfloat16: ("bf16", tl.bfloat16),
           torch.float32: ("fp32", tl.float32)}
@@ -337,12 +328,10 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
                 weight.format, weight.layout, dtype_name, state.compute_capability(x.device))
             grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
             form = INTERPRETER_SPLIT_K_FORM if interpreting() else split_k_form(state.compute_capability(x.device))
-            k_width = INTERPRETER_OPERAND_K_WIDTH if interpreting() else operand_k_width(
-                state.compute_capability(x.device))
             half = uses_half_weights(weight.format, weight.layout, dtype_name)
             prepared = prepares_split_k_x(weight.format, weight.layout, dtype_name)
             if prepared:
-                x_operand, x_shifts, x_sums, out = split_k_x(x, weight.format, N, grid[1], k_per_split, k_width)
+                x_operand, x_shifts, x_sums, out = split_k_x(x, weight.format, N, grid[1], k_per_split)
             else:
                 out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
                 x_operand, x_shifts, x_sums = x, out, out
@@ -350,8 +339,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
                              weight.raw.shape[1], k_per_split, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias,
                              DOT_DTYPE=tl.float16 if half else dot_dtype, EVEN=even_tiles(weight.layout, N, K, cfg),
                              FORM=form, HALF_WEIGHTS=half, X_SHIFTS=half and prepared,
-                             INT_TILES=uses_int_tiles(weight.format, weight.layout, dtype_name),
-                             OPERAND_K_WIDTH=k_width, **cfg)
+                             INT_TILES=uses_int_tiles(weight.format, weight.layout, dtype_name), **cfg)
             return out.to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], out.stride(0))

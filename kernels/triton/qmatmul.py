@@ -243,8 +243,7 @@ def _sub_block_sums_hi_lo(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per_split, n_per_split,
-                     FMT: tl.constexpr, HALF_WEIGHTS: tl.constexpr, OPERAND_K_WIDTH: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     FMT: tl.constexpr, HALF_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
     """For one row of bf16 x and one K split of `qmv_kernel`: the x operand it multiplies where that is not x as
     given, made here once instead of by each of the split's programs (one an n-tile), and the split's share of the
     row of y zeroed for the split-K sums, which a launch of its own would otherwise do.
@@ -282,9 +281,9 @@ def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per
                 e = tl.arange(0, 16)[None, None, :]
                 x_operand = in_two_bit_order((tl.reshape(x, (1, BLOCK // 16, 16)).to(tl.float32)
                                               / two_bit_factors(e)).to(x.dtype))
-                x_operand = in_operand_order(tl.reshape(x_operand, (BLOCK // 128, 128)), 16, OPERAND_K_WIDTH)
+                x_operand = in_operand_order(tl.reshape(x_operand, (BLOCK // 128, 128)), 16)
             else:
-                x_operand = transpose_4x4(x)
+                x_operand = in_operand_order(tl.reshape(transpose_4x4(x), (BLOCK // 128, 128)), 32)
             tl.store(xo_ptr + row * K + k, tl.reshape(x_operand, (BLOCK,)), mask=k < k_end)
             if FMT == Q2_K:
                 s = k0 // 8 + tl.arange(0, BLOCK // 8)
@@ -294,15 +293,20 @@ def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per
 
 
 @triton.jit
-def _q2_k_int_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m, M, K, k0, products, min_products,
-                   DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, K_WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Q2_K's 128-deep tile at k0 (`decode_planes.q2_k_int_tiles`) times x, its mins times x's sums per sub-block,
-    added to `products` and `min_products` (None: zero), unscaled; and the tile's d and dmin."""
-    w, mins, d, dmin = q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, K_WIDTH, BLOCK_N, 128)
+def _int_tile_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m, M, K, k0, products, min_products,
+                   FMT: tl.constexpr, DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Q3_K's or Q2_K's integer tile at k0, 128 deep (`decode_planes.q3_k_int_tile`, `q2_k_int_tiles`), times x,
+    added to `products` (None: zero), unscaled, and Q2_K's mins times x's sums per sub-block likewise to
+    `min_products`; and the tile's d and Q2_K's dmin (Q3_K: d again)."""
+    if FMT == Q2_K:
+        w, mins, d, dmin = q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, 128)
+        sums = _split_k_x(x_sums_ptr, m, M, K // 8, k0 // 8, True, 16)
+        min_products = tl.dot(mins.to(DOT_DTYPE), tl.trans(sums.to(DOT_DTYPE)), min_products, input_precision="ieee")
+    else:
+        w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, 128)
+        dmin = d
     x = _split_k_x(x_ptr, m, M, K, k0, EVEN, 128)
     products = tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), products, input_precision="ieee")
-    sums = _split_k_x(x_sums_ptr, m, M, K // 8, k0 // 8, True, 16)
-    min_products = tl.dot(mins.to(DOT_DTYPE), tl.trans(sums.to(DOT_DTYPE)), min_products, input_precision="ieee")
     return products, min_products, d, dmin
 
 
@@ -310,8 +314,7 @@ def _q2_k_int_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m, M, K, 
 def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, X_SHIFTS: tl.constexpr,
-               INT_TILES: tl.constexpr, OPERAND_K_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               INT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
     tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s.
     `FORM`: FUSED or FUSED_BYTES (`decode_planes`), which counts fewer on mma.sync GPUs.
@@ -347,20 +350,16 @@ def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_p
     for k0 in range(k_start, k_end, BLOCK_K):
         # each tile's x loads after its weight is decoded: loaded first, it held registers through the decode and
         # the mma.sync GPUs' float decode counted more (sm_80, Q4_1: 4.66 against 4.83, Q8_0 4.31 against 4.45)
-        if INT_TILES and (FMT == Q2_K):
-            products, min_products, d, dmin = _q2_k_int_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m,
-                                                             M, K, k0, None, None, DOT_DTYPE, EVEN, OPERAND_K_WIDTH,
-                                                             BLOCK_N)
-            if BLOCK_K == 256:  # the super-block's other half, under the same d and dmin
-                products, min_products, _, _ = _q2_k_int_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m,
-                                                              M, K, k0 + 128, products, min_products, DOT_DTYPE, EVEN,
-                                                              OPERAND_K_WIDTH, BLOCK_N)
+        if INT_TILES:
+            products, min_products, d, dmin = _int_tile_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m, M,
+                                                             K, k0, None, None, FMT, DOT_DTYPE, EVEN, BLOCK_N)
+            if BLOCK_K == 256:  # the super-block's other half, under the same d (and dmin)
+                products, min_products, _, _ = _int_tile_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m,
+                                                              M, K, k0 + 128, products, min_products, FMT, DOT_DTYPE,
+                                                              EVEN, BLOCK_N)
             acc += products * d
-            acc -= min_products * dmin
-        elif INT_TILES:
-            w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, BLOCK_K)
-            x = _split_k_x(x_ptr, m, M, K, k0, EVEN, BLOCK_K)
-            acc += tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), input_precision="ieee") * d
+            if FMT == Q2_K:
+                acc -= min_products * dmin
         else:
             if HALF_WEIGHTS:
                 w = iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, power_of_two(w_shift)[:, None],
