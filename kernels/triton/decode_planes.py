@@ -665,23 +665,36 @@ def iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, fac
 
 
 @triton.jit
-def q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Q3_K's 128-deep tile as the bf16 integers (code - 4) * (scale - 32), `[BLOCK_N, 128]` with each 16 columns in
-    4 x 4 transposed order (`float_bits.three_bit_ints`) and then the tile's in `in_operand_order`, and
-    its super-block's d, `[BLOCK_N, 1]` float32: the weights are d times them, exactly the reference's float32 ones.
-    As `q2_k_int_tiles`, a thread loads the words of the two sub-blocks the tensor cores' operand gives it and
-    their scales' bytes (`_in_operand_rows`), and the shifts that take those to the scales, which depend on the
-    thread and the tile's half of the super-block, come from the lookup table (`float_bits.Q3_K_SCALE_SHIFTS`):
-    computed from either, they would keep the tile from the operand's registers."""
-    tl.static_assert(BLOCK_K == 128, "8 sub-blocks a tile")
+def q3_k_scale_bits(w_ptr, rows, k0, K, n_mask):
+    """The bytes of Q3_K's 6-bit scales that `q3_k_int_tile` takes, of the super-block of column k0: for the two
+    sub-blocks of each half the tensor cores' operand gives a thread (2 q and 2 q + 1 of the half), their low bits
+    (bytes 2 q and 2 q + 1: a nibble each half) and their top bits (bytes 8 + 2 (q % 2) and 9 + 2 (q % 2)), a 16-bit
+    load each (`_in_operand_rows`), `[BLOCK_N, 4]` int32: one load serves both halves."""
     nb = K // 256  # hmask: third bits | qs: low 2 bits | 12 bytes of 6-bit scales | d
-    s, _, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
-    low_plane = _plane_bytes(nb, 32)
-    scale_plane = low_plane + _plane_bytes(nb, 64)
-    d = _k_quant_d(w_ptr, rows + scale_plane + _plane_bytes(nb, 12), s, s_mask)
-    q = tl.arange(0, 4)[None, :]  # sub-blocks 2 q, 2 q + 1 of the half, a 16-bit load of the 12 bytes each
+    s, _, s_mask = _sub_blocks(k0, K, n_mask, 16, 128)
+    scale_plane = _plane_bytes(nb, 32) + _plane_bytes(nb, 64)
+    q = tl.arange(0, 4)[None, :]
     low_bits = _in_operand_rows(w_ptr, rows + scale_plane, 6 * s + q, s_mask, tl.uint16).to(tl.int32)
     top_bits = _in_operand_rows(w_ptr, rows + scale_plane, 6 * s + 4 + (q & 1), s_mask, tl.uint16).to(tl.int32)
+    return low_bits, top_bits
+
+
+@triton.jit
+def q3_k_int_tile(w_ptr, rows, k0, K, n_mask, scale_bits, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Q3_K's 128-deep tile as the bf16 integers (code - 4) * (scale - 32), `[BLOCK_N, 128]` with each 16 columns in
+    4 x 4 transposed order (`float_bits.three_bit_ints`) and then the tile's in `in_operand_order`, and its
+    super-block's d, `[BLOCK_N, 1]` float32: the weights are d times them, exactly the reference's float32 ones.
+    As `q2_k_int_tiles`, a thread loads the words of the two sub-blocks the tensor cores' operand gives it, and
+    takes their scales from `scale_bits` (`q3_k_scale_bits`) by shifts that depend on the thread and the tile's
+    half of the super-block, from the lookup table (`float_bits.Q3_K_SCALE_SHIFTS`): computed from either, they
+    would keep the tile from the operand's registers."""
+    tl.static_assert(BLOCK_K == 128, "8 sub-blocks a tile")
+    nb = K // 256
+    s, _, s_mask = _sub_blocks(k0, K, n_mask, 16, BLOCK_K)
+    low_plane = _plane_bytes(nb, 32)
+    d = _k_quant_d(w_ptr, rows + low_plane + _plane_bytes(nb, 64) + _plane_bytes(nb, 12), s, s_mask)
+    low_bits, top_bits = scale_bits
+    q = tl.arange(0, 4)[None, :]
     half = (k0 >> 7) & 1
     shifts = (tables_ptr + Q3_K_SCALE_SHIFTS_AT).to(tl.pointer_type(tl.int32))
     low_shift = tl.load(shifts + half + tl.zeros((1, 1), tl.int32))

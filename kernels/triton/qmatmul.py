@@ -24,11 +24,11 @@ the 128 form, one multiply-add an element (`decode_planes_tile`).
 import triton
 import triton.language as tl
 
-from kernels.triton.decode import Q2_K, decode_tile
+from kernels.triton.decode import Q2_K, Q3_K, decode_tile
 from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, decode_planes_parts,
                                           decode_planes_tile_as, has_biased_form, has_offset, iq4_half_tile,
                                           in_operand_order, iq4_row_shifts, q2_k_int_tiles, q3_k_int_tile,
-                                          sub_block_pairs_in_operand_order, sub_block_size)
+                                          q3_k_scale_bits, sub_block_pairs_in_operand_order, sub_block_size)
 from kernels.triton.float_bits import in_two_bit_order, power_of_two, two_bit_factors
 from kernels.triton.int_gemv import int_sums, transpose_4x4, x_shift
 
@@ -294,16 +294,16 @@ def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per
 
 @triton.jit
 def _int_tile_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m, M, K, k0, products, min_products,
-                   FMT: tl.constexpr, DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Q3_K's or Q2_K's integer tile at k0, 128 deep (`decode_planes.q3_k_int_tile`, `q2_k_int_tiles`), times x,
-    added to `products` (None: zero), unscaled, and Q2_K's mins times x's sums per sub-block likewise to
-    `min_products`; and the tile's d and Q2_K's dmin (Q3_K: d again)."""
+                   scale_bits, FMT: tl.constexpr, DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Q3_K's or Q2_K's integer tile at k0, 128 deep (`decode_planes.q3_k_int_tile`, with its super-block's
+    `scale_bits`; `q2_k_int_tiles`), times x, added to `products` (None: zero), unscaled, and Q2_K's mins times x's
+    sums per sub-block likewise to `min_products`; and the tile's d and Q2_K's dmin (Q3_K: d again)."""
     if FMT == Q2_K:
         w, mins, d, dmin = q2_k_int_tiles(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, 128)
         sums = _split_k_x(x_sums_ptr, m, M, K // 8, k0 // 8, True, 16)
         min_products = tl.dot(mins.to(DOT_DTYPE), tl.trans(sums.to(DOT_DTYPE)), min_products, input_precision="ieee")
     else:
-        w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N, 128)
+        w, d = q3_k_int_tile(w_ptr, rows, k0, K, n_mask, scale_bits, tables_ptr, BLOCK_N, 128)
         dmin = d
     x = _split_k_x(x_ptr, m, M, K, k0, EVEN, 128)
     products = tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), products, input_precision="ieee")
@@ -351,12 +351,16 @@ def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_p
         # each tile's x loads after its weight is decoded: loaded first, it held registers through the decode and
         # the mma.sync GPUs' float decode counted more (sm_80, Q4_1: 4.66 against 4.83, Q8_0 4.31 against 4.45)
         if INT_TILES:
+            scale_bits = None
+            if FMT == Q3_K:
+                scale_bits = q3_k_scale_bits(w_ptr, rows, k0, K, n_mask)
             products, min_products, d, dmin = _int_tile_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m, M,
-                                                             K, k0, None, None, FMT, DOT_DTYPE, EVEN, BLOCK_N)
-            if BLOCK_K == 256:  # the super-block's other half, under the same d (and dmin)
+                                                             K, k0, None, None, scale_bits, FMT, DOT_DTYPE, EVEN,
+                                                             BLOCK_N)
+            if BLOCK_K == 256:  # the super-block's other half, under the same d (and dmin, scale bits)
                 products, min_products, _, _ = _int_tile_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m,
-                                                              M, K, k0 + 128, products, min_products, FMT, DOT_DTYPE,
-                                                              EVEN, BLOCK_N)
+                                                              M, K, k0 + 128, products, min_products, scale_bits, FMT,
+                                                              DOT_DTYPE, EVEN, BLOCK_N)
             acc += products * d
             if FMT == Q2_K:
                 acc -= min_products * dmin
