@@ -73,9 +73,10 @@ SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for d
                       if (fmt, dtype) != ("Q2_K", "bf16")},
                    ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (80, 90)}
 
-# Planes formats whose split-K tile is deeper than SPLIT_K_CONFIGS', for which activation dtypes. Q2_K's integer tiles
-# (bf16 activations): a 256-deep tile is a whole super-block, whose d and dmin scale the sums once, two multiply-adds
-# an output a thread where two 128-deep tiles took four (sm_90, clocks a weight element: 2.62 -> 2.48).
+# Planes formats whose split-K tile is deeper than SPLIT_K_CONFIGS', for which activation dtypes. The integer tiles
+# (bf16 activations): a 256-deep tile is a whole super-block, whose d (and Q2_K's dmin) scale the sums once, and
+# whose scale bytes Q3_K loads once (scheduler clocks a weight element against 128 deep, sm_90: Q2_K 2.55 -> 2.35,
+# Q3_K 3.66 -> 3.20; sm_80: 2.87 -> 2.60, 3.66 -> 3.39).
 SPLIT_K_DEPTHS = {("Q2_K", "bf16"): 256, ("Q3_K", "bf16"): 256}
 
 # Formats (in planes) whose split-K kernel, for fp16 and bf16 activations, multiplies f16 weights
@@ -103,7 +104,10 @@ def uses_half_weights(fmt: str, layout: str, dtype_name: str) -> bool:
 # reference's float32 ones, not rounded to bf16. fp16 x keeps the float decode: there Q3_K's 12 s is not exact.
 # Q2_K's fields 0-2 are decoded where they lie, 1, 4 and 16 times their value, and x's columns come divided by
 # those (`float_bits.two_bit_ints`, `split_k_x`); Q3_K's tiles are decoded 32 elements an asm call, its third bits
-# as the planes hold them (`kernels.repack.PLANE_ORDERS`).
+# as the planes hold them (`kernels.repack.PLANE_ORDERS`). Both are decoded where the tensor cores' operand wants
+# them, each thread the words it holds there (`decode_planes.in_operand_order`, x in the same order from
+# `split_k_x`), where Triton took them there through shared memory (sm_90, 128 deep: Q3_K 3.69 -> 3.66, Q2_K 2.87
+# -> 2.55; sm_80 3.75 -> 3.66, 3.19 -> 2.87).
 INT_TILE_FORMATS = frozenset({"Q3_K", "Q2_K"})
 
 
