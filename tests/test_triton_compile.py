@@ -32,10 +32,10 @@ def subset():
     # both orders, on the oldest and newest
     jobs += [("gemv", fmt, "bf16", 0, cc, "planes") for fmt in sorted(INT_DOT_FORMATS) for cc in (80, 90)]
     jobs += [("quantize_x", fmt, "bf16", 0, cc, "planes") for fmt in ("Q2_K", "IQ4_NL") for cc in (80, 90)]
-    # the split-K kernel's f16 weights with fp16 x (`ops.uses_half_weights`; IQ4_XS with bf16 x above) and its
-    # integer tiles (`ops.uses_int_tiles`), masked
-    jobs += [("qmv", fmt, dtype, 0, cc, "planes") for fmt, dtype in (("IQ4_NL", "fp16"), ("Q3_K", "bf16"),
-                                                                     ("Q2_K", "bf16")) for cc in (80, 90)]
+    # the split-K kernel's f16 weights with fp16 x (`ops.uses_half_weights`; IQ4_XS with bf16 x above), masked, and
+    # its integer tiles (`ops.uses_int_tiles`, 256 deep), masked and not
+    jobs += [("qmv", "IQ4_NL", "fp16", 0, cc, "planes") for cc in (80, 90)]
+    jobs += [("qmv", fmt, "bf16", even, cc, "planes") for fmt in ("Q3_K", "Q2_K") for even in (0, 1) for cc in (80, 90)]
     # the kernel preparing their bf16 x, in its three forms
     jobs += [("split_k_x", fmt, "bf16", 0, cc, "planes") for fmt in ("IQ4_NL", "Q3_K", "Q2_K") for cc in (80, 90)]
     return jobs
