@@ -64,13 +64,13 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
 # and Q2_K decode 16 elements an asm call (`float_bits`), and in 4 warps the decoded tile left a thread with elements
 # too far apart in its registers for vector stores: 16-bit stores of every element to shared memory on the way to
 # the tensor cores (sm_90 per element: Q3_K 7.27 against 6.23, Q2_K 5.73 against 4.66; Q3_K also spilled 12 bytes
-# on sm_80); Q2_K's integer tiles (bf16 activations, `INT_TILE_FORMATS`) count fewer in 4 (sm_90: 2.87 against
-# 3.36 clocks). In 4, NF4 with fp16 activations spilled 12 bytes on sm_86/89 (with bf16 it takes
-# `float_bits.code_book_bf16` and fits in 4), Q8_0 with fp32 activations 8 bytes on sm_90 and, with its bytes in the
-# 128 form, 28 on sm_80.
+# on sm_80). Their integer tiles (bf16 activations, `INT_TILE_FORMATS`), decoded in the operand's order, count fewer
+# in 4 (sm_90 scheduler clocks an element, 256 deep: Q2_K 2.35 against 2.59, Q3_K 2.99 against 3.20; sm_80 2.60
+# against 2.95, 3.16 against 3.39; at most 194 registers, no spills). In 4, NF4 with fp16 activations spilled 12
+# bytes on sm_86/89 (with bf16 it takes `float_bits.code_book_bf16` and fits in 4), Q8_0 with fp32 activations 8
+# bytes on sm_90 and, with its bytes in the 128 form, 28 on sm_80.
 _ALL_ARCHS = (80, 86, 89, 90)
-SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for dtype in ("fp16", "bf16", "fp32")
-                      if (fmt, dtype) != ("Q2_K", "bf16")},
+SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for dtype in ("fp16", "fp32")},
                    ("NF4", "fp16"): (86, 89), ("Q8_0", "fp32"): (80, 90)}
 
 # Planes formats whose split-K tile is deeper than SPLIT_K_CONFIGS', for which activation dtypes. The integer tiles
