@@ -251,8 +251,9 @@ def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per
     `HALF_WEIGHTS`: x times 2^shift in f16, exact down to 2^-28 of the largest, where the shift (`int_gemv.x_shift`,
     the row's per split at `x_shifts_ptr`) takes the split's largest |x| into [2^14, 2^15). Else (`INT_TILES`): x's
     columns in the order of the tiles': Q3_K's 4 x 4 transposed (`int_gemv.transpose_4x4`), Q2_K's
-    `float_bits.in_two_bit_order` divided by `two_bit_factors` (powers of two: exact), and for Q2_K the sums of x over
-    each 16 columns as bf16 high and low parts (`_sub_block_sums_hi_lo`, `K // 8` a row at `x_sums_ptr`)."""
+    `float_bits.in_two_bit_order` divided by `two_bit_factors` (powers of two: exact), then each 128 in the tensor
+    cores' operand order (`decode_planes.in_operand_order`), and for Q2_K the sums of x over each 16 columns as bf16
+    high and low parts (`_sub_block_sums_hi_lo`, `K // 8` a row at `x_sums_ptr`, `sub_block_pairs_in_operand_order`)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_end = tl.minimum((split + 1) * n_per_split, N)
@@ -327,10 +328,11 @@ def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_p
     comes as `split_k_x_kernel` makes it: in f16, each row times a power of two (`x_shifts_ptr`) the sums lose too.
 
     `INT_TILES` (Q3_K, Q2_K in planes, bf16 x): each tile's (code - 4) * (scale - 32) (Q3_K) or code * scale times
-    1, 4 or 16 (Q2_K), bf16 integers (`decode_planes.q3_k_int_tile`, `q2_k_int_tiles`), times x with its columns in
-    the same order (and Q2_K's divided by the same factors), the sum scaled by the super-block's d; Q2_K's mins times x's sums per sub-block (bf16 high and
-    low parts at `x_sums_ptr`), scaled by dmin, subtracted: the reference's float32 weights exactly. x and its sums
-    come from `split_k_x_kernel`."""
+    1, 4 or 16 (Q2_K), bf16 integers (`decode_planes.q3_k_int_tile`, `q2_k_int_tiles`) decoded in the tensor cores'
+    operand order, times x with its columns in the same order (and Q2_K's divided by the same factors), the sum
+    scaled by the super-block's d; Q2_K's mins times x's sums per sub-block (bf16 high and low parts at
+    `x_sums_ptr`), scaled by dmin, subtracted: the reference's float32 weights exactly. x and its sums come from
+    `split_k_x_kernel`. BLOCK_K 128 (half a super-block) or 256 (`ops.SPLIT_K_DEPTHS`: d and dmin applied once)."""
     tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
