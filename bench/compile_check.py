@@ -82,7 +82,7 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
     from kernels.triton.decode import FORMAT_IDS
     from kernels.triton.ops import (DEQUANT_CONFIG, GEMV_CONFIGS, QUANTIZE_X_BLOCK, SPLIT_K_X_BLOCK, gemm_configs,
                                     prepares_split_k_x, split_k_config, split_k_form, transposes_x,
-                                    uses_half_weights, uses_int_dots, uses_int_tiles)
+                                    uses_half_weights, uses_half_x, uses_int_dots, uses_int_tiles, uses_level_tiles)
 
     act = f"*{dtype}"
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
@@ -95,11 +95,11 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
         constexprs = {"TRANSPOSE_4X4": transposes_x(fmt), "BLOCK": QUANTIZE_X_BLOCK}
     elif kernel_name == "split_k_x":
         kernel, num_warps, num_stages = qmatmul.split_k_x_kernel, 4, 1
-        half = uses_half_weights(fmt, layout, dtype)
+        half = uses_half_x(fmt, layout, dtype)
         signature = {"x_ptr": act, "xo_ptr": "*fp16" if half else act, "x_shifts_ptr": "*i32" if half else "*fp32",
                      "x_sums_ptr": "*bf16" if fmt == "Q2_K" else "*fp32", "y_ptr": "*fp32", "N": "i32", "K": "i32",
                      "k_per_split": "i32", "n_per_split": "i32"}
-        constexprs = {"FMT": FORMAT_IDS[fmt], "HALF_WEIGHTS": half, "BLOCK": SPLIT_K_X_BLOCK}
+        constexprs = {"FMT": FORMAT_IDS[fmt], "HALF_X": half, "BLOCK": SPLIT_K_X_BLOCK}
     elif kernel_name == "dequant":
         kernel, num_warps, num_stages = qmatmul.dequant_kernel, DEQUANT_CONFIG["num_warps"], 1
         options["enable_fp_fusion"] = DEQUANT_CONFIG["enable_fp_fusion"]
@@ -127,15 +127,17 @@ def compile_kernel(kernel_name: str, fmt: str, dtype: str, config_index: int, cc
             kernel = qmatmul.qmv_kernel
             config = split_k_config(fmt, layout, dtype, cc)
             num_warps, num_stages = config["num_warps"], config["num_stages"]
-            half = uses_half_weights(fmt, layout, dtype)
+            half = uses_half_x(fmt, layout, dtype)
             prepared = prepares_split_k_x(fmt, layout, dtype)
             signature = {"x_ptr": "*fp16" if half and prepared else act,
                          "x_shifts_ptr": "*i32" if half and prepared else "*fp32",
                          "x_sums_ptr": "*bf16" if prepared and fmt == "Q2_K" else "*fp32"} | {
                 name: kind for name, kind in signature.items() if name != "x_ptr"}
             signature["k_per_split"] = "i32"
-            constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc), "HALF_WEIGHTS": half,
-                           "X_SHIFTS": half and prepared, "INT_TILES": uses_int_tiles(fmt, layout, dtype)} | {
+            constexprs |= {"EVEN": bool(config_index), "FORM": split_k_form(cc),
+                           "HALF_WEIGHTS": uses_half_weights(fmt, layout, dtype), "X_SHIFTS": half and prepared,
+                           "INT_TILES": uses_int_tiles(fmt, layout, dtype),
+                           "LEVEL_TILES": uses_level_tiles(fmt, layout, dtype)} | {
                 k: v for k, v in config.items() if k.startswith("BLOCK")}
             if half:
                 constexprs["DOT_DTYPE"] = tl.float16

@@ -4,8 +4,9 @@
 
 Each kernel launch `quant_linear` makes with bf16 activations (the GEMM for M > 16 in each tile its autotuner tries,
 the split-K tensor-core GEMV for 1 < M <= 16 (for `kernels.triton.ops.HALF_WEIGHT_FORMATS` without its short pass
-over the weight's row scales before the loop, and with bf16 x for those and `INT_TILE_FORMATS` without
-`split_k_x_kernel`, which prepares x once and zeroes y, in place of the launch that zeroes y), the FMA GEMV for M = 1 (on integer dot products for
+over the weight's row scales before the loop, and with bf16 x for those, `INT_TILE_FORMATS` and `LEVEL_TILE_FORMATS`
+without `split_k_x_kernel`, which prepares x once and zeroes y, in place of the launch that zeroes y), the FMA GEMV
+for M = 1 (on integer dot products for
 `kernels.triton.ops.INT_DOT_FORMATS`, without the launch that rounds x to 16 bits first; NF4 the split-K there too,
 `kernels.triton.ops.SPLIT_K_AT_M_1`), the dequantize kernel of "dequantize + matmul")
 is compiled for the architecture as Triton's JIT

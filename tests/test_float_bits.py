@@ -11,8 +11,9 @@ import torch
 
 from kernels.formats import IQ4_VALUES, NF4_VALUES
 from kernels.triton.float_bits import (BF16_INT_WORDS_AT, BYTE_SELECTOR, HALF_BITS_AT, HALF_WORDS_AT,
-                                       IQ4_INT8_WORDS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS, NF4_WORDS_AT,
-                                       PTX_SOURCES, _assemble, _shift_right_ptx)
+                                       IQ4_INT8_WORDS_AT, IQ4_VALUES_AT, IQ4_WORDS_AT, LOOKUP_WORDS,
+                                       NF4_HALF_VALUES_AT, NF4_HALF_WORDS, NF4_HALF_WORDS_AT, NF4_LEVEL_SCALE,
+                                       NF4_WORDS_AT, PTX_SOURCES, _assemble, _shift_right_ptx, sum_tables)
 from kernels.triton.int_gemv import _dp2a_ptx
 
 MASK = 0xFFFFFFFF
@@ -90,6 +91,7 @@ def f16x2(operation):
 OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
        "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
        "mul.hi.u32": lambda a, b: (a * b) >> 32,
+       "add.u32": lambda a, b: a + b, "mad.lo.u32": lambda a, b, c: a * b + c,
        "mov.b32": lambda a: a, "prmt.b32": prmt, "dp2a.lo.s32.s32": dp2a(False), "dp2a.hi.s32.s32": dp2a(True),
        "mul.f32": lambda a, b: bits_of(float32_of(a) * float32_of(b)),  # round to nearest, subnormals kept
        # d = {a rounded in the upper half, b in the lower}
@@ -324,6 +326,52 @@ def test_iq4_half_weights_every_code_in_every_position(seed):
             out = run_ptx(PTX_SOURCES["iq4 f16"], {"$8": word, "$9": bits | (bits << 16), **words})
             expected = (np.asarray(IQ4_VALUES, dtype=np.float32)[codes] * np.float32(scale)).astype(np.float16)
             assert [out[f"${e}"] for e in range(8)] == [int(v) for v in expected.view(np.uint16)], scale
+
+
+def nf4_half_levels_expected() -> list[int]:
+    """f16(NF4_LEVEL_SCALE * value) by torch's rounding (float32 product, then f16), zero as -0."""
+    scaled = torch.tensor(NF4_VALUES, dtype=torch.float32) * torch.tensor(NF4_LEVEL_SCALE, dtype=torch.float32)
+    bits = [int(b) & 0xFFFF for b in scaled.to(torch.float16).view(torch.int16)]
+    return [0x8000 if value == 0 else b for value, b in zip(NF4_VALUES, bits)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nf4_half_levels_every_code_in_every_position(seed):
+    """NF4's f16 levels for the split-K kernel (`qmatmul.qmv_kernel`'s LEVEL_TILES): two lookups and a sum a byte,
+    every code in every position, and every pair of codes side by side (the sums' carries cross into the next
+    element's byte)."""
+    rng = np.random.default_rng(seed)
+    words = {f"${9 + i}": word for i, word in enumerate(LOOKUP_WORDS[NF4_HALF_WORDS_AT:NF4_HALF_WORDS_AT + 10])}
+    expected = nf4_half_levels_expected()
+    pairs = [(a, b) for a in range(16) for b in range(16)]
+    codings = [np.roll(np.arange(16), i)[:8] for i in range(16)] + [rng.integers(0, 16, 8) for _ in range(64)]
+    codings += [np.array([a, b] * 4) for a, b in pairs] + [np.array([7, a, b, 7, 8, b, a, 15]) for a, b in pairs[::5]]
+    for codes in codings:
+        word = sum(int(c) << (4 * e) for e, c in enumerate(codes))
+        out = run_ptx(PTX_SOURCES["nf4 half"], {"$8": word, **words})
+        assert [out[f"${e}"] for e in range(8)] == [expected[c] for c in codes], codes
+
+
+def test_nf4_half_levels_are_the_levels_to_f16_precision():
+    """The scaled levels divided by the scale are NF4's to within f16's rounding (2^-11 of each), and the portable
+    twin's table holds the same values as the asm's."""
+    expected = np.asarray(nf4_half_levels_expected(), dtype=np.uint16).view(np.float16).astype(np.float64)
+    levels = np.asarray(NF4_VALUES, dtype=np.float64)
+    assert (np.abs(expected / NF4_LEVEL_SCALE - levels) <= 2.0**-11 * np.abs(levels)).all()
+    portable = np.asarray(LOOKUP_WORDS[NF4_HALF_VALUES_AT:NF4_HALF_VALUES_AT + 16], dtype=np.uint32).view(np.float32)
+    assert (portable.astype(np.float64) == expected).all()
+    copies = [LOOKUP_WORDS[NF4_HALF_WORDS_AT + NF4_HALF_WORDS * q:NF4_HALF_WORDS_AT + NF4_HALF_WORDS * (q + 1)]
+              for q in range(4)]  # one a lane of the quad (`float_bits._words_by_quarter`)
+    assert copies[0] == copies[1] == copies[2] == copies[3]
+    assert len(LOOKUP_WORDS) == NF4_HALF_WORDS_AT + 4 * NF4_HALF_WORDS
+
+
+def test_sum_tables_refuse_entries_on_one_side_of_128():
+    assert sum_tables([0] * 8 + [200] * 8) == ([128] * 8, [73] * 8)
+    with pytest.raises(ValueError, match="straddle"):
+        sum_tables([3] * 16)
+    with pytest.raises(ValueError, match="straddle"):
+        sum_tables([0] * 8 + [255] * 8)
 
 
 def bf16_bits_of_int(value: int) -> int:

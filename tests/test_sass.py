@@ -105,11 +105,12 @@ def test_compiles_and_counts_a_kernel_for_sm_90():
 
 
 @pytest.mark.parametrize("cc", [80, 90])
-def test_integer_tiles_reach_the_tensor_cores_without_shared_memory(cc):
-    """Q2_K's and Q3_K's split-K tiles (bf16 activations) are decoded in the registers the tensor cores' operand
-    holds them in (`decode_planes.in_operand_order`): only x and Q2_K's sums, the B operand, go through shared
-    memory. Decoded where Triton laid out their loads, the tiles went there too: 0.27-0.46 shared-memory
-    instructions per weight element on sm_80 and sm_90, against 0.02-0.14 now."""
+def test_integer_and_level_tiles_reach_the_tensor_cores_without_shared_memory(cc):
+    """Q2_K's and Q3_K's integer tiles and NF4's level tiles in the split-K kernel (bf16 activations) are decoded in
+    the registers the tensor cores' operand holds them in (`decode_planes.in_operand_order`): only x and Q2_K's
+    sums, the B operand, and NF4's absmax go through shared memory. Decoded where Triton laid out their loads, the
+    tiles went there too: 0.27-0.46 shared-memory instructions per weight element on sm_80 and sm_90, against
+    0.02-0.14 now."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
@@ -118,9 +119,9 @@ def test_integer_tiles_reach_the_tensor_cores_without_shared_memory(cc):
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_compiler_process) as pool:
-        rows = [pool.submit(sass.analyse, ("qmv", fmt, cc, "planes", 1)).result() for fmt in ("Q2_K", "Q3_K")]
+        rows = [pool.submit(sass.analyse, ("qmv", fmt, cc, "planes", 1)).result() for fmt in ("Q2_K", "Q3_K", "NF4")]
     for row in rows:
-        assert row["block_k"] == 256 and row["spills"] == 0
+        assert row["block_k"] == (128 if row["format"] == "NF4" else 256) and row["spills"] == 0
         assert row["by_class"].get("shared", 0.0) < 0.2, row
 
 

@@ -32,12 +32,14 @@ def subset():
     # both orders, on the oldest and newest
     jobs += [("gemv", fmt, "bf16", 0, cc, "planes") for fmt in sorted(INT_DOT_FORMATS) for cc in (80, 90)]
     jobs += [("quantize_x", fmt, "bf16", 0, cc, "planes") for fmt in ("Q2_K", "IQ4_NL") for cc in (80, 90)]
-    # the split-K kernel's f16 weights with fp16 x (`ops.uses_half_weights`; IQ4_XS with bf16 x above), masked, and
-    # its integer tiles (`ops.uses_int_tiles`, 256 deep), masked and not
+    # the split-K kernel's f16 weights with fp16 x (`ops.uses_half_weights`; IQ4_XS with bf16 x above), masked, its
+    # integer tiles (`ops.uses_int_tiles`, 256 deep) and NF4's level tiles (`ops.uses_level_tiles`), masked and not
     jobs += [("qmv", "IQ4_NL", "fp16", 0, cc, "planes") for cc in (80, 90)]
-    jobs += [("qmv", fmt, "bf16", even, cc, "planes") for fmt in ("Q3_K", "Q2_K") for even in (0, 1) for cc in (80, 90)]
-    # the kernel preparing their bf16 x, in its three forms
-    jobs += [("split_k_x", fmt, "bf16", 0, cc, "planes") for fmt in ("IQ4_NL", "Q3_K", "Q2_K") for cc in (80, 90)]
+    jobs += [("qmv", fmt, "bf16", even, cc, "planes") for fmt in ("Q3_K", "Q2_K", "NF4") for even in (0, 1)
+             for cc in (80, 90)]
+    # the kernel preparing their bf16 x, in its four forms
+    jobs += [("split_k_x", fmt, "bf16", 0, cc, "planes") for fmt in ("IQ4_NL", "Q3_K", "Q2_K", "NF4")
+             for cc in (80, 90)]
     return jobs
 
 

@@ -214,12 +214,12 @@ def test_quantize_x_passes_infinities_and_nans_on():
     assert torch.isnan(quant_linear_triton(x.to(DEVICE), weight, None).cpu()).all()
 
 
-def _operand_columns(per_word):
-    """Where the tensor cores' A operand takes each column of a 128-deep tile of words of `per_word` elements from, as
-    `decode_planes.in_operand_order` promises: lane q of a quad holds columns 2 q, 2 q + 1, 2 q + 8, 2 q + 9 of each
-    16 and takes its words (32 / per_word of them) whole."""
-    words = 32 // per_word
-    source = np.empty(128, dtype=np.int64)
+def _operand_columns(per_word, depth=128):
+    """Where the tensor cores' A operand takes each column of a `depth`-deep tile of words of `per_word` elements
+    from, as `decode_planes.in_operand_order` promises: lane q of a quad holds columns 2 q, 2 q + 1, 2 q + 8, 2 q + 9
+    of each 16 and takes its words (depth / 4 / per_word of them) whole."""
+    words = depth // 4 // per_word
+    source = np.empty(depth, dtype=np.int64)
     for q in range(4):
         for h in range(words):
             for element in range(per_word):
@@ -229,10 +229,11 @@ def _operand_columns(per_word):
     return source
 
 
-@pytest.mark.parametrize("fmt", ["IQ4_NL", "Q2_K", "Q3_K"])
+@pytest.mark.parametrize("fmt", ["IQ4_NL", "NF4", "Q2_K", "Q3_K"])
 def test_split_k_x(fmt):
     """The split-K kernel's x for bf16 activations (`qmatmul.split_k_x_kernel`), per row and K split: for IQ4's f16
-    weights x times the power of two that takes the split's largest |x| into [2^14, 2^15), in f16; for Q3_K's
+    weights x times the power of two that takes the split's largest |x| into [2^14, 2^15), in f16, and for NF4's
+    level tiles the same with each 64 in the tensor cores' operand order (`_operand_columns`); for Q3_K's
     integer tiles x in 4 x 4 transposed order, for Q2_K's x in theirs, over their factors, then each 128 in the
     tensor cores' operand order (`_operand_columns`), and Q2_K's sums over each 16 as bf16 high and low parts that
     hold them to 2^-16 (2^-14 here: the interpreter truncates float32 to bf16, where GPUs round), sub-block 2 q +
@@ -245,14 +246,17 @@ def test_split_k_x(fmt):
     x = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
     x_operand, shifts, sums, y = (t.cpu() for t in ops.split_k_x(x.to(DEVICE), fmt, n, splits, k_per_split))
     assert torch.equal(y, torch.zeros(3, n))
-    if fmt == "IQ4_NL":
+    if fmt in ("IQ4_NL", "NF4"):
         assert x_operand.dtype == torch.float16 and shifts.shape == (3, splits)
         for split in range(splits):
             part = slice(split * k_per_split, (split + 1) * k_per_split)
             scaled = x[:, part].double() * 2.0 ** shifts[:, split].double()[:, None]
             largest = scaled.abs().amax(dim=1)
             assert ((largest >= 2**14) & (largest < 2**15)).all()
-            assert torch.equal(x_operand[:, part], scaled.half())
+            expected = scaled.half()
+            if fmt == "NF4":
+                expected = expected.view(3, -1, 64)[:, :, _operand_columns(8, 64)].reshape(3, -1)
+            assert torch.equal(x_operand[:, part], expected)
         return
     if fmt == "Q3_K":
         transposed = x.view(3, -1, 4, 4).transpose(2, 3).reshape(3, -1, 128)
@@ -429,6 +433,33 @@ def test_integer_tiles_multiply_the_reference_weights(fmt, odd, monkeypatch):
     exact = x.double() @ dense.double().T
     assert ((y - exact).abs() <= 2.0**-8 * exact.abs() + 2.0**-20 * (x.double().abs() @ dense.double().abs().T)).all()
     assert (y == exact.to(torch.bfloat16).double()).double().mean() >= 0.99
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["whole tiles", "odd"])
+def test_nf4_level_tiles_keep_11_bits_of_each_weight(odd, monkeypatch):
+    """NF4's split-K kernel with bf16 x (`ops.uses_level_tiles`): f16 levels times NF4_LEVEL_SCALE in the tensor
+    cores' operand order, x in f16 in the same order, each block's sums times its absmax, the whole divided by the
+    scale. Each weight is the reference's to within f16's rounding of its level (2^-11 of it), so the float32 sums
+    lie within 2^-11 of sum(|x w|) of the exact ones (and float32's 2^-20), and their error is 2^-12 - 2^-13 of the
+    result's norm, where bf16 weights (the reference's rounded, as the other kernels take them) leave about 2^-9.
+    Rows of x from 1e-30 to 1e30 (bf16's range) as well: f16 x is scaled by a power of two a row."""
+    assert ops.uses_level_tiles("NF4", "planes", "bf16") and not ops.uses_level_tiles("NF4", "planes", "fp16")
+    if odd:
+        n, k = ODD_N, 4 * odd_k("NF4")
+    else:  # the GPU tile on a weight it divides: no masked loads, 3 tiles a split
+        split_k = ops.split_k_config("NF4", "planes", "bf16", 90)
+        monkeypatch.setattr(ops, "INTERPRETER_SPLIT_K", {name: split_k[name] for name in ("BLOCK_N", "BLOCK_M",
+                                                                                           "BLOCK_K")})
+        n, k = 2 * split_k["BLOCK_N"], 34 * split_k["BLOCK_K"]
+    weight, dense = quantized_weight("NF4", n=n, k=k, layout="planes")
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.standard_normal((4, k)) * np.array([1.0, 1e-30, 1e30, 3.0])[:, None]).to(torch.bfloat16)
+    sums = ops.split_k_sums(x.to(DEVICE), weight, None).double().cpu()
+    exact = x.double() @ dense.double().T
+    assert ((sums - exact).abs() <= (2.0**-11 + 2.0**-20) * (x.double().abs() @ dense.double().abs().T)).all()
+    bf16_weights = x.double() @ dense.to(torch.bfloat16).double().T
+    error, bf16_error = ((s - exact).norm(dim=1) / exact.norm(dim=1) for s in (sums, bf16_weights))
+    assert (error <= 2.0**-11).all() and (bf16_error >= 2.0**-10).all(), (error, bf16_error)
 
 
 def test_half_weights_pass_infinities_and_nans_on():

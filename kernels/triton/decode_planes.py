@@ -23,9 +23,9 @@ from kernels.repack import PLANE_ALIGN as _PLANE_ALIGN
 from kernels.triton.decode import (FORMAT_IDS, IQ4_NL, IQ4_XS, NF4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                    Q6_K, Q8_0)
 from kernels.triton.float_bits import (Q3_K_SCALE_SHIFTS_AT, byte_float_bits, code_book_bf16, five_bit_float_bits,
-                                       int8_float_bits, iq4_half_weights, nf4_values, nibble_float_bits, shift_right,
-                                       six_bit_float_bits, three_bit_float_bits, three_bit_ints,
-                                       int_scale_pairs, two_bit_float_bits, two_bit_ints, bf16_halves)
+                                       int8_float_bits, iq4_half_weights, nf4_half_levels, nf4_values,
+                                       nibble_float_bits, shift_right, six_bit_float_bits, three_bit_float_bits,
+                                       three_bit_ints, int_scale_pairs, two_bit_float_bits, two_bit_ints, bf16_halves)
 
 PLANE_ALIGN = tl.constexpr(_PLANE_ALIGN)
 TWO_POW_23 = tl.constexpr(8388608.0)
@@ -131,14 +131,15 @@ def _in_operand_rows(w_ptr, base, index, mask, dtype: tl.constexpr):
 
 @triton.jit
 def in_operand_order(v, PER_WORD: tl.constexpr):
-    """`[R, 128]`: a 128-deep tile of words of `PER_WORD` elements each, word c at columns PER_WORD c on -> the
+    """`[R, C]`: a tile of words of `PER_WORD` elements each (C a multiple of 4 PER_WORD, 128 or 64 deep), word c at
+    columns PER_WORD c on -> the
     columns in the order in which the tensor cores' 16-bit A operand gives a thread its elements, so that a tile
     decoded a word an asm call needs no data moved between threads on its way there: words H q .. H q + H - 1 (H =
     32 / PER_WORD) go whole to the thread at lane q of their rows' quad, which holds columns 2 q, 2 q + 1, 2 q + 8
     and 2 q + 9 of each 16 (wgmma's layout, and mma.sync's as Triton lays out these tiles' operand: where it paired
     4 columns a lane, an earlier form of the loads, the tile took warp shuffles there). So word H q + h's element
-    4 j + 2 a + e goes to column 16 (PER_WORD / 4 h + j) + 8 a + 2 q + e."""
-    H: tl.constexpr = 128 // PER_WORD // 4
+    4 j + 2 a + e goes to column 16 (PER_WORD / 4 h + j) + 8 a + 2 q + e (H = C / PER_WORD / 4)."""
+    H: tl.constexpr = v.shape[1] // PER_WORD // 4
     return tl.reshape(tl.permute(tl.reshape(v, (v.shape[0], 4, H, PER_WORD // 4, 2, 2)), (0, 2, 3, 4, 1, 5)),
                       v.shape)
 
@@ -594,7 +595,8 @@ def decode_planes_tile_as(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_
     block's four words of codes load as two 128-bit halves of the same shape, so one thread holds the whole block,
     makes its four calls and builds the table once (ptxas shares it between calls with the same scale register);
     loaded as one tile of words, two a thread, it was built for every 32 elements (per element, sm_90: split-K
-    4.69 -> 4.18, GEMM 128x128x128 6.52 -> 6.12; sm_80: split-K 4.95 -> 4.37). The halves' join and its transpose
+    4.69 -> 4.18 (since replaced by `nf4_level_tile`), GEMM 128x128x128 6.52 -> 6.12; sm_80: split-K 4.95 ->
+    4.37). The halves' join and its transpose
     back into element order stay in registers there. Tiles with fewer elements a thread get no shared table and
     pay for the join: the 64-deep GEMM tiles (sm_90 128x128x64 7.59 -> 7.94, sm_80 8.94 -> 9.25), and the
     dequantize kernel's, 16 a thread, where they went through shared memory (10.4 -> 30.0)."""
@@ -662,6 +664,20 @@ def iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT: tl.constexpr, tables_ptr, fac
     codes = _code_words(w_ptr, rows + _code_book_plane(K, FMT), k0, K, n_mask, 8, BLOCK_K)
     pairs = _expand(_half_bits(d), BLOCK_N, BLOCK_K // 8, 4)  # a block's (sub-block's) 32 codes: 4 words
     return tl.reshape(iq4_half_weights(codes, pairs, tables_ptr), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def nf4_level_tile(w_ptr, rows, k0, K, n_mask, tables_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """NF4's tile at k0, at most a block deep, as f16 levels NF4_LEVEL_SCALE * value[code]
+    (`float_bits.nf4_half_levels`), `[BLOCK_N, BLOCK_K]` in `in_operand_order`, and its block's absmax,
+    `[BLOCK_N, 1]` float32: the weights are absmax / NF4_LEVEL_SCALE times them. A thread loads the code words the
+    tensor cores' operand gives it (`_in_operand_rows`) and decodes them in place, as `q2_k_int_tiles` does."""
+    tl.static_assert(BLOCK_K == 64, "one block a tile")
+    absmax, plane = _code_book_scales(w_ptr, rows, k0, K, n_mask, NF4, BLOCK_K)
+    m = (_first(k0, 8) + tl.arange(0, BLOCK_K // 8))[None, :]
+    codes = _in_operand_rows(w_ptr, rows + plane, m, _within(n_mask, m, K // 8), tl.int32)
+    levels = tl.reshape(nf4_half_levels(codes, tables_ptr), (BLOCK_N, BLOCK_K))
+    return in_operand_order(levels, 8), absmax
 
 
 @triton.jit

@@ -17,7 +17,7 @@ table held in four registers), where Triton's own code would extract every byte,
 6-bit codes come as a 32-bit word of low bits with their high bits, 16 or 8 elements an asm call, the high bits
 merged before the conversion. The byte tables reach the asm as operands loaded from the kernels' lookup table
 (`LOOKUP_WORDS`). NF4 and IQ4 bound for bf16 look each weight up whole in its block's 16 possible weights
-(`code_book_bf16`).
+(`code_book_bf16`); NF4's split-K kernel looks its f16 levels up in fixed tables instead (`nf4_half_levels`).
 
 Each function has a portable twin in plain Triton, taken under Triton's interpreter (which runs no assembly) and on
 GPUs that are not NVIDIA's. `PTX_SOURCES` holds the assembly as text: tests/test_float_bits.py runs it through a
@@ -241,6 +241,71 @@ def _two_bit_ints_ptx() -> str:
     return _assemble(lines)
 
 
+# NF4's levels as the split-K kernel's f16 operands (`nf4_half_levels`): f16(NF4_LEVEL_SCALE * value), zero as -0
+# (0x8000), the block's absmax / NF4_LEVEL_SCALE applied to the sums. NF4_LEVEL_SCALE is the float32 in [1, 2), on a
+# grid of 2^-20, whose levels' bytes take `sum_tables` (every low byte and every high byte of levels k and k + 8
+# straddle 128) with the least relative error: 0.502 2^-11 (f16 rounds to within 2^-11 of any value).
+NF4_LEVEL_SCALE = float(np.float32(1.7199488))
+
+
+def nf4_half_level_bits() -> list[int]:
+    """The 16 f16 bit patterns of NF4's scaled levels (`NF4_LEVEL_SCALE`), the zero as -0: the codes below 8 (the
+    negative levels and the zero) then have the sign bit set, those from 8 on (the positive ones) not."""
+    scaled = (np.float32(NF4_LEVEL_SCALE) * np.asarray(NF4_VALUES, dtype=np.float32)).astype(np.float16)
+    return [0x8000 if level == 0 else int(bits) for level, bits in zip(NF4_VALUES, scaled.view(np.uint16))]
+
+
+def sum_tables(table) -> tuple[list[int], list[int]]:
+    """A 16-entry byte table whose entries k and k + 8 straddle 128 (one below it, the other from 128 to 254) -> the
+    8-entry tables a and b for which, for every code c, prmt's pick from a with selector c plus its pick from b with
+    selector c ^ 8 is table[c] + 128. Selector bit 3 makes prmt replicate the picked byte's top bit (0x00 or 0xFF):
+    a code below 8 picks a[c] and b[c]'s sign, one from 8 on a[c - 8]'s sign and b[c - 8]; so the entry below 128
+    goes to its table + 128 (top bit set), the other to its table - 127 (from 1 to 127). Four bytes at a time, as
+    32-bit words, a + b - 0x80808080 is then the four entries, carries between the bytes' sums included: no select
+    between the halves."""
+    a, b = [], []
+    for low, high in zip(table[:8], table[8:]):
+        if low < 128 <= high <= 254:
+            a.append(low + 128)
+            b.append(high - 127)
+        elif high < 128 <= low <= 254:
+            a.append(low - 127)
+            b.append(high + 128)
+        else:
+            raise ValueError(f"entries {low} and {high} do not straddle 128")
+    return a, b
+
+
+def _nf4_half_levels_ptx() -> str:
+    """8 NF4 codes ($8, element e at bits 4e) -> their f16 levels (`nf4_half_level_bits`, $0-$7). Each byte of the
+    levels is two prmt lookups and a sum (`sum_tables`: $9-$12 the low bytes' a and b, $13-$16 the high bytes', two
+    words each; -0x80808080 in $17), then a permute pairs each element's low and high bytes. Where the bf16 weights
+    (`_code_book_bf16_ptx`) take a select between the table's halves, its selectors, and a table built per block."""
+    lines = ["xor.b32 f, $8, 0x88888888;", "shr.b32 ch, $8, 16;", "shr.b32 fh, f, 16;"]
+    for half, (codes, flipped) in enumerate((("$8", "f"), ("ch", "fh"))):
+        for byte, table in (("l", 9), ("h", 13)):
+            lines += [f"prmt.b32 a, ${table}, ${table + 1}, {codes};",
+                      f"prmt.b32 b, ${table + 2}, ${table + 3}, {flipped};"]
+            if half == 0 and byte == "l":
+                lines += [f"add.u32 {byte}, a, b;", f"add.u32 {byte}, {byte}, $17;"]
+            else:
+                lines += [f"mad.lo.u32 {byte}, a, $18, b;", f"mad.lo.u32 {byte}, {byte}, $18, $17;"]
+        for j, pick in enumerate(("0x5140", "0x7362")):
+            e = 4 * half + 2 * j
+            lines += [f"prmt.b32 e, l, h, {pick};", f"mov.b32 {{${e}, ${e + 1}}}, e;"]
+    return _assemble(lines)
+
+
+def _nf4_half_level_words() -> list[int]:
+    """`_nf4_half_levels_ptx`' tables ($9-$16) and -0x80808080 ($17)."""
+    bits = nf4_half_level_bits()
+    words = []
+    for byte in (0, 1):
+        for part in sum_tables([(b >> (8 * byte)) & 0xFF for b in bits]):
+            words += byte_table_words(part + [0] * 8)[:2]
+    return words + [(-0x80808080) & 0xFFFFFFFF, 1]
+
+
 def _bf16x2_immediate(value: int) -> str:
     bits = int(np.asarray(value, dtype="<f4").view("<u4")) >> 16
     assert bits << 16 == int(np.asarray(value, dtype="<f4").view("<u4")), "exact in bf16"
@@ -335,7 +400,8 @@ IQ4_OFFSET_BINARY = tuple(v + 128 for v in IQ4_VALUES)  # kvalues_iq4nl as bytes
 # the blocks decoder gather them), then the byte tables of the PRMT lookups, passed to the asm as operands: loaded
 # once, they stay in registers, where constants in the asm were rematerialised for every call (NF4's 16 words:
 # about 2 instructions an element); then IQ4's values as float32 (`code_book_bf16`'s portable twin gathers them);
-# then `_lookups`' half_bits, an operand for the same reason; then IQ4's values as int8 bytes.
+# then `_lookups`' half_bits, an operand for the same reason; then IQ4's values as int8 bytes; then constants of the
+# integer tiles.
 NF4_WORDS_AT = tl.constexpr(16)
 IQ4_WORDS_AT = tl.constexpr(32)
 IQ4_VALUES_AT = tl.constexpr(36)
@@ -348,6 +414,11 @@ Q3_K_SCALE_SHIFTS_AT = tl.constexpr(62)
 # nibble h of byte j, its top 2 bits 4 h + 2 (j // 4) up in byte 8 + j % 4: the shifts 4 h, then per h and per
 # quarter q of the tile (j = 2 q, 2 q + 1) 4 h + 2 (q // 2)
 Q3_K_SCALE_SHIFTS = (0, 4) + tuple(4 * h + 2 * (q // 2) for h in range(2) for q in range(4))
+# then NF4's scaled f16 levels (`nf4_half_levels`): the levels as float32 for the portable twin, then the asm's
+# byte tables and -0x80808080, 9 words, 4 times over (`_words_by_quarter`)
+NF4_HALF_VALUES_AT = tl.constexpr(72)
+NF4_HALF_WORDS_AT = tl.constexpr(88)
+NF4_HALF_WORDS = tl.constexpr(10)
 LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("<u4")]
                      + [w for table in float32_byte_tables(NF4_VALUES) for w in byte_table_words(table)]
                      + byte_table_words(IQ4_OFFSET_BINARY)
@@ -356,7 +427,10 @@ LOOKUP_WORDS = tuple([int(b) for b in np.asarray(NF4_VALUES, dtype="<f4").view("
                      + byte_table_words([v & 0xFF for v in IQ4_VALUES])
                      + [0x64646464, 0x64806480]
                      + [0x41414141, 0x43434343, 0x43004300]
-                     + list(Q3_K_SCALE_SHIFTS))
+                     + list(Q3_K_SCALE_SHIFTS)
+                     + [int(b) for b in np.asarray(nf4_half_level_bits(), dtype=np.uint16).view(np.float16)
+                        .astype("<f4").view("<u4")]
+                     + _nf4_half_level_words() * 4)
 PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True), "nibble": _nibble_bits_ptx(False),
                "nibble iq4": _nibble_bits_ptx(True), "nibble iq4 128": _nibble_bits_ptx(True, biased=True),
                "nibble nf4": _nibble_float32_ptx(), "nibble iq4 int8": _nibble_int8_ptx(),
@@ -364,7 +438,8 @@ PTX_SOURCES = {"int8": _int8_bits_ptx(), "int8 128": _int8_bits_ptx(biased=True)
                "nf4 bf16": _code_book_bf16_ptx(NF4_VALUES), "iq4 bf16": _code_book_bf16_ptx(IQ4_VALUES),
                "iq4 f16": _iq4_half_ptx(), "three bit ints": _three_bit_ints_ptx(),
                "three bit scale pairs": _scale_pairs_ptx(32, -12), "two bit ints": _two_bit_ints_ptx(),
-               "two bit scale pairs": _scale_pairs_ptx(0, -128), "nibble 128": _nibble_bits_ptx(False, biased=True),
+               "two bit scale pairs": _scale_pairs_ptx(0, -128), "nf4 half": _nf4_half_levels_ptx(),
+               "nibble 128": _nibble_bits_ptx(False, biased=True),
                "three bit 128": _two_bit_fields_ptx(True, biased=True),
                "two bit 128": _two_bit_fields_ptx(False, biased=True), "five bit 128": _five_bit_ptx(biased=True),
                "six bit": _six_bit_ptx(), "six bit 128": _six_bit_ptx(biased=True),
@@ -383,6 +458,7 @@ FIVE_BIT_PTX = tl.constexpr(PTX_SOURCES["five bit"])
 NF4_BF16_PTX = tl.constexpr(PTX_SOURCES["nf4 bf16"])
 IQ4_BF16_PTX = tl.constexpr(PTX_SOURCES["iq4 bf16"])
 IQ4_F16_PTX = tl.constexpr(PTX_SOURCES["iq4 f16"])
+NF4_HALF_PTX = tl.constexpr(PTX_SOURCES["nf4 half"])
 THREE_BIT_INTS_PTX = tl.constexpr(PTX_SOURCES["three bit ints"])
 THREE_BIT_SCALE_PAIRS_PTX = tl.constexpr(PTX_SOURCES["three bit scale pairs"])
 TWO_BIT_INTS_PTX = tl.constexpr(PTX_SOURCES["two bit ints"])
@@ -610,6 +686,38 @@ def iq4_half_weights(codes, scale_pairs, tables_ptr):
         scale = (scale_pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         # a level (8 bits) times an f16 scale (11) is exact in float32: one rounding, as the f16 multiply's
         w = tl.reshape((levels * scale[:, :, None]).to(tl.float16), (codes.shape[0], codes.shape[1], 2, 2, 2))
+    return w
+
+
+@triton.jit
+def _words_by_quarter(tables_ptr, i, C: tl.constexpr):
+    """Word i of NF4's level tables (`NF4_HALF_WORDS_AT`) as `[1, C]`, each quarter of the C columns from its own
+    copy: the tensor cores' operand gives each lane of a quad a quarter (`decode_planes.in_operand_order`), so
+    the lanes load the same values from different addresses. Loaded from one address, ptxas kept half of the words
+    in uniform registers, which a prmt cannot take as its first operand, and copied them into registers for every
+    lookup (sm_90 split-K: 128 IMAD a 128 x 64 tile)."""
+    quarter = tl.arange(0, C)[None, :] // (C // 4)
+    return tl.load((tables_ptr + NF4_HALF_WORDS_AT + i).to(tl.pointer_type(tl.int32)) + NF4_HALF_WORDS * quarter)
+
+
+@triton.jit
+def nf4_half_levels(codes, tables_ptr):
+    """int32 words of 8 NF4 codes (element e at bits 4e), `[R, C]` with each quarter of C at a lane of the tensor
+    cores' operand, -> the f16 NF4_LEVEL_SCALE * value[code] (`nf4_half_level_bits`), `[R, C, 2, 2, 2]` in element
+    order once reshaped to `[R, 8 C]`."""
+    if PTX:
+        C: tl.constexpr = codes.shape[1]
+        w = in_element_order(tl.inline_asm_elementwise(
+            NF4_HALF_PTX, "=h," * 8 + "r" + ",r" * 10,
+            [codes, _words_by_quarter(tables_ptr, 0, C), _words_by_quarter(tables_ptr, 1, C),
+             _words_by_quarter(tables_ptr, 2, C), _words_by_quarter(tables_ptr, 3, C),
+             _words_by_quarter(tables_ptr, 4, C), _words_by_quarter(tables_ptr, 5, C),
+             _words_by_quarter(tables_ptr, 6, C), _words_by_quarter(tables_ptr, 7, C),
+             _words_by_quarter(tables_ptr, 8, C), _words_by_quarter(tables_ptr, 9, C)],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1))
+    else:
+        levels = tl.load(tables_ptr + NF4_HALF_VALUES_AT + _nibbles(codes)).to(tl.float16)
+        w = tl.reshape(levels, (codes.shape[0], codes.shape[1], 2, 2, 2))
     return w
 
 

@@ -67,7 +67,7 @@ SPLIT_K_CONFIGS = {"planes": {"fp16": _SPLIT_K_PLANES, "bf16": _SPLIT_K_PLANES,
 # on sm_80). Their integer tiles (bf16 activations, `INT_TILE_FORMATS`), decoded in the operand's order, count fewer
 # in 4 (sm_90 scheduler clocks an element, 256 deep: Q2_K 2.35 against 2.59, Q3_K 2.99 against 3.20; sm_80 2.60
 # against 2.95, 3.16 against 3.39; at most 194 registers, no spills). In 4, NF4 with fp16 activations spilled 12
-# bytes on sm_86/89 (with bf16 it takes `float_bits.code_book_bf16` and fits in 4), Q8_0 with fp32 activations 8
+# bytes on sm_86/89 (with bf16 it takes level tiles and fits in 4), Q8_0 with fp32 activations 8
 # bytes on sm_90 and, with its bytes in the 128 form, 28 on sm_80.
 _ALL_ARCHS = (80, 86, 89, 90)
 SPLIT_K_8_WARPS = {**{(fmt, dtype): _ALL_ARCHS for fmt in ("Q3_K", "Q2_K") for dtype in ("fp16", "fp32")},
@@ -92,6 +92,28 @@ HALF_WEIGHT_FORMATS = frozenset({"IQ4_NL", "IQ4_XS"})
 def uses_half_weights(fmt: str, layout: str, dtype_name: str) -> bool:
     """Whether the split-K kernel multiplies f16 weights for a `fmt` weight in `layout` and `dtype_name` x."""
     return layout == "planes" and fmt in HALF_WEIGHT_FORMATS and dtype_name != "fp32"
+
+
+# Formats (in planes) whose split-K kernel, for bf16 activations, multiplies f16 tiles of their code book's levels
+# and scales each block's sums (`qmatmul.qmv_kernel`'s LEVEL_TILES): NF4's levels (times a constant,
+# `float_bits.NF4_LEVEL_SCALE`) take two byte lookups and a sum a byte from fixed tables (`float_bits.sum_tables`),
+# where its bf16 weights took a table of the block's 16 built per block, two lookups and a select between the
+# table's halves a byte; decoded in the tensor cores' operand order (`decode_planes.in_operand_order`, x in the same
+# order from `split_k_x`). The weights keep 11 significant bits of their levels where bf16 keeps 8 of theirs.
+# Scheduler clocks a weight element, 128 deep: sm_90 5.08 -> 3.73, sm_80 5.09 -> 4.02, sm_86/89 5.09 -> 4.15; H100
+# model, issue time over memory time: M = 16 0.94 -> 0.69, M = 1 (`SPLIT_K_AT_M_1`) 0.98 -> 0.72. fp16 x keeps
+# the float decode, whose f16 weights level * absmax are rounded once.
+LEVEL_TILE_FORMATS = frozenset({"NF4"})
+
+
+def uses_level_tiles(fmt: str, layout: str, dtype_name: str) -> bool:
+    """Whether the split-K kernel multiplies level tiles for a `fmt` weight in `layout` and `dtype_name` x."""
+    return layout == "planes" and fmt in LEVEL_TILE_FORMATS and dtype_name == "bf16"
+
+
+def uses_half_x(fmt: str, layout: str, dtype_name: str) -> bool:
+    """Whether the split-K kernel's operands are f16 (f16 weights or level tiles), x's too."""
+    return uses_half_weights(fmt, layout, dtype_name) or uses_level_tiles(fmt, layout, dtype_name)
 
 
 # Formats (in planes) whose split-K kernel, for bf16 activations, multiplies bf16 tiles of the integers code times
@@ -124,21 +146,20 @@ def uses_int_tiles(fmt: str, layout: str, dtype_name: str) -> bool:
 def prepares_split_k_x(fmt: str, layout: str, dtype_name: str) -> bool:
     """Whether the split-K kernel multiplies another form of x than the one given (`qmatmul.split_k_x_kernel`): bf16
     x, for f16 weights or integer tiles."""
-    return dtype_name == "bf16" and (uses_half_weights(fmt, layout, dtype_name)
-                                     or uses_int_tiles(fmt, layout, dtype_name))
+    return dtype_name == "bf16" and (uses_half_x(fmt, layout, dtype_name) or uses_int_tiles(fmt, layout, dtype_name))
 
 
 def split_k_x(x: torch.Tensor, fmt: str, N: int, splits: int, k_per_split: int):
     """bf16 x `(M, K)` -> (the x operand, its shifts, its sums, a zeroed float32 y `(M, N)`) for `splits` splits of
     `k_per_split` columns (`qmatmul.split_k_x_kernel`); unused ones are y."""
     M, K = x.shape
-    half = fmt in HALF_WEIGHT_FORMATS
+    half = uses_half_x(fmt, "planes", "bf16")
     out = torch.empty((M, N), dtype=torch.float32, device=x.device)
     x_operand = torch.empty((M, K), dtype=torch.float16 if half else x.dtype, device=x.device)
     x_shifts = torch.empty((M, splits), dtype=torch.int32, device=x.device) if half else out
     x_sums = torch.empty((M, K // 8), dtype=torch.bfloat16, device=x.device) if fmt == "Q2_K" else out
     split_k_x_kernel[(M, splits)](x, x_operand, x_shifts, x_sums, out, N, K, k_per_split, triton.cdiv(N, splits),
-                                  FMT=FORMAT_IDS[fmt], HALF_WEIGHTS=half, BLOCK=SPLIT_K_X_BLOCK)
+                                  FMT=FORMAT_IDS[fmt], HALF_X=half, BLOCK=SPLIT_K_X_BLOCK)
     return x_operand, x_shifts, x_sums, out
 
 
@@ -298,6 +319,12 @@ def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def _dtypes(x: torch.Tensor) -> tuple[str, tl.dtype]:
+    """x's dtype name and the dtype its tensor-core kernels multiply in (the interpreter's for bf16: float32)."""
+    dtype_name, dot_dtype = DTYPES[x.dtype]
+    return dtype_name, INTERPRETER_DOT_DTYPES.get(x.dtype, dot_dtype) if interpreting() else dot_dtype
+
+
 def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`x` `(M, K)` fp16/bf16/fp32 -> `(M, N)` in x's dtype."""
     state.common_device(x, weight.raw, bias)
@@ -307,9 +334,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
     N = weight.shape[0]
     fmt = FORMAT_IDS[weight.format]
     planes = weight.layout == "planes"
-    dtype_name, dot_dtype = DTYPES[x.dtype]
-    if interpreting():
-        dot_dtype = INTERPRETER_DOT_DTYPES.get(x.dtype, dot_dtype)
+    dtype_name, dot_dtype = _dtypes(x)
     has_bias = bias is not None
     bias_arg = bias if has_bias else x
     table = lookup_table(x.device)
@@ -328,23 +353,7 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
                               INT_DOTS=int_dots, **cfg)
             return out.to(x.dtype)
         if kernel == "split-k":
-            cfg = INTERPRETER_SPLIT_K if interpreting() else split_k_config(
-                weight.format, weight.layout, dtype_name, state.compute_capability(x.device))
-            grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
-            form = INTERPRETER_SPLIT_K_FORM if interpreting() else split_k_form(state.compute_capability(x.device))
-            half = uses_half_weights(weight.format, weight.layout, dtype_name)
-            prepared = prepares_split_k_x(weight.format, weight.layout, dtype_name)
-            if prepared:
-                x_operand, x_shifts, x_sums, out = split_k_x(x, weight.format, N, grid[1], k_per_split)
-            else:
-                out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-                x_operand, x_shifts, x_sums = x, out, out
-            qmv_kernel[grid](x_operand, x_shifts, x_sums, weight.raw, bias_arg, out, table, M, N, K,
-                             weight.raw.shape[1], k_per_split, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias,
-                             DOT_DTYPE=tl.float16 if half else dot_dtype, EVEN=even_tiles(weight.layout, N, K, cfg),
-                             FORM=form, HALF_WEIGHTS=half, X_SHIFTS=half and prepared,
-                             INT_TILES=uses_int_tiles(weight.format, weight.layout, dtype_name), **cfg)
-            return out.to(x.dtype)
+            return split_k_sums(x, weight, bias).to(x.dtype)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = (x, weight.raw, bias_arg, out, table, M, N, K, weight.raw.shape[1], out.stride(0))
         if interpreting():
@@ -356,6 +365,35 @@ def quant_linear_triton(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | N
             configs = gemm_configs(dtype_name, weight.layout, state.compute_capability(x.device))
             _gemm_autotuned(configs)[grid](*args, FMT=fmt, PLANES=planes, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
         return out
+
+
+def split_k_sums(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`quant_linear_triton`'s split-K kernel (1 < M <= 16, and M = 1 for `SPLIT_K_AT_M_1`): its float32 sums
+    `(M, N)`, before they are rounded to x's dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    fmt, layout = weight.format, weight.layout
+    dtype_name, dot_dtype = _dtypes(x)
+    cfg = INTERPRETER_SPLIT_K if interpreting() else split_k_config(fmt, layout, dtype_name,
+                                                                      state.compute_capability(x.device))
+    grid, k_per_split = _split_k_grid(N, K, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
+    form = INTERPRETER_SPLIT_K_FORM if interpreting() else split_k_form(state.compute_capability(x.device))
+    half = uses_half_x(fmt, layout, dtype_name)
+    prepared = prepares_split_k_x(fmt, layout, dtype_name)
+    with state.on_device(x.device):
+        if prepared:
+            x_operand, x_shifts, x_sums, out = split_k_x(x, fmt, N, grid[1], k_per_split)
+        else:
+            out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+            x_operand, x_shifts, x_sums = x, out, out
+        qmv_kernel[grid](x_operand, x_shifts, x_sums, weight.raw, x if bias is None else bias, out,
+                         lookup_table(x.device), M, N, K, weight.raw.shape[1], k_per_split, FMT=FORMAT_IDS[fmt],
+                         PLANES=layout == "planes", HAS_BIAS=bias is not None,
+                         DOT_DTYPE=tl.float16 if half else dot_dtype, EVEN=even_tiles(layout, N, K, cfg), FORM=form,
+                         HALF_WEIGHTS=uses_half_weights(fmt, layout, dtype_name), X_SHIFTS=half and prepared,
+                         INT_TILES=uses_int_tiles(fmt, layout, dtype_name),
+                         LEVEL_TILES=uses_level_tiles(fmt, layout, dtype_name), **cfg)
+    return out
 
 
 def dequantize_triton(weight: QTensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:

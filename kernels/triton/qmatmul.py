@@ -13,7 +13,8 @@
 * `qmv_kernel`: the same split-K for 1 < M <= 16 on the tensor cores (M padded to 16): one decode for every row,
   where the FMA kernel would decode the weight once per row; IQ4's integer levels there as f16 weights
   (`ops.HALF_WEIGHT_FORMATS`), Q3_K's and Q2_K's codes times sub-block scales as bf16 integers
-  (`ops.INT_TILE_FORMATS`); for those with bf16 x, `split_k_x_kernel` first makes the x they multiply, once.
+  (`ops.INT_TILE_FORMATS`), NF4's levels as f16 tiles scaled per block (`ops.LEVEL_TILE_FORMATS`); for those with
+  bf16 x, `split_k_x_kernel` first makes the x they multiply, once.
 * `dequant_kernel`: format -> dense tensor, for "dequantize into a scratch buffer + torch.matmul".
 
 Each reads the weight in either layout (`PLANES`: `kernels/repack.py`). The split-K kernels load without masks
@@ -24,13 +25,16 @@ the 128 form, one multiply-add an element (`decode_planes_tile`).
 import triton
 import triton.language as tl
 
-from kernels.triton.decode import Q2_K, Q3_K, decode_tile
+from kernels.triton.decode import NF4, Q2_K, Q3_K, decode_tile
 from kernels.triton.decode_planes import (EXACT, FUSED, code_offset, code_step, decode_planes_parts,
                                           decode_planes_tile_as, has_biased_form, has_offset, iq4_half_tile,
-                                          in_operand_order, iq4_row_shifts, q2_k_int_tiles, q3_k_int_tile,
-                                          q3_k_scale_bits, sub_block_pairs_in_operand_order, sub_block_size)
-from kernels.triton.float_bits import in_two_bit_order, power_of_two, two_bit_factors
+                                          in_operand_order, iq4_row_shifts, nf4_level_tile, q2_k_int_tiles,
+                                          q3_k_int_tile, q3_k_scale_bits, sub_block_pairs_in_operand_order,
+                                          sub_block_size)
+from kernels.triton.float_bits import NF4_LEVEL_SCALE, in_two_bit_order, power_of_two, two_bit_factors
 from kernels.triton.int_gemv import int_sums, transpose_4x4, x_shift
+
+LEVEL_TILES_UNSCALED = tl.constexpr(1.0 / NF4_LEVEL_SCALE)  # `qmv_kernel`'s LEVEL_TILES
 
 
 @triton.jit
@@ -243,17 +247,19 @@ def _sub_block_sums_hi_lo(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per_split, n_per_split,
-                     FMT: tl.constexpr, HALF_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+                     FMT: tl.constexpr, HALF_X: tl.constexpr, BLOCK: tl.constexpr):
     """For one row of bf16 x and one K split of `qmv_kernel`: the x operand it multiplies where that is not x as
     given, made here once instead of by each of the split's programs (one an n-tile), and the split's share of the
     row of y zeroed for the split-K sums, which a launch of its own would otherwise do.
 
-    `HALF_WEIGHTS`: x times 2^shift in f16, exact down to 2^-28 of the largest, where the shift (`int_gemv.x_shift`,
-    the row's per split at `x_shifts_ptr`) takes the split's largest |x| into [2^14, 2^15). Else (`INT_TILES`): x's
-    columns in the order of the tiles': Q3_K's 4 x 4 transposed (`int_gemv.transpose_4x4`), Q2_K's
-    `float_bits.in_two_bit_order` divided by `two_bit_factors` (powers of two: exact), then each 128 in the tensor
-    cores' operand order (`decode_planes.in_operand_order`), and for Q2_K the sums of x over each 16 columns as bf16
-    high and low parts (`_sub_block_sums_hi_lo`, `K // 8` a row at `x_sums_ptr`, `sub_block_pairs_in_operand_order`)."""
+    `HALF_X` (f16 weights or level tiles): x times 2^shift in f16, exact down to 2^-28 of the largest, where the
+    shift (`int_gemv.x_shift`, the row's per split at `x_shifts_ptr`) takes the split's largest |x| into
+    [2^14, 2^15); for NF4's level tiles each 64 then in the tensor cores' operand order (`in_operand_order`, 8
+    elements a word). Else (`INT_TILES`): x's columns in the order of the tiles': Q3_K's 4 x 4 transposed
+    (`int_gemv.transpose_4x4`), Q2_K's `float_bits.in_two_bit_order` divided by `two_bit_factors` (powers of two:
+    exact), then each 128 in the tensor cores' operand order (`decode_planes.in_operand_order`), and for Q2_K the
+    sums of x over each 16 columns as bf16 high and low parts (`_sub_block_sums_hi_lo`, `K // 8` a row at
+    `x_sums_ptr`, `sub_block_pairs_in_operand_order`)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_end = tl.minimum((split + 1) * n_per_split, N)
@@ -262,7 +268,7 @@ def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per
         tl.store(y_ptr + row * N + n, tl.zeros((BLOCK,), dtype=tl.float32), mask=n < n_end)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if HALF_WEIGHTS:
+    if HALF_X:
         top = tl.zeros((BLOCK,), dtype=tl.int32)
         for k0 in range(k_start, k_end, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
@@ -273,7 +279,10 @@ def split_k_x_kernel(x_ptr, xo_ptr, x_shifts_ptr, x_sums_ptr, y_ptr, N, K, k_per
         for k0 in range(k_start, k_end, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row * K + k, mask=k < k_end, other=0.0).to(tl.float32)
-            tl.store(xo_ptr + row * K + k, (x * power_of_two(shift)).to(tl.float16), mask=k < k_end)
+            x = (x * power_of_two(shift)).to(tl.float16)
+            if FMT == NF4:
+                x = tl.reshape(in_operand_order(tl.reshape(x, (BLOCK // 64, 64)), 8), (BLOCK,))
+            tl.store(xo_ptr + row * K + k, x, mask=k < k_end)
     else:
         for k0 in range(k_start, k_end, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
@@ -315,7 +324,8 @@ def _int_tile_dots(x_ptr, x_sums_ptr, w_ptr, tables_ptr, rows, n_mask, m, M, K, 
 def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_ptr, M, N, K, row_bytes, k_per_split,
                FMT: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                EVEN: tl.constexpr, FORM: tl.constexpr, HALF_WEIGHTS: tl.constexpr, X_SHIFTS: tl.constexpr,
-               INT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               INT_TILES: tl.constexpr, LEVEL_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     """y (fp32, zeroed) += x[:, ks] @ W[n, ks].T for one (n-tile, K-split). M <= BLOCK_M (16): the padded rows cost
     tensor-core work nobody waits for, since streaming the weight bounds the time. `EVEN`: as `gemv_kernel`'s.
     `FORM`: FUSED or FUSED_BYTES (`decode_planes`), which counts fewer on mma.sync GPUs.
@@ -332,7 +342,13 @@ def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_p
     operand order, times x with its columns in the same order (and Q2_K's divided by the same factors), the sum
     scaled by the super-block's d; Q2_K's mins times x's sums per sub-block (bf16 high and low parts at
     `x_sums_ptr`), scaled by dmin, subtracted: the reference's float32 weights exactly. x and its sums come from
-    `split_k_x_kernel`. BLOCK_K 128 (half a super-block) or 256 (`ops.SPLIT_K_DEPTHS`: d and dmin applied once)."""
+    `split_k_x_kernel`. BLOCK_K 128 (half a super-block) or 256 (`ops.SPLIT_K_DEPTHS`: d and dmin applied once).
+
+    `LEVEL_TILES` (NF4 in planes; fp16 or bf16 x): f16 tiles of NF4's levels times a constant, NF4_LEVEL_SCALE
+    (`decode_planes.nf4_level_tile`), two byte lookups and a sum a byte, where the bf16 weights take a table built
+    per block and a select between its halves (`float_bits.nf4_half_levels`); each block's sums (a dot 64 deep)
+    times its absmax, the whole divided by NF4_LEVEL_SCALE at the end: the weights to 11 significant bits of their
+    levels, where bf16 keeps 8 of theirs. x as `HALF_WEIGHTS` takes it."""
     tl.static_assert(PLANES or not EVEN, "the blocks decoder masks every load")
     K, row_bytes = _known_multiples(K, row_bytes, PLANES)
     pid_n = tl.program_id(0)
@@ -366,6 +382,12 @@ def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_p
             acc += products * d
             if FMT == Q2_K:
                 acc -= min_products * dmin
+        elif LEVEL_TILES:
+            tl.static_assert(BLOCK_K % 64 == 0, "whole blocks a tile")
+            for block in tl.static_range(0, BLOCK_K, 64):
+                w, absmax = nf4_level_tile(w_ptr, rows, k0 + block, K, n_mask, tables_ptr, BLOCK_N, 64)
+                x = _split_k_x(x_ptr, m, M, K, k0 + block, EVEN, 64)
+                acc += tl.dot(w, tl.trans(x.to(DOT_DTYPE)), input_precision="ieee") * absmax
         else:
             if HALF_WEIGHTS:
                 w = iq4_half_tile(w_ptr, rows, k0, K, n_mask, FMT, tables_ptr, power_of_two(w_shift)[:, None],
@@ -377,9 +399,11 @@ def qmv_kernel(x_ptr, x_shifts_ptr, x_sums_ptr, w_ptr, bias_ptr, y_ptr, tables_p
             acc = tl.dot(w, tl.trans(x.to(DOT_DTYPE)), acc, input_precision="ieee")
     if HALF_WEIGHTS:
         acc *= power_of_two(-w_shift)[:, None]
-        if X_SHIFTS:
-            x_shifts = tl.load(x_shifts_ptr + m * tl.num_programs(1) + split, mask=m < M, other=0)
-            acc *= power_of_two(-x_shifts)[None, :]
+    if LEVEL_TILES:
+        acc *= LEVEL_TILES_UNSCALED
+    if X_SHIFTS:
+        x_shifts = tl.load(x_shifts_ptr + m * tl.num_programs(1) + split, mask=m < M, other=0)
+        acc *= power_of_two(-x_shifts)[None, :]
     if HAS_BIAS:
         acc += tl.where(split == 0, tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32), 0.0)[:, None]
     tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=(m[None, :] < M) & (n[:, None] < N))
