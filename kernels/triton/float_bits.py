@@ -244,7 +244,7 @@ def _two_bit_ints_ptx() -> str:
 # NF4's levels as the split-K kernel's f16 operands (`nf4_half_levels`): f16(NF4_LEVEL_SCALE * value), zero as -0
 # (0x8000), the block's absmax / NF4_LEVEL_SCALE applied to the sums. NF4_LEVEL_SCALE is the float32 in [1, 2), on a
 # grid of 2^-20, whose levels' bytes take `sum_tables` (every low byte and every high byte of levels k and k + 8
-# straddle 128) with the least relative error: 0.502 2^-11 (f16 rounds to within 2^-11 of any value).
+# straddle 128) with the least relative error: 0.502 2^-11 (f16 rounds any value to within 2^-11 of it).
 NF4_LEVEL_SCALE = float(np.float32(1.7199488))
 
 
@@ -280,7 +280,11 @@ def _nf4_half_levels_ptx() -> str:
     """8 NF4 codes ($8, element e at bits 4e) -> their f16 levels (`nf4_half_level_bits`, $0-$7). Each byte of the
     levels is two prmt lookups and a sum (`sum_tables`: $9-$12 the low bytes' a and b, $13-$16 the high bytes', two
     words each; -0x80808080 in $17), then a permute pairs each element's low and high bytes. Where the bf16 weights
-    (`_code_book_bf16_ptx`) take a select between the table's halves, its selectors, and a table built per block."""
+    (`_code_book_bf16_ptx`) take a select between the table's halves, its selectors, and a table built per block.
+    The first of the four sums is two adds (one IADD3, on the integer pipe with the permutes), the others two
+    multiply-adds by 1 ($18, an operand: by a constant 1 ptxas made them adds), which ptxas keeps as IMAD on the FMA
+    pipe: that balances the integer pipe against issue (sm_90 split-K: 3.73 clocks an element, against 4.47 with
+    every sum an IADD3 and 3.84 with none)."""
     lines = ["xor.b32 f, $8, 0x88888888;", "shr.b32 ch, $8, 16;", "shr.b32 fh, f, 16;"]
     for half, (codes, flipped) in enumerate((("$8", "f"), ("ch", "fh"))):
         for byte, table in (("l", 9), ("h", 13)):
@@ -297,7 +301,7 @@ def _nf4_half_levels_ptx() -> str:
 
 
 def _nf4_half_level_words() -> list[int]:
-    """`_nf4_half_levels_ptx`' tables ($9-$16) and -0x80808080 ($17)."""
+    """`_nf4_half_levels_ptx`' tables ($9-$16), -0x80808080 ($17) and 1 ($18)."""
     bits = nf4_half_level_bits()
     words = []
     for byte in (0, 1):
@@ -415,7 +419,7 @@ Q3_K_SCALE_SHIFTS_AT = tl.constexpr(62)
 # quarter q of the tile (j = 2 q, 2 q + 1) 4 h + 2 (q // 2)
 Q3_K_SCALE_SHIFTS = (0, 4) + tuple(4 * h + 2 * (q // 2) for h in range(2) for q in range(4))
 # then NF4's scaled f16 levels (`nf4_half_levels`): the levels as float32 for the portable twin, then the asm's
-# byte tables and -0x80808080, 9 words, 4 times over (`_words_by_quarter`)
+# byte tables, -0x80808080 and 1, 10 words, 4 times over (`_words_by_quarter`)
 NF4_HALF_VALUES_AT = tl.constexpr(72)
 NF4_HALF_WORDS_AT = tl.constexpr(88)
 NF4_HALF_WORDS = tl.constexpr(10)
