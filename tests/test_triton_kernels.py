@@ -462,12 +462,13 @@ def test_nf4_level_tiles_keep_11_bits_of_each_weight(odd, monkeypatch):
     assert (error <= 2.0**-11).all() and (bf16_error >= 2.0**-10).all(), (error, bf16_error)
 
 
-def test_half_weights_pass_infinities_and_nans_on():
+@pytest.mark.parametrize("fmt", ["IQ4_NL", "NF4"])
+def test_half_x_passes_infinities_and_nans_on(fmt):
     """An infinity or a NaN in a row of x makes that row's outputs NaN or infinite, as the float kernels' would be,
-    and leaves the other rows' alone."""
+    and leaves the other rows' alone (f16 weights, and NF4's level tiles)."""
     rng = np.random.default_rng(5)
-    k = odd_k("IQ4_NL")
-    weight, dense = quantized_weight("IQ4_NL", n=ODD_N, k=k, layout="planes")
+    k = odd_k(fmt)
+    weight, dense = quantized_weight(fmt, n=ODD_N, k=k, layout="planes")
     x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
     x[0, 5], x[1, 7] = float("inf"), float("nan")
     y = quant_linear_triton(x.to(torch.bfloat16).to(DEVICE), weight, None).float().cpu()
